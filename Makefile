@@ -1,0 +1,37 @@
+# One virtual environment, created on first use. torch is installed first and
+# explicitly: a bare `torch` requirement would pull a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?= models/tiny-space-py
+EXTRAS ?= dev,train,bench,server
+
+.PHONY: setup run test bench tiny-model clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+## The main job: SPACE generation on the bundled model, with its statistics.
+run: setup
+	$(VENV)/bin/tgi-space generate --model $(MODEL) --speculate space --max-new-tokens 128 \
+	  "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+## Tests; pytest's exit code 5 (nothing collected) fails like any other.
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(VENV)/bin/tgi-space bench --model $(MODEL) --out benchmarks
+
+## Rebuild the bundled model from scratch (about an hour on 2 CPU cores).
+tiny-model: setup
+	$(PY) scripts/build_tiny_model.py --out $(MODEL) --work build/tiny-model
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

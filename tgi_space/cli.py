@@ -1,0 +1,20 @@
+"""The `tgi-space` command line (typer)."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _register_subcommands() -> None:
+    """Attach the commands that live with their own modules."""
+    from tgi_space.train.cli import register as register_train
+
+    register_train(app)
+
+
+_register_subcommands()
+
+if __name__ == "__main__":
+    app()

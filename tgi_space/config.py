@@ -1,0 +1,195 @@
+"""Configuration dataclasses: the model as read from a checkpoint, and the engine."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("sdpa", "flash")
+SPECULATE_MODES = ("space", "none")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be served (missing files, unsupported model)."""
+
+
+def _rope_settings(raw: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """(rope_theta, scaling dict) from either transformers 4.x or 5.x config layout."""
+    params = dict(raw.get("rope_parameters") or {})
+    legacy = raw.get("rope_scaling") or {}
+    theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    scaling = {**legacy, **params}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    scaling["rope_type"] = rope_type
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(
+            f"config.json: rope_scaling type {rope_type!r} is not supported; "
+            f"allowed: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    return theta, scaling
+
+
+def _as_id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family checkpoint (Llama 2/3, Mistral, Qwen2)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    space_mask_token_id: int | None = None
+    space_k: int | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence served: the position limit, or the sliding window if smaller."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        """Parse a Hugging Face `config.json` dictionary."""
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(
+                f"config.json: model_type {model_type!r} is not supported; "
+                f"allowed: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if raw.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"config.json: hidden_act {raw['hidden_act']!r} is not supported; allowed: silu")
+        theta, scaling = _rope_settings(raw)
+        heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        attention_bias = bool(raw.get("attention_bias", False))
+        sliding = raw.get("sliding_window") if model_type == "mistral" or raw.get("use_sliding_window") else None
+        return cls(
+            model_type=model_type,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
+            pad_token_id=raw.get("pad_token_id"),
+            space_mask_token_id=raw.get("space_mask_token_id"),
+            space_k=raw.get("space_k"),
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike) -> "ModelConfig":
+        """Read `config.json` of a checkpoint folder."""
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"model_dir: no config.json in {model_dir}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+@dataclass
+class SpacePolicy:
+    """How many candidates (`k`) each step verifies, chosen from the batch's query budget.
+
+    Per sequence a step feeds `1 + k*(k+2)` query rows; `k` is the largest value
+    <= `k_max` for which the whole batch fits in `max_step_query_tokens`, down to 0
+    (plain decoding). `prune` attaches mask groups only after the candidate
+    positions most likely to be the last accepted one.
+    """
+
+    k_max: int | None = None
+    max_step_query_tokens: int = 512
+    prune_groups: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.k_max is not None and not 0 <= self.k_max <= 16:
+            raise ValueError(f"space k_max must be in [0, 16], got {self.k_max}")
+        if self.max_step_query_tokens < 1:
+            raise ValueError(f"max_step_query_tokens must be >= 1, got {self.max_step_query_tokens}")
+        if self.prune_groups is not None and self.prune_groups < 1:
+            raise ValueError(f"prune_groups must be >= 1 or None, got {self.prune_groups}")
+
+    def choose_k(self, num_space_seqs: int, other_rows: int, k_max: int) -> int:
+        """Largest k <= k_max such that the step stays within the query-token budget."""
+        k = k_max
+        while k > 0 and other_rows + num_space_seqs * self.rows_per_seq(k) > self.max_step_query_tokens:
+            k -= 1
+        return k
+
+    def rows_per_seq(self, k: int) -> int:
+        """Query rows one sequence sends at `k` (with pruning, fewer groups)."""
+        groups = k + 1 if self.prune_groups is None else min(k + 1, self.prune_groups)
+        return 1 + k + groups * k
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to start, validated up front."""
+
+    model_dir: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    attention_backend: str = "sdpa"
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    kv_cache_memory_fraction: float = 0.25
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    space: SpacePolicy = field(default_factory=SpacePolicy)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")

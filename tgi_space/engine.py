@@ -1,0 +1,258 @@
+"""The engine: one forward pass per step over a ragged batch, then verify, emit and draft."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from tgi_space.attention.backend import make_backend
+from tgi_space.attention.metadata import AttentionMetadata
+from tgi_space.config import EngineConfig, ModelConfig
+from tgi_space.kv_cache import BlockManager, allocate_kv_cache, available_memory, kv_bytes_per_token
+from tgi_space.model.llama import ForwardContext
+from tgi_space.model.loader import TORCH_DTYPES, load_model
+from tgi_space.model.rotary import RotaryEmbedding
+from tgi_space.sampling import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    SamplingParams,
+    draft,
+    process,
+    verify_greedy,
+    verify_sampled,
+)
+from tgi_space.scheduler import Scheduler
+from tgi_space.sequence import Sequence, TokenInfo
+from tgi_space.space import SeqPlan, StepLayout, build_layout, split_logits
+from tgi_space.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class SpaceUnavailable(ValueError):
+    """SPACE was asked of a checkpoint that has no mask token."""
+
+
+class Engine:
+    """Owns the model, the KV cache and the scheduler; `step()` advances every running request."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model_dir)
+        self.tokenizer = Tokenizer(config.model_dir)
+        self.dtype = TORCH_DTYPES[config.dtype]
+        self.model = load_model(config.model_dir, self.model_config, config.dtype, config.device)
+        self.rotary = RotaryEmbedding(self.model_config, config.device, self.dtype)
+        self.backend = make_backend(config.attention_backend)
+        num_blocks = self._num_cache_blocks()
+        self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, config.device)
+        self.model.ctx = ForwardContext(self.kv_caches, self.backend, self.rotary)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.k_max = self._k_max()
+        self.scheduler = Scheduler(
+            self.block_manager, config.space, self.k_max, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.eos_ids = set(self.model_config.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        )
+        self._ids = itertools.count()
+        self._seed_rng = torch.Generator().manual_seed(config.seed)
+        self.num_steps = 0
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    @property
+    def mask_token_id(self) -> int | None:
+        """The checkpoint's [MASK] id, or None if it is not SPACE-ready."""
+        return self.model_config.space_mask_token_id
+
+    def _k_max(self) -> int:
+        """Candidates per step at most: the policy's, else the checkpoint's trained k."""
+        if self.mask_token_id is None:
+            return 0
+        return self.config.space.k_max if self.config.space.k_max is not None else int(self.model_config.space_k or 4)
+
+    def _num_cache_blocks(self) -> int:
+        """KV blocks from the byte budget, or a fraction of memory free after a warm-up forward."""
+        per_block = kv_bytes_per_token(self.model_config, self.dtype) * self.config.block_size
+        needed = self.config.max_num_seqs * -(-self.model_config.max_model_len // self.config.block_size) + 1
+        if self.config.kv_cache_bytes is not None:
+            budget = self.config.kv_cache_bytes
+        else:
+            self._warmup()
+            budget = int(available_memory(self.config.device) * self.config.kv_cache_memory_fraction)
+        num_blocks = min(needed, budget // per_block)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes: budget {budget} holds no block of {per_block} bytes")
+        return num_blocks
+
+    @torch.inference_mode()
+    def _warmup(self) -> None:
+        """A worst-case prefill on a throwaway cache, so peak activation memory is taken first."""
+        n = min(self.config.max_num_batched_tokens, self.model_config.max_model_len)
+        blocks = -(-n // self.config.block_size)
+        caches = allocate_kv_cache(self.model_config, blocks, self.config.block_size, self.dtype, self.config.device)
+        self.model.ctx = ForwardContext(caches, self.backend, self.rotary)
+        plan = SeqPlan(chain=[0] * n, num_candidates=0, anchors=[], group_size=0, num_cached=0)
+        layout = build_layout([plan], 0)
+        slots = torch.arange(n, device=self.config.device)
+        self._forward(layout, [torch.empty(0, dtype=torch.long)], slots, torch.arange(n))
+        self.model.ctx = None
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, speculate: str = "space") -> Sequence:
+        """Validate and queue a request; raises ValueError naming the bad field, allocating nothing."""
+        self.validate_request(prompt_ids, params, speculate)
+        generator = None
+        if not params.is_greedy:
+            seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        seq = Sequence(next(self._ids), prompt_ids, params, speculate == "space" and self.k_max > 0, generator)
+        self.scheduler.add(seq)
+        return seq
+
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams, speculate: str) -> None:
+        """Every check a request must pass before it may take cache blocks."""
+        params.validate()
+        if speculate not in ("space", "none"):
+            raise ValueError(f"speculate must be 'space' or 'none', got {speculate!r}")
+        if speculate == "space" and self.mask_token_id is None:
+            raise SpaceUnavailable("speculate='space' needs a SPACE checkpoint (config.json space_mask_token_id)")
+        if not prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        limit = self.model_config.max_model_len
+        if len(prompt_ids) + params.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt length ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) "
+                f"must be <= {limit}, the model's context length"
+            )
+        if self.block_manager.blocks_for(len(prompt_ids) + params.max_new_tokens + self.k_max) > self.block_manager.num_blocks:
+            raise ValueError("prompt length + max_new_tokens exceeds the whole KV cache")
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancel a request and return its blocks."""
+        if seq.finish_reason is None:
+            seq.finish_reason = "cancelled"
+        self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is waiting or running."""
+        return self.scheduler.has_work()
+
+    # ---- the step -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, list[TokenInfo]]]:
+        """One forward pass for every scheduled sequence; returns what each emitted."""
+        planned = self.scheduler.schedule()
+        if not planned:
+            return []
+        plans = [plan for _, plan in planned]
+        layout = build_layout(plans, self.mask_token_id or 0)
+        prefix_slots, write_slots = self._slots(planned)
+        logits = self._forward(layout, prefix_slots, write_slots, self._chain_rows(layout, plans))
+        self.num_steps += 1
+        results = []
+        for i, (seq, plan) in enumerate(planned):
+            seq_logits = logits[layout.logit_offsets[i] : layout.logit_offsets[i + 1]]
+            results.append((seq, self._advance(seq, plan, seq_logits)))
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+        return results
+
+    def _slots(self, planned: list[tuple[Sequence, SeqPlan]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Cache slots of each sequence's prefix, and of every chain row written this step."""
+        prefix, writes = [], []
+        for seq, plan in planned:
+            prefix.append(self.block_manager.slots(seq.seq_id, 0, plan.num_cached))
+            writes.append(self.block_manager.slots(seq.seq_id, plan.num_cached, plan.num_cached + len(plan.chain)))
+        return prefix, torch.cat(writes)
+
+    @staticmethod
+    def _chain_rows(layout: StepLayout, plans: list[SeqPlan]) -> torch.Tensor:
+        """Flat rows of all chain tokens (their K/V are kept), in the order of the write slots."""
+        return torch.cat([torch.arange(len(p.chain)) + layout.cu_seqlens[i] for i, p in enumerate(plans)])
+
+    def _forward(
+        self, layout: StepLayout, prefix_slots: list[torch.Tensor], write_slots: torch.Tensor, write_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the model on the flat batch; float32 logits of the selected rows."""
+        device = self.config.device
+        self.model.ctx.meta = AttentionMetadata(
+            cu_seqlens_q=layout.cu_seqlens,
+            context_lens=[s.numel() for s in prefix_slots],
+            prefix_slots=[s.to(device) for s in prefix_slots],
+            visibility=[v.to(device) for v in layout.visibility],
+            write_rows=write_rows.to(device),
+            write_slots=write_slots.to(device),
+        )
+        hidden = self.model(layout.input_ids.to(device), layout.positions.to(device))
+        return self.model.compute_logits(hidden[layout.logit_rows.to(device)])
+
+    def _advance(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor) -> list[TokenInfo]:
+        """Verify seq's candidates, emit tokens until a stop, keep accepted K/V, draft the next ones."""
+        verify_logits, groups = split_logits(plan, logits)  # [n + 1, V], [G, g, V]
+        candidates = plan.chain[len(plan.chain) - plan.num_candidates :]
+        target = process(verify_logits, seq.params, seq.tokens, candidates)  # [n + 1, V]
+        if seq.params.is_greedy:
+            accepted, bonus = verify_greedy(target, candidates)
+        else:
+            q = seq.draft_probs[: plan.num_candidates] if plan.num_candidates else None
+            accepted, bonus = verify_sampled(target, candidates, q, seq.generator)
+        new_tokens = candidates[:accepted] + [bonus]
+        seq.num_cached += len(plan.chain) - plan.num_candidates + accepted  # uncached tokens + accepted
+        emitted = self._emit(seq, new_tokens, target)
+        seq.stats.record(plan.num_candidates, accepted, len(emitted))
+        self.scheduler.observe(plan.num_candidates, accepted)
+        self._draft_next(seq, plan, groups, accepted)
+        return emitted
+
+    def _emit(self, seq: Sequence, new_tokens: list[int], target: torch.Tensor) -> list[TokenInfo]:
+        """Append tokens one at a time, stopping exactly where plain decoding would."""
+        logprobs = target[: len(new_tokens)].log_softmax(-1)  # [a + 1, V]
+        top_n = seq.params.top_n_tokens
+        emitted = []
+        for i, token in enumerate(new_tokens):
+            top = []
+            if top_n:
+                values, ids = logprobs[i].topk(top_n)
+                top = list(zip(ids.tolist(), values.tolist()))
+            info = TokenInfo(token, float(logprobs[i, token]), top, self.num_steps)
+            seq.tokens.append(token)
+            seq.outputs.append(info)
+            emitted.append(info)
+            seq.finish_reason = self._stop_reason(seq, token)
+            if seq.finish_reason:
+                break
+        return emitted
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        """The finish reason after appending token, if any (EOS, stop ids/strings, length)."""
+        params = seq.params
+        if token in self.eos_ids and not params.ignore_eos:
+            return FINISH_EOS
+        if token in params.stop_token_ids:
+            return FINISH_STOP
+        if params.stop:
+            text = self.tokenizer.decode(seq.output_ids)
+            if any(s in text for s in params.stop):
+                return FINISH_STOP
+        if len(seq.output_ids) >= params.max_new_tokens:
+            return FINISH_LENGTH
+        return None
+
+    def _draft_next(self, seq: Sequence, plan: SeqPlan, groups: torch.Tensor, accepted: int) -> None:
+        """Candidates for the next step from the group anchored after the last accepted token."""
+        seq.candidates, seq.draft_probs = [], None
+        if seq.is_finished or accepted not in plan.anchors:
+            return
+        group = groups[plan.anchors.index(accepted)]  # [g, V]
+        seq.candidates, seq.draft_probs = draft(group, seq.params, seq.generator)

@@ -1,0 +1,131 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2) over a flat ragged batch and a paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tgi_space.attention.backend import AttentionBackend
+from tgi_space.attention.metadata import AttentionMetadata
+from tgi_space.config import ModelConfig
+from tgi_space.model.rotary import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 as the reference does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Fused QKV projection, rotary embedding, then the configured attention backend."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: "ForwardContext", layer: int) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = ctx.rotary.apply(q.view(n, self.num_heads, self.head_dim), positions)
+        k = ctx.rotary.apply(k.view(n, self.num_kv_heads, self.head_dim), positions)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        out = ctx.backend.forward(q, k, v, ctx.kv_caches[layer], ctx.meta, self.scale)
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with the gate and up projections fused."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residuals."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: "ForwardContext", layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, ctx, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ForwardContext:
+    """What a forward pass reads besides its inputs: cache tensors, backend, rotary tables, metadata."""
+
+    def __init__(self, kv_caches: list[torch.Tensor], backend: AttentionBackend, rotary: RotaryEmbedding) -> None:
+        self.kv_caches = kv_caches  # num_layers x [2, num_slots, num_kv_heads, head_dim], set at engine start
+        self.backend = backend
+        self.rotary = rotary
+        self.meta: AttentionMetadata | None = None  # set before each forward
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder stack plus LM head; `forward(input_ids, positions)` -> hidden states."""
+
+    # checkpoint name -> (our fused parameter, shard index) for the fused projections
+    packed_modules = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.ctx: ForwardContext | None = None  # bound by the engine once the KV cache exists
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states [N, hidden] of the flat batch input_ids [N] at positions [N]."""
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, self.ctx, i)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [n, vocab] of selected hidden rows [n, hidden]."""
+        return self.lm_head(hidden).float()
+
+    def shard_sizes(self, fused: str) -> list[int]:
+        """Output sizes of the checkpoint tensors packed into one fused parameter."""
+        c = self.config
+        if fused == "qkv_proj":
+            kv = c.num_key_value_heads * c.head_dim
+            return [c.num_attention_heads * c.head_dim, kv, kv]
+        return [c.intermediate_size, c.intermediate_size]

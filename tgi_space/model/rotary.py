@@ -1,0 +1,55 @@
+"""Rotary position embeddings (default, linear and llama3 frequency scaling)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tgi_space.config import ModelConfig
+
+
+def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies, after the checkpoint's rope scaling. [head_dim // 2]"""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        inv_freq = _llama3_scaled(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths divided by `factor`, short kept, smooth between."""
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    is_mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(is_mid, mid, out)
+
+
+class RotaryEmbedding:
+    """Precomputed cos/sin tables indexed by position; applied to q and k in place of HF's."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> None:
+        inv_freq = inverse_frequencies(config)
+        # Positions can exceed the trained length by the mask rows of the last step.
+        max_pos = config.max_position_embeddings + 64
+        angles = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
+        self.cos = angles.cos().to(device=device, dtype=dtype)  # [max_pos, head_dim // 2]
+        self.sin = angles.sin().to(device=device, dtype=dtype)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x [N, heads, head_dim] (halves layout, as HF Llama) by positions [N]."""
+        cos = self.cos[positions].unsqueeze(1)  # [N, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

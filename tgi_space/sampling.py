@@ -1,0 +1,177 @@
+"""Sampling parameters, logits processing, and the acceptance rules shared by AR and SPACE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+FINISH_LENGTH = "length"
+FINISH_EOS = "eos_token"
+FINISH_STOP = "stop_sequence"
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks of decoding (TGI's names and defaults where they exist)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    top_n_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and its allowed range."""
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens),
+            (self.temperature >= 0, "temperature", ">= 0 (0 means greedy)", self.temperature),
+            (0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p),
+            (0 < self.typical_p <= 1, "typical_p", "in (0, 1]", self.typical_p),
+            (self.top_k >= 0, "top_k", ">= 0 (0 disables)", self.top_k),
+            (self.repetition_penalty > 0, "repetition_penalty", "> 0", self.repetition_penalty),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]", self.frequency_penalty),
+            (0 <= self.top_n_tokens <= 20, "top_n_tokens", "in [0, 20]", self.top_n_tokens),
+        ]
+        for ok, name, allowed, value in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        """Greedy unless sampling is asked for or a warper is set (TGI's rule)."""
+        if self.temperature == 0:
+            return True
+        has_warper = self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
+        return not (self.do_sample or has_warper)
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether logits depend on the token history."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Repetition (HF/CTRL style) and frequency penalties. logits, counts: [R, V]."""
+    if params.repetition_penalty != 1.0:
+        seen = counts > 0
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if params.frequency_penalty != 0.0:
+        logits = logits - params.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def apply_warpers(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and typical-p, in that order (as TGI). logits: [R, V]."""
+    if params.is_greedy:
+        return logits
+    logits = logits / params.temperature if params.temperature != 1.0 else logits
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        logits = _top_p(logits, params.top_p)
+    if params.typical_p < 1.0:
+        logits = _typical_p(logits, params.typical_p)
+    return logits
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p  # mass before this token already enough
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _typical_p(logits: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling: keep tokens closest to the entropy until `mass` is covered."""
+    logp = logits.log_softmax(-1)
+    p = logp.exp()
+    entropy = -(p * logp.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
+    shifted = (entropy + logp).abs()
+    sorted_shift, order = shifted.sort(dim=-1)
+    cumulative = p.gather(-1, order).cumsum(-1)
+    drop_sorted = (cumulative - p.gather(-1, order)) >= mass
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def token_counts(history: list[int], extra: list[int], num_rows: int, vocab: int, device) -> torch.Tensor:
+    """Token counts [num_rows, V]: row r counts `history` plus the first r tokens of `extra`."""
+    counts = torch.zeros(num_rows, vocab, dtype=torch.int32, device=device)
+    if history:
+        counts += torch.bincount(torch.tensor(history, device=device), minlength=vocab).to(torch.int32)
+    for r in range(1, num_rows):
+        counts[r:, extra[r - 1]] += 1
+    return counts
+
+
+def process(
+    logits: torch.Tensor, params: SamplingParams, history: list[int], extra: list[int] = ()
+) -> torch.Tensor:
+    """Processed float32 logits [R, V]; row r's history is `history + extra[:r]`."""
+    logits = logits.float()
+    if params.has_penalties:
+        counts = token_counts(history, list(extra), logits.shape[0], logits.shape[-1], logits.device)
+        logits = apply_penalties(logits, counts, params)
+    return apply_warpers(logits, params)
+
+
+def verify_greedy(target_logits: torch.Tensor, candidates: list[int]) -> tuple[int, int]:
+    """(accepted count, bonus token). target_logits [n + 1, V] checks candidates [n] in order."""
+    targets = target_logits.argmax(-1).tolist()  # [n + 1]
+    accepted = 0
+    while accepted < len(candidates) and candidates[accepted] == targets[accepted]:
+        accepted += 1
+    return accepted, targets[accepted]
+
+
+def verify_sampled(
+    target_logits: torch.Tensor,  # [n + 1, V] processed target logits
+    candidates: list[int],  # [n] drafted tokens
+    draft_probs: torch.Tensor | None,  # [n, V] distributions the candidates were drawn from
+    generator: torch.Generator,
+) -> tuple[int, int]:
+    """Speculative sampling: accept c with prob min(1, p/q); on rejection draw from (p - q)+."""
+    p = target_logits.softmax(-1)
+    n = len(candidates)
+    if n:
+        coins = torch.rand(n, generator=generator, device=p.device).tolist()
+    for i in range(n):
+        c = candidates[i]
+        p_c, q_c = p[i, c].item(), draft_probs[i, c].item()
+        if q_c > 0 and coins[i] * q_c < p_c:  # u < p/q
+            continue
+        residual = (p[i] - draft_probs[i]).clamp_min(0)
+        if residual.sum() <= 0:  # p == q: any draw from p is exact
+            residual = p[i]
+        return i, sample(residual, generator)
+    return n, sample(p[n], generator)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One draw from unnormalised non-negative weights [V]."""
+    return int(torch.multinomial(probs.float(), 1, generator=generator).item())
+
+
+def draft(group_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
+    """Candidates from a mask group's logits [g, V]: (tokens, their draft distributions or None)."""
+    if params.is_greedy:
+        return group_logits.argmax(-1).tolist(), None
+    probs = apply_warpers(group_logits.float(), params).softmax(-1)  # [g, V]
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1).tolist()
+    return tokens, probs

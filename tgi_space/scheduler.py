@@ -1,0 +1,124 @@
+"""Continuous batching: which sequences run this step, with how many candidates, and their blocks."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from tgi_space.config import SpacePolicy
+from tgi_space.kv_cache import BlockManager
+from tgi_space.sequence import Sequence
+from tgi_space.space import SeqPlan
+
+
+class Scheduler:
+    """Admits waiting sequences within the token budget and plans each running one's rows."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        policy: SpacePolicy,
+        k_max: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ) -> None:
+        self.blocks = block_manager
+        self.policy = policy
+        self.k_max = k_max
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.acceptance = [1.0] * (k_max + 1)  # running mean of P(a == i), for group pruning
+        self.last_k = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence."""
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or cancelled sequence and return its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)
+
+    def has_work(self) -> bool:
+        """Whether any sequence is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, SeqPlan]]:
+        """Plans for this step: running sequences first (they hold blocks), then admissions."""
+        k = self.policy.choose_k(sum(s.speculate for s in self.running), 0, self.k_max)
+        self.last_k = k
+        planned = self._plan_running(k)
+        planned += self._admit(k, len(planned))
+        return planned
+
+    def _plan_running(self, k: int) -> list[tuple[Sequence, SeqPlan]]:
+        """Grow each running sequence's blocks for its step, oldest first."""
+        planned = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted to make room for an older one
+                continue
+            plan = self._fit(seq, k if seq.speculate else 0)
+            if plan is not None:
+                self.blocks.append(seq.seq_id, plan.num_cached + len(plan.chain))
+                planned.append((seq, plan))
+        return planned
+
+    def _fit(self, seq: Sequence, k: int) -> SeqPlan | None:
+        """seq's plan if the cache can hold its chain: fewer candidates first, then preempt the newest."""
+        plan = self._plan(seq, k)
+        if not self._fits(seq, plan):
+            plan = self._plan(seq, k, max_candidates=0)  # masks need no cache slots
+        while not self._fits(seq, plan):
+            victim = self.running.pop()
+            self.blocks.free(victim.seq_id)
+            victim.reset_cache()
+            self.waiting.appendleft(victim)
+            if victim is seq:
+                return None
+        return plan
+
+    def _fits(self, seq: Sequence, plan: SeqPlan) -> bool:
+        return self.blocks.can_append(seq.seq_id, plan.num_cached + len(plan.chain))
+
+    def _admit(self, k: int, num_running: int) -> list[tuple[Sequence, SeqPlan]]:
+        """Prefill waiting sequences while tokens, sequence slots and blocks allow."""
+        planned, budget = [], self.max_num_batched_tokens
+        while self.waiting and num_running + len(planned) < self.max_num_seqs:
+            seq = self.waiting[0]
+            plan = self._plan(seq, k if seq.speculate else 0)
+            fits_budget = len(plan.chain) <= budget or not planned and num_running == 0
+            if not fits_budget or not self.blocks.can_allocate(len(plan.chain)):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq.seq_id, len(plan.chain))
+            self.running.append(seq)
+            planned.append((seq, plan))
+            budget -= len(plan.chain)
+        return planned
+
+    def _plan(self, seq: Sequence, k: int, max_candidates: int | None = None) -> SeqPlan:
+        """Rows of seq: its uncached tokens, up to k candidates, and mask groups of size k."""
+        remaining = seq.params.max_new_tokens - len(seq.output_ids)
+        n = min(k, len(seq.candidates), max(0, remaining - 1))
+        n = n if max_candidates is None else min(n, max_candidates)
+        chain = seq.tokens[seq.num_cached :] + seq.candidates[:n]
+        g = k if remaining > 1 else 0
+        anchors = self._anchors(n) if g else []
+        return SeqPlan(chain=chain, num_candidates=n, anchors=anchors, group_size=g, num_cached=seq.num_cached)
+
+    def _anchors(self, n: int) -> list[int]:
+        """Candidate counts after which a mask group goes: all, or the likeliest when pruning."""
+        if self.policy.prune_groups is None or self.policy.prune_groups > n:
+            return list(range(n + 1))
+        ranked = sorted(range(n + 1), key=lambda a: -self.acceptance[a])
+        return sorted(ranked[: self.policy.prune_groups])
+
+    def observe(self, num_candidates: int, num_accepted: int) -> None:
+        """Update the running acceptance-count frequencies used for pruning."""
+        if num_candidates == self.k_max:
+            for a in range(self.k_max + 1):
+                self.acceptance[a] = 0.95 * self.acceptance[a] + 0.05 * float(a == num_accepted)

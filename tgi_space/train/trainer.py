@@ -1,0 +1,221 @@
+"""SAR-SFT training on transformers' `Trainer`: explicit targets, AR and per-offset mask metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from tgi_space.train.collator import IGNORE, SpaceCollator
+from tgi_space.train.data import Example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one SAR-SFT run (the CLI is built from this)."""
+
+    output: str
+    k: int = 5
+    p_ar: float = 0.5
+    num_mask_blocks: int = 4
+    lr: float = 5e-5
+    epochs: float = 2.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4  # per device
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    bf16: bool = True
+    seed: int = 0
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    resume: bool = True  # continue from the last checkpoint in `output` if there is one
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    disable_tqdm: bool = False
+    extra_args: dict[str, Any] = field(default_factory=dict)  # passed to TrainingArguments (fsdp, deepspeed, ...)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0.0 <= self.p_ar <= 1.0:
+            raise ValueError(f"p_ar must be in [0, 1], got {self.p_ar}")
+        for name in ("num_mask_blocks", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError("set max_steps > 0 or epochs > 0")
+
+
+class ExampleDataset(Dataset):
+    """A list of `Example`s as a map-style dataset."""
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+def space_loss(logits: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Mean CE over supervised positions, plus summed statistics by offset (0 = real token).
+
+    logits: [B, T, V]; targets, offsets: [B, T]. Stats map offset -> (loss_sum, count, correct).
+    """
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    token_loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE, reduction="none")
+    supervised = flat_targets != IGNORE
+    loss = token_loss.sum() / supervised.sum().clamp(min=1)
+    with torch.no_grad():
+        correct = (flat_logits.argmax(-1) == flat_targets) & supervised
+        flat_offsets = offsets.reshape(-1)
+        stats = {}
+        for off in flat_offsets[supervised].unique().tolist():
+            sel = supervised & (flat_offsets == off)
+            stats[int(off)] = (token_loss[sel].sum().item(), int(sel.sum()), int(correct[sel].sum()))
+    return loss, stats
+
+
+class MetricsAccumulator:
+    """Running sums of loss/count/correct per offset between two log lines."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0, 0])
+
+    def add(self, stats: dict) -> None:
+        """Add the stats of one micro-batch."""
+        for off, (loss_sum, count, correct) in stats.items():
+            acc = self.sums[off]
+            acc[0], acc[1], acc[2] = acc[0] + loss_sum, acc[1] + count, acc[2] + correct
+
+    def summary(self) -> dict[str, float]:
+        """ar_loss, and mask_loss_j / mask_acc_j for each offset j seen."""
+        out = {}
+        for off, (loss_sum, count, correct) in sorted(self.sums.items()):
+            if count == 0:
+                continue
+            if off == 0:
+                out["ar_loss"] = loss_sum / count
+            else:
+                out[f"mask_loss_{off}"] = loss_sum / count
+                out[f"mask_acc_{off}"] = correct / count
+        return out
+
+    def reset(self) -> None:
+        """Start a new logging window."""
+        self.sums.clear()
+
+
+def model_forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B, T, V] for a collated batch (4D mask and explicit positions)."""
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).logits
+
+
+class SpaceTrainer(Trainer):
+    """Trainer whose loss uses explicit targets and which logs AR and per-offset mask metrics."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: let Trainer scale for GA
+        self.loss_is_scaled_for_ga = False
+        self.metrics = MetricsAccumulator()
+
+    def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
+        """CE on the collator's explicit targets (no shift inside the model)."""
+        logits = model_forward(model, inputs)
+        loss, stats = space_loss(logits, inputs["targets"], inputs["offsets"])
+        if model.training:
+            self.metrics.add(stats)
+        return (loss, logits) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the accumulated AR / mask metrics to each training log line."""
+        if "loss" in logs:
+            logs.update({name: round(v, 4) for name, v in self.metrics.summary().items()})
+            self.metrics.reset()
+        super().log(logs, *args, **kwargs)
+
+
+def training_arguments(cfg: TrainConfig) -> TrainingArguments:
+    """TrainingArguments for a config: cosine schedule with warm-up, checkpoints, mixed precision."""
+    return TrainingArguments(
+        output_dir=cfg.output,
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        bf16=cfg.bf16,
+        use_cpu=not torch.cuda.is_available(),  # bf16 autocast on CPU needs this set explicitly
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=cfg.disable_tqdm,
+        **cfg.extra_args,
+    )
+
+
+def wrap_lora(model: Any, cfg: TrainConfig, mask_id: int) -> Any:
+    """LoRA adapters on all linear layers; the [MASK] embedding rows stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        trainable_token_indices=[mask_id],
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.print_trainable_parameters()
+    return model
+
+
+def last_checkpoint(output: str) -> str | None:
+    """The newest `checkpoint-*` directory in `output`, if any."""
+    return get_last_checkpoint(output) if Path(output).is_dir() else None
+
+
+def run_training(model: Any, examples: Sequence[Example], cfg: TrainConfig, mask_id: int, pad_id: int) -> SpaceTrainer:
+    """Train `model` on `examples` (resuming from the last checkpoint if asked); returns the trainer."""
+    collator = SpaceCollator(cfg.k, cfg.p_ar, mask_id, pad_id, cfg.num_mask_blocks, seed=cfg.seed)
+    trainer = SpaceTrainer(
+        model=model, args=training_arguments(cfg), train_dataset=ExampleDataset(examples), data_collator=collator
+    )
+    resume = last_checkpoint(cfg.output) if cfg.resume else None
+    if resume:
+        log.info("resuming from %s", resume)
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum) * cfg.epochs)
+    log.info("training %d examples for %d optimizer steps (k=%d, p_ar=%.2f)", len(examples), steps, cfg.k, cfg.p_ar)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
