@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from tests.checkpoints import save_checkpoint
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("TGI_SPACE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

@@ -285,9 +285,8 @@ def _full_request(request_id: int) -> "pb2.Request":
 
 
 def test_batch_round_trip_keeps_every_field():
-    batch = pb2.Batch(
-        id=7, requests=[_full_request(0), _full_request(2**64 - 1)], size=2, max_tokens=90, max_blocks=2
-    )
+    requests = [_full_request(0), _full_request(2**64 - 1)]
+    batch = pb2.Batch(id=7, requests=requests, size=2, max_tokens=90, max_blocks=2)
     decoded = pb2.Batch.FromString(batch.SerializeToString())
     assert decoded == batch
     request = decoded.requests[1]
@@ -310,7 +309,8 @@ def test_batch_round_trip_keeps_every_field():
 
 def test_optional_fields_keep_presence():
     # The router distinguishes unset from zero on these (Warmup limits, ClearCache id).
-    empty = pb2.WarmupRequest.FromString(pb2.WarmupRequest(max_prefill_tokens=4096).SerializeToString())
+    unset = pb2.WarmupRequest(max_prefill_tokens=4096)
+    empty = pb2.WarmupRequest.FromString(unset.SerializeToString())
     assert not empty.HasField("max_input_tokens") and not empty.HasField("max_total_tokens")
     zero = pb2.WarmupRequest.FromString(pb2.WarmupRequest(max_input_tokens=0).SerializeToString())
     assert zero.HasField("max_input_tokens")
@@ -324,7 +324,9 @@ def test_optional_fields_keep_presence():
 def test_multi_token_generation_round_trip():
     tokens = pb2.Tokens(ids=[5, 6, 7], logprobs=[-0.1, -0.2, -0.3], texts=["a", "b", "</s>"],
                         is_special=[False, False, True])
-    top = [pb2.Tokens(ids=[5, 9], logprobs=[-0.1, -2.5], texts=["a", "z"], is_special=[False, False])] * 3
+    top_one = pb2.Tokens(ids=[5, 9], logprobs=[-0.1, -2.5], texts=["a", "z"],
+                         is_special=[False, False])
+    top = [top_one] * 3  # one entry per generated token
     generation = pb2.Generation(
         request_id=3,
         tokens=tokens,

@@ -1,0 +1,134 @@
+"""Speculative sampling keeps the target distribution: exact goodness of fit and AR vs SPACE."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from tgi_space import sampling
+from tgi_space.config import SpacePolicy
+from tgi_space.llm import LLM
+from tgi_space.sampling import SamplingParams, verify_sampled
+
+V, K, LENGTH = 4, 3, 3
+
+
+def markov_chain(seed: int):
+    """A toy target: P[x] is the next-token distribution after token x; Q[j] a fixed draft per depth."""
+    g = torch.Generator().manual_seed(seed)
+    P = torch.rand(V, V, generator=g) ** 2 + 0.05
+    Q = torch.rand(K, V, generator=g) ** 2 + 0.05
+    return P / P.sum(-1, keepdim=True), Q / Q.sum(-1, keepdim=True)
+
+
+def speculative_run(P, Q, g, verify=verify_sampled) -> tuple[int, ...]:
+    """Generate LENGTH tokens after token 0 with draft-then-verify steps."""
+    out = [0]
+    while len(out) <= LENGTH:
+        cands = torch.multinomial(Q, 1, generator=g).squeeze(-1).tolist()  # [K]
+        rows = [out[-1]] + cands  # the target distribution at each chain row
+        target_logits = P[rows].log()
+        accepted, bonus = verify(target_logits, cands, Q, g)
+        out += cands[:accepted] + [bonus]
+    return tuple(out[1 : LENGTH + 1])
+
+
+def exact_probs(P) -> dict[tuple[int, ...], float]:
+    probs = {}
+    for path in itertools.product(range(V), repeat=LENGTH):
+        p, prev = 1.0, 0
+        for x in path:
+            p, prev = p * float(P[prev, x]), x
+        probs[path] = p
+    return probs
+
+
+def goodness_of_fit(samples: list[tuple], probs: dict) -> float:
+    counts = Counter(samples)
+    keys = sorted(probs)
+    observed = np.array([counts[k] for k in keys], dtype=float)
+    expected = np.array([probs[k] for k in keys], dtype=np.float64)
+    expected = expected / expected.sum() * len(samples)
+    return stats.chisquare(observed, expected).pvalue
+
+
+def resample_from_p(target_logits, candidates, draft_probs, generator):
+    """The reference repositories' rule: on rejection, draw from p (not the residual). Biased."""
+    p = target_logits.softmax(-1)
+    for i, c in enumerate(candidates):
+        if torch.rand(1, generator=generator).item() * draft_probs[i, c] >= p[i, c]:
+            return i, sampling.sample(p[i], generator)
+    return len(candidates), sampling.sample(p[-1], generator)
+
+
+def test_speculative_sampling_matches_exact_distribution():
+    P, Q = markov_chain(0)
+    g = torch.Generator().manual_seed(123)
+    samples = [speculative_run(P, Q, g) for _ in range(4000)]
+    assert goodness_of_fit(samples, exact_probs(P)) > 1e-3
+
+
+def test_the_test_catches_a_biased_rule():
+    P, Q = markov_chain(0)
+    g = torch.Generator().manual_seed(123)
+    samples = [speculative_run(P, Q, g, resample_from_p) for _ in range(4000)]
+    assert goodness_of_fit(samples, exact_probs(P)) < 1e-6
+
+
+def test_equal_distributions_accept_everything():
+    p = torch.tensor([[0.2, 0.3, 0.5]] * 3).log()
+    q = p[:2].softmax(-1)
+    g = torch.Generator().manual_seed(0)
+    assert all(verify_sampled(p, [1, 2], q, g)[0] == 2 for _ in range(200))
+
+
+def ar_vs_space_samples(llm, params: SamplingParams, n: int):
+    prompt = [1, 7, 9, 11]
+    outs = {}
+    for mode, seed0 in (("none", 0), ("space", 10**6)):
+        ps = [SamplingParams(**{**params.__dict__, "seed": seed0 + i}) for i in range(n)]
+        outs[mode] = [tuple(o.token_ids[:3]) for o in llm.generate([prompt] * n, ps, speculate=mode)]
+    return outs["none"], outs["space"]
+
+
+def two_sample_pvalue(a: list[tuple], b: list[tuple]) -> float:
+    ca, cb = Counter(a), Counter(b)
+    keys = [k for k in set(ca) | set(cb) if ca[k] + cb[k] >= 10]
+    rest = [sum(ca[k] for k in ca if k not in keys), sum(cb[k] for k in cb if k not in keys)]
+    table = np.array([[ca[k] for k in keys] + [rest[0]], [cb[k] for k in keys] + [rest[1]]], dtype=float)
+    table = table[:, table.sum(0) > 0]
+    return stats.chi2_contingency(table).pvalue
+
+
+@pytest.fixture(scope="module")
+def sampling_llm(llama_dir):
+    return LLM(str(llama_dir), kv_cache_bytes=2**26, max_num_seqs=2048,
+               space=SpacePolicy(k_max=3, max_step_query_tokens=10**6))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_new_tokens=4, do_sample=True, temperature=0.7, top_k=4),
+        SamplingParams(max_new_tokens=4, do_sample=True, top_p=0.6, repetition_penalty=1.5),
+        SamplingParams(max_new_tokens=4, do_sample=True, temperature=0.5, typical_p=0.8),
+    ],
+    ids=["top_k", "top_p+penalty", "typical_p"],
+)
+def test_space_sampling_matches_ar_on_the_model(sampling_llm, params):
+    ar, space = ar_vs_space_samples(sampling_llm, params, 1500)
+    assert len(set(ar)) > 3  # a real distribution, not a point mass
+    assert two_sample_pvalue(ar, space) > 1e-3
+
+
+def test_seeded_requests_are_reproducible(sampling_llm):
+    params = SamplingParams(max_new_tokens=12, do_sample=True, temperature=1.3, seed=42)
+    for mode in ("none", "space"):
+        a = sampling_llm.generate([[1, 5, 6]] * 3, params, speculate=mode)
+        b = sampling_llm.generate([[1, 5, 6]], params, speculate=mode)
+        assert a[0].token_ids == a[1].token_ids == a[2].token_ids == b[0].token_ids
