@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from typing import Protocol
 
 import torch
 
@@ -30,6 +31,14 @@ from tgi_space.space import SeqPlan, StepLayout, build_layout, split_logits
 from tgi_space.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class SlotSource(Protocol):
+    """Maps a sequence's token positions to flat KV-cache slots (our BlockManager, or the TGI router's slots)."""
+
+    def slots(self, seq_id: int, start: int, stop: int) -> torch.Tensor:
+        """Slots [stop - start] of positions start..stop-1."""
+        ...
 
 
 class SpaceUnavailable(ValueError):
@@ -151,30 +160,32 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, list[TokenInfo]]]:
-        """One forward pass for every scheduled sequence; returns what each emitted."""
+        """Schedule, then one forward pass for every scheduled sequence; what each emitted."""
         planned = self.scheduler.schedule()
+        results = self.execute(planned, self.block_manager)
+        for seq, _ in results:
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+        return results
+
+    @torch.inference_mode()
+    def execute(self, planned: list[tuple[Sequence, SeqPlan]], slots: SlotSource) -> list[tuple[Sequence, list[TokenInfo]]]:
+        """Run planned sequences whose cache slots `slots` provides; verify, emit, draft."""
         if not planned:
             return []
         plans = [plan for _, plan in planned]
         layout = build_layout(plans, self.mask_token_id or 0)
-        prefix_slots, write_slots = self._slots(planned)
+        prefix_slots = [slots.slots(seq.seq_id, 0, plan.num_cached) for seq, plan in planned]
+        write_slots = torch.cat(
+            [slots.slots(seq.seq_id, plan.num_cached, plan.num_cached + len(plan.chain)) for seq, plan in planned]
+        )
         logits = self._forward(layout, prefix_slots, write_slots, self._chain_rows(layout, plans))
         self.num_steps += 1
         results = []
         for i, (seq, plan) in enumerate(planned):
             seq_logits = logits[layout.logit_offsets[i] : layout.logit_offsets[i + 1]]
             results.append((seq, self._advance(seq, plan, seq_logits)))
-            if seq.is_finished:
-                self.scheduler.finish(seq)
         return results
-
-    def _slots(self, planned: list[tuple[Sequence, SeqPlan]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Cache slots of each sequence's prefix, and of every chain row written this step."""
-        prefix, writes = [], []
-        for seq, plan in planned:
-            prefix.append(self.block_manager.slots(seq.seq_id, 0, plan.num_cached))
-            writes.append(self.block_manager.slots(seq.seq_id, plan.num_cached, plan.num_cached + len(plan.chain)))
-        return prefix, torch.cat(writes)
 
     @staticmethod
     def _chain_rows(layout: StepLayout, plans: list[SeqPlan]) -> torch.Tensor:

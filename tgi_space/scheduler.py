@@ -101,14 +101,7 @@ class Scheduler:
         return planned
 
     def _plan(self, seq: Sequence, k: int, max_candidates: int | None = None) -> SeqPlan:
-        """Rows of seq: its uncached tokens, up to k candidates, and mask groups of size k."""
-        remaining = seq.params.max_new_tokens - len(seq.output_ids)
-        n = min(k, len(seq.candidates), max(0, remaining - 1))
-        n = n if max_candidates is None else min(n, max_candidates)
-        chain = seq.tokens[seq.num_cached :] + seq.candidates[:n]
-        g = k if remaining > 1 else 0
-        anchors = self._anchors(n) if g else []
-        return SeqPlan(chain=chain, num_candidates=n, anchors=anchors, group_size=g, num_cached=seq.num_cached)
+        return plan_sequence(seq, k, self._anchors, max_candidates)
 
     def _anchors(self, n: int) -> list[int]:
         """Candidate counts after which a mask group goes: all, or the likeliest when pruning."""
@@ -122,3 +115,14 @@ class Scheduler:
         if num_candidates == self.k_max:
             for a in range(self.k_max + 1):
                 self.acceptance[a] = 0.95 * self.acceptance[a] + 0.05 * float(a == num_accepted)
+
+
+def plan_sequence(seq: Sequence, k: int, anchors=None, max_candidates: int | None = None) -> SeqPlan:
+    """Rows of seq: its uncached tokens, up to k candidates, and mask groups of size k after them."""
+    remaining = seq.params.max_new_tokens - len(seq.output_ids)
+    n = min(k, len(seq.candidates), max(0, remaining - 1))
+    n = n if max_candidates is None else min(n, max_candidates)
+    chain = seq.tokens[seq.num_cached :] + seq.candidates[:n]
+    g = k if remaining > 1 else 0
+    groups = (anchors(n) if anchors else list(range(n + 1))) if g else []
+    return SeqPlan(chain=chain, num_candidates=n, anchors=groups, group_size=g, num_cached=seq.num_cached)
