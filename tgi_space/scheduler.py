@@ -30,6 +30,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.acceptance = [1.0] * (k_max + 1)  # running mean of P(a == i), for group pruning
         self.last_k = 0
+        self.num_preemptions = 0  # sequences sent back to recompute for lack of blocks
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence."""
@@ -77,6 +78,7 @@ class Scheduler:
             self.blocks.free(victim.seq_id)
             victim.reset_cache()
             self.waiting.appendleft(victim)
+            self.num_preemptions += 1
             if victim is seq:
                 return None
         return plan
