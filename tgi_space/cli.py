@@ -9,8 +9,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 def _register_subcommands() -> None:
     """Attach the commands that live with their own modules."""
+    from tgi_space.bench import register as register_bench
+    from tgi_space.generate_cli import register as register_generate
     from tgi_space.train.cli import register as register_train
 
+    register_bench(app)
+    register_generate(app)
     register_train(app)
 
 

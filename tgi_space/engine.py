@@ -70,6 +70,7 @@ class Engine:
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.num_steps = 0
+        self.last_step: tuple[StepLayout, torch.Tensor] | None = None  # set by execute(keep_hidden=True)
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -169,8 +170,13 @@ class Engine:
         return results
 
     @torch.inference_mode()
-    def execute(self, planned: list[tuple[Sequence, SeqPlan]], slots: SlotSource) -> list[tuple[Sequence, list[TokenInfo]]]:
-        """Run planned sequences whose cache slots `slots` provides; verify, emit, draft."""
+    def execute(
+        self, planned: list[tuple[Sequence, SeqPlan]], slots: SlotSource, keep_hidden: bool = False
+    ) -> list[tuple[Sequence, list[TokenInfo]]]:
+        """Run planned sequences whose cache slots `slots` provides; verify, emit, draft.
+
+        With keep_hidden, `last_step` holds (layout, hidden states [N, H]) until the next call.
+        """
         if not planned:
             return []
         plans = [plan for _, plan in planned]
@@ -179,7 +185,7 @@ class Engine:
         write_slots = torch.cat(
             [slots.slots(seq.seq_id, plan.num_cached, plan.num_cached + len(plan.chain)) for seq, plan in planned]
         )
-        logits = self._forward(layout, prefix_slots, write_slots, self._chain_rows(layout, plans))
+        logits = self._forward(layout, prefix_slots, write_slots, self._chain_rows(layout, plans), keep_hidden)
         self.num_steps += 1
         results = []
         for i, (seq, plan) in enumerate(planned):
@@ -193,7 +199,12 @@ class Engine:
         return torch.cat([torch.arange(len(p.chain)) + layout.cu_seqlens[i] for i, p in enumerate(plans)])
 
     def _forward(
-        self, layout: StepLayout, prefix_slots: list[torch.Tensor], write_slots: torch.Tensor, write_rows: torch.Tensor
+        self,
+        layout: StepLayout,
+        prefix_slots: list[torch.Tensor],
+        write_slots: torch.Tensor,
+        write_rows: torch.Tensor,
+        keep_hidden: bool = False,
     ) -> torch.Tensor:
         """Run the model on the flat batch; float32 logits of the selected rows."""
         device = self.config.device
@@ -206,6 +217,7 @@ class Engine:
             write_slots=write_slots.to(device),
         )
         hidden = self.model(layout.input_ids.to(device), layout.positions.to(device))
+        self.last_step = (layout, hidden) if keep_hidden else None  # prompt logprobs (TGI prefill_logprobs)
         return self.model.compute_logits(hidden[layout.logit_rows.to(device)])
 
     def _advance(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor) -> list[TokenInfo]:
@@ -246,18 +258,21 @@ class Engine:
         return emitted
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        """The finish reason after appending token, if any (EOS, stop ids/strings, length)."""
+        """The finish reason after appending token, if any, in TGI's order: length, EOS, stop ids/strings.
+
+        A stop string counts when the output text ends with it (TGI's StopSequenceCriteria).
+        """
         params = seq.params
+        if len(seq.output_ids) >= params.max_new_tokens:
+            return FINISH_LENGTH
         if token in self.eos_ids and not params.ignore_eos:
             return FINISH_EOS
         if token in params.stop_token_ids:
             return FINISH_STOP
         if params.stop:
             text = self.tokenizer.decode(seq.output_ids)
-            if any(s in text for s in params.stop):
+            if any(text.endswith(s) for s in params.stop):
                 return FINISH_STOP
-        if len(seq.output_ids) >= params.max_new_tokens:
-            return FINISH_LENGTH
         return None
 
     def _draft_next(self, seq: Sequence, plan: SeqPlan, groups: torch.Tensor, accepted: int) -> None:

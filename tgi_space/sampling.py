@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from tgi_space.watermark import Watermark
 
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos_token"
@@ -28,6 +32,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     top_n_tokens: int = 0
+    watermark: Watermark | None = None  # TGI's green-list watermark, applied before penalties
 
     def __post_init__(self) -> None:
         self.validate()
@@ -125,6 +130,8 @@ def process(
 ) -> torch.Tensor:
     """Processed float32 logits [R, V]; row r's history is `history + extra[:r]`."""
     logits = logits.float()
+    if params.watermark is not None:
+        logits = params.watermark.apply(logits, history, list(extra))
     if params.has_penalties:
         counts = token_counts(history, list(extra), logits.shape[0], logits.shape[-1], logits.device)
         logits = apply_penalties(logits, counts, params)

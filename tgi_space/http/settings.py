@@ -1,0 +1,72 @@
+"""Server settings: TGI's router options (names, defaults, environment variables) plus the engine's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tgi_space.config import DTYPES, SPECULATE_MODES
+
+
+@dataclass
+class ServeSettings:
+    """Everything `tgi-space serve` needs; `None` limits are filled from the checkpoint at load time."""
+
+    model_id: str
+    hostname: str = "127.0.0.1"
+    port: int = 3000
+    # router limits (TGI's names and defaults)
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None  # default: max_total_tokens - 1
+    max_total_tokens: int | None = None  # default: the model's context length
+    max_batch_prefill_tokens: int = 4096
+    max_batch_size: int | None = None  # default: the engine's max_num_seqs
+    max_client_batch_size: int = 4
+    payload_limit: int = 2_000_000
+    validation_workers: int = 2  # reported by /info only: validation runs on the event loop
+    # engine
+    speculate_mode: str | None = None  # None: "space" if the checkpoint has a mask token, else "none"
+    space_k_max: int | None = None
+    max_step_query_tokens: int = 512
+    dtype: str = "float32"
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    num_threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in [1, 65535], got {self.port}")
+        if self.speculate_mode is not None and self.speculate_mode not in SPECULATE_MODES:
+            raise ValueError(f"speculate_mode must be one of {', '.join(SPECULATE_MODES)}, got {self.speculate_mode!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        positive = {
+            "max_concurrent_requests": self.max_concurrent_requests,
+            "max_best_of": self.max_best_of,
+            "max_stop_sequences": self.max_stop_sequences + 1,
+            "max_batch_prefill_tokens": self.max_batch_prefill_tokens,
+            "max_client_batch_size": self.max_client_batch_size,
+            "payload_limit": self.payload_limit,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.check_token_limits(self.max_input_tokens, self.max_total_tokens)
+
+    @staticmethod
+    def check_token_limits(max_input: int | None, max_total: int | None) -> None:
+        """TGI's launcher rule: `max_input_tokens` < `max_total_tokens`."""
+        if max_input is not None and max_total is not None and max_input >= max_total:
+            raise ValueError(f"`max_input_tokens`({max_input}) must be < `max_total_tokens`({max_total})")
+
+    def resolve_limits(self, max_model_len: int) -> tuple[int, int]:
+        """(max_input_tokens, max_total_tokens) with defaults from the model's context length."""
+        max_total = self.max_total_tokens or max_model_len
+        if max_total > max_model_len:
+            raise ValueError(f"max_total_tokens ({max_total}) must be <= the model's context length ({max_model_len})")
+        max_input = self.max_input_tokens if self.max_input_tokens is not None else max_total - 1
+        self.check_token_limits(max_input, max_total)
+        return max_input, max_total
