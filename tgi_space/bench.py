@@ -179,6 +179,7 @@ def bench(
     num_prompts: int = typer.Option(20, "--num-prompts"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     ks: str = typer.Option("3,4,5", "--ks", help="Comma-separated k values for SPACE."),
+    prune_groups: int = typer.Option(2, "--prune-groups", help="Also run each k with this many mask groups; 0 skips."),
     repeats: int = typer.Option(3, "--repeats"),
     dtype: str = typer.Option("float32"),
     threads: int = typer.Option(2, "--threads"),
@@ -190,6 +191,12 @@ def bench(
     k_values = [int(k) for k in ks.split(",") if k]
     llms = {"engine-ar": LLM(model, dtype=dtype, space=SpacePolicy(k_max=0))}
     llms.update({f"engine-space-k{k}": LLM(model, dtype=dtype, space=SpacePolicy(k_max=k)) for k in k_values})
+    if prune_groups:
+        llms.update({
+            f"engine-space-k{k}-groups{prune_groups}": LLM(
+                model, dtype=dtype, space=SpacePolicy(k_max=k, prune_groups=prune_groups))
+            for k in k_values if k + 1 > prune_groups
+        })
     tok = llms["engine-ar"].tokenizer
     prompts = [tok.encode(p) for p in humaneval_prompts(num_prompts)]
     methods = {name: engine_runner(llm, "none" if name == "engine-ar" else "space", max_new_tokens)
@@ -202,14 +209,14 @@ def bench(
     for run in methods.values():  # warm-up
         run(prompts[0][:32])
     results = run_methods(methods, prompts, repeats)
-    report = _report(results, llms["engine-ar"], k_values, prompts, locals())
+    report = _report(results, llms, k_values, prompts, locals())
     out.mkdir(parents=True, exist_ok=True)
     (out / "humaneval_cpu.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "humaneval_cpu.png")
     _print_table(report)
 
 
-def _report(results: dict[str, MethodResult], ar_llm: LLM, k_values, prompts, opts) -> dict:
+def _report(results: dict[str, MethodResult], llms: dict[str, LLM], k_values, prompts, opts) -> dict:
     methods = {name: r.summary() for name, r in results.items()}
     base = methods["engine-ar"]["tokens_per_s"]
     hf = methods.get("hf-generate-ar", {}).get("tokens_per_s")
@@ -220,12 +227,14 @@ def _report(results: dict[str, MethodResult], ar_llm: LLM, k_values, prompts, op
     ref = results["engine-ar"].outputs
     identical = {name: sum(a == b for a, b in zip(r.outputs, ref)) for name, r in results.items()}
     context = int(statistics.median(len(p) for p in prompts)) + opts["max_new_tokens"] // 2
-    curve = latency_curve(ar_llm, context, 64, 9)
+    curve = latency_curve(llms["engine-ar"], context, 64, 9)
     bounds = {}
-    for k in k_values:
-        n = 1 + k * (k + 2)
-        tau = methods[f"engine-space-k{k}"]["tokens_per_step"]
-        bounds[k] = {"rows": n, "tau": tau, "t1_over_tn": curve[1] / curve[n], "best_speedup": tau * curve[1] / curve[n]}
+    for name, llm in llms.items():
+        if name == "engine-ar":
+            continue
+        n = llm.engine.config.space.rows_per_seq(llm.engine.k_max)
+        tau = methods[name]["tokens_per_step"]
+        bounds[name] = {"rows": n, "tau": tau, "t1_over_tn": curve[1] / curve[n], "best_speedup": tau * curve[1] / curve[n]}
     return {
         "model": opts["model"], "dtype": opts["dtype"], "threads": opts["threads"], "num_prompts": len(prompts),
         "max_new_tokens": opts["max_new_tokens"], "repeats": opts["repeats"], "ks": k_values,
@@ -243,8 +252,8 @@ def _print_table(report: dict) -> None:
             f"{m['speedup_vs_engine_ar']:>7.2f}x{(m.get('speedup_vs_hf_ar') or 0):>7.2f}x"
             f"  {report['outputs_identical_to_engine_ar'][name]}/{report['num_prompts']}"
         )
-    for k, b in report["space_bound"].items():
-        typer.echo(f"k={k}: rows {b['rows']}, tau {b['tau']:.2f}, t(1)/t(n) {b['t1_over_tn']:.2f}, "
+    for name, b in report["space_bound"].items():
+        typer.echo(f"{name}: rows {b['rows']}, tau {b['tau']:.2f}, t(1)/t(n) {b['t1_over_tn']:.2f}, "
                    f"best possible {b['best_speedup']:.2f}x")
 
 

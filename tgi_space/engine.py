@@ -276,9 +276,16 @@ class Engine:
         return None
 
     def _draft_next(self, seq: Sequence, plan: SeqPlan, groups: torch.Tensor, accepted: int) -> None:
-        """Candidates for the next step from the group anchored after the last accepted token."""
+        """Next candidates from the group anchored at the last accepted token.
+
+        When that group was pruned, the nearest earlier group still predicts the
+        positions after the new bonus token, from its (accepted - anchor)-th mask on.
+        """
         seq.candidates, seq.draft_probs = [], None
-        if seq.is_finished or accepted not in plan.anchors:
+        earlier = [j for j, a in enumerate(plan.anchors) if a <= accepted]
+        if seq.is_finished or not earlier:
             return
-        group = groups[plan.anchors.index(accepted)]  # [g, V]
-        seq.candidates, seq.draft_probs = draft(group, seq.params, seq.generator)
+        j = earlier[-1]
+        group = groups[j, accepted - plan.anchors[j] :]  # [g', V]
+        if group.shape[0]:
+            seq.candidates, seq.draft_probs = draft(group, seq.params, seq.generator)

@@ -106,11 +106,12 @@ class Scheduler:
         return plan_sequence(seq, k, self._anchors, max_candidates)
 
     def _anchors(self, n: int) -> list[int]:
-        """Candidate counts after which a mask group goes: all, or the likeliest when pruning."""
+        """Candidate counts after which a mask group goes: all, or when pruning, 0 (a fallback
+        for every outcome) plus the likeliest last-accepted counts."""
         if self.policy.prune_groups is None or self.policy.prune_groups > n:
             return list(range(n + 1))
-        ranked = sorted(range(n + 1), key=lambda a: -self.acceptance[a])
-        return sorted(ranked[: self.policy.prune_groups])
+        ranked = sorted(range(1, n + 1), key=lambda a: -self.acceptance[a])
+        return [0] + sorted(ranked[: self.policy.prune_groups - 1])
 
     def observe(self, num_candidates: int, num_accepted: int) -> None:
         """Update the running acceptance-count frequencies used for pruning."""

@@ -1,0 +1,136 @@
+"""The FastAPI application: state, error handlers, and loading the engine without blocking `/health`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from tgi_space import __version__
+from tgi_space.config import EngineConfig, SpacePolicy
+from tgi_space.engine import Engine
+from tgi_space.http import routes_openai, routes_tgi
+from tgi_space.http.chat import ChatTemplate
+from tgi_space.http.errors import ApiError
+from tgi_space.http.metrics import Metrics
+from tgi_space.http.service import Service
+from tgi_space.http.settings import ServeSettings
+from tgi_space.http.validation import Limits
+from tgi_space.http.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+
+class ServerState:
+    """What the routes read: settings, metrics, and once loaded the service and chat template."""
+
+    def __init__(self, settings: ServeSettings, model_dir: str) -> None:
+        self.settings = settings
+        self.model_dir = model_dir
+        self.model_id = settings.model_id
+        self.metrics = Metrics()
+        self.service: Service | None = None
+        self.chat_template: ChatTemplate | None = None
+        self.load_error: BaseException | None = None
+
+    def load(self) -> None:
+        """Build the engine, start its thread, then publish the service (so /health turns 200)."""
+        s = self.settings
+        if s.num_threads:
+            torch.set_num_threads(s.num_threads)
+        engine_options = dict(
+            model_dir=self.model_dir, dtype=s.dtype, block_size=s.block_size, kv_cache_bytes=s.kv_cache_bytes,
+            max_num_batched_tokens=s.max_batch_prefill_tokens, seed=s.seed,
+            space=SpacePolicy(k_max=s.space_k_max, max_step_query_tokens=s.max_step_query_tokens),
+        )
+        if s.max_batch_size:
+            engine_options["max_num_seqs"] = s.max_batch_size
+        engine = Engine(EngineConfig(**engine_options))
+        max_input, max_total = s.resolve_limits(engine.model_config.max_model_len)
+        limits = Limits(s.max_best_of, s.max_stop_sequences, s.max_top_n_tokens, max_input, max_total)
+        speculate = s.speculate_mode or ("space" if engine.mask_token_id is not None else "none")
+        if speculate == "space" and engine.mask_token_id is None:
+            raise ValueError("--speculate-mode space needs a SPACE checkpoint (config.json space_mask_token_id)")
+        worker = EngineWorker(engine, self.metrics)
+        worker.start()
+        self.chat_template = ChatTemplate(engine.tokenizer)
+        self.service = Service(engine, worker, self.metrics, limits, speculate, s.max_concurrent_requests)
+        log.info("model %s loaded (speculate=%s, k_max=%d)", self.model_id, speculate, engine.k_max)
+
+    def model_names(self) -> set[str]:
+        """Names accepted in the OpenAI routes' `model` field."""
+        return {self.model_id, Path(self.model_dir).name, "tgi"}
+
+    def info(self) -> dict:
+        """TGI's `Info`, plus `speculate_mode` and `space_k_max`."""
+        s, service = self.settings, self.service
+        limits = service.limits if service else None
+        return {
+            "model_id": self.model_id,
+            "model_sha": None,
+            "model_pipeline_tag": None,
+            "max_concurrent_requests": s.max_concurrent_requests,
+            "max_best_of": s.max_best_of,
+            "max_stop_sequences": s.max_stop_sequences,
+            "max_input_tokens": limits.max_input_tokens if limits else s.max_input_tokens,
+            "max_total_tokens": limits.max_total_tokens if limits else s.max_total_tokens,
+            "validation_workers": s.validation_workers,
+            "max_client_batch_size": s.max_client_batch_size,
+            "router": "tgi-space",
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+            "speculate_mode": service.speculate if service else s.speculate_mode,
+            "space_k_max": service.engine.k_max if service else s.space_k_max,
+        }
+
+
+def create_app(settings: ServeSettings, model_dir: str, load_in_background: bool = True) -> FastAPI:
+    """The app; the engine loads in a thread at start-up (or before returning, for in-process tests)."""
+    state = ServerState(settings, model_dir)
+
+    def load() -> None:
+        try:
+            state.load()
+        except BaseException as err:  # reported by /health (503) and the log
+            log.exception("loading the model failed")
+            state.load_error = err
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if load_in_background:
+            threading.Thread(target=load, name="tgi-space-load", daemon=True).start()
+        yield
+        if state.service is not None:
+            await asyncio.to_thread(state.service.worker.stop)
+
+    if not load_in_background:
+        state.load()
+    app = FastAPI(title="tgi-space", version=__version__, lifespan=lifespan)
+    app.state.tgi = state
+    app.include_router(routes_openai.router)
+    app.include_router(routes_tgi.router)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(Exception, _internal_error)
+    return app
+
+
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    return err.response()
+
+
+async def _request_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": str(err), "error_type": "validation"}, status_code=422)
+
+
+async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse({"error": f"{type(err).__name__}: {err}", "error_type": "internal"}, status_code=500)

@@ -1,0 +1,214 @@
+"""The OpenAI-compatible routes of TGI's router: `/v1/completions`, `/v1/chat/completions`, `/v1/models`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from tgi_space import __version__
+from tgi_space.http.errors import ApiError, validation_error
+from tgi_space.http.routes_tgi import parse, service_of
+from tgi_space.http.schemas import ChatRequest, CompletionRequest, GenerateParameters
+from tgi_space.http.service import Service, TokenEvent
+from tgi_space.http.sse import sse_response
+from tgi_space.http.validation import ValidRequest
+
+router = APIRouter()
+FINGERPRINT = f"{__version__}-native"  # TGI: "{version}-{docker_label or 'native'}"
+
+
+def openai_finish_reason(reason: str) -> str:
+    """TGI's `FinishReason::format(true)`: `eos_token` reads `stop`."""
+    return "stop" if reason == "eos_token" else reason
+
+
+def check_model(request: Request, model: str | None) -> str:
+    """The model id to echo; 404 for a name this server does not serve (TGI would treat it as a LoRA id)."""
+    state = request.app.state.tgi
+    if model is None or model in state.model_names():
+        return state.model_id
+    raise ApiError(404, f"Model `{model}` is not served here; this server serves `{state.model_id}`", "model_not_found")
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# ---- /v1/completions -------------------------------------------------------------------------
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    """Text completions for one or more prompts (at most `max_client_batch_size`)."""
+    service = service_of(request)
+    req = await parse(request, CompletionRequest)
+    service.metrics.request_count.inc()
+    model_id = check_model(request, req.model)
+    if req.suffix is not None:
+        service.fail("validation")
+        raise ApiError(422, "Suffix is not supported and can be achieved by preprocessing the prompt.", "suffix not supported")
+    limit = request.app.state.tgi.settings.max_client_batch_size
+    if len(req.prompt) > limit:
+        service.fail("validation")
+        raise ApiError(422, f"Number of prompts exceeds the maximum allowed batch size of {limit}", "batch size exceeded")
+    greedy = req.temperature == 0.0
+    params = GenerateParameters(
+        temperature=None if greedy else req.temperature, repetition_penalty=req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty, top_p=req.top_p, do_sample=not greedy,
+        max_new_tokens=req.max_tokens, stop=req.stop or [], seed=req.seed, details=True,
+    )
+    started = time.monotonic()
+    service.acquire()
+    try:
+        valids = [service.validate(p, params) for p in req.prompt]
+    except BaseException:
+        service.release()
+        raise
+    if req.stream:
+        return sse_response(_completion_chunks(service, valids, started, model_id), _openai_error, service.release)
+    try:
+        runs = await asyncio.gather(*(service.generate(v, started) for v in valids))
+    finally:
+        service.release()
+    choices = [
+        {"index": i, "text": g.text, "logprobs": None, "finish_reason": openai_finish_reason(g.finish_reason)}
+        for i, g in enumerate(runs)
+    ]
+    usage = _usage(sum(g.input_length for g in runs), sum(len(g.tokens) for g in runs))
+    return JSONResponse({
+        "object": "text_completion", "id": "", "created": int(time.time()), "model": model_id,
+        "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage,
+    })
+
+
+async def _completion_chunks(service: Service, valids: list[ValidRequest], started: float, model_id: str):
+    """Chunks of every prompt as they come (interleaved, `index` tells them apart), then `[DONE]`."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, valid: ValidRequest) -> None:
+        try:
+            async for ev in service.stream(valid, started):
+                await queue.put((index, ev))
+        except ApiError as err:
+            await queue.put((index, err))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, v)) for i, v in enumerate(valids)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, ApiError):
+                yield _openai_error(item)
+            else:
+                yield _completion_chunk(index, item, model_id)
+        yield "[DONE]"
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _completion_chunk(index: int, ev: TokenEvent, model_id: str) -> dict:
+    """TGI's `Chunk`, or `CompletionFinal` (with usage) on a prompt's last token."""
+    last = ev.finish_reason is not None
+    choice = {"index": index, "text": ev.token.text, "logprobs": None, "finish_reason": ev.finish_reason if last else ""}
+    out = {"object": "text_completion", "id": "", "created": int(time.time()), "model": model_id,
+           "system_fingerprint": FINGERPRINT, "choices": [choice]}
+    if last:
+        out["usage"] = _usage(ev.input_length, ev.generated_tokens)
+    return out
+
+
+def _openai_error(err: ApiError) -> dict:
+    return err.openai_event()
+
+
+# ---- /v1/chat/completions --------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    """Chat: the tokenizer's chat template, then a generation (TGI's `ChatCompletion` / chunks)."""
+    service = service_of(request)
+    req = await parse(request, ChatRequest)
+    service.metrics.request_count.inc()
+    model_id = check_model(request, req.model)
+    if req.tools or req.response_format is not None:
+        service.fail("validation")
+        raise validation_error("grammar is not supported")
+    prompt = request.app.state.tgi.chat_template.render(req.messages)
+    greedy = req.temperature == 0.0
+    params = GenerateParameters(
+        temperature=None if greedy else req.temperature,
+        repetition_penalty=None if req.presence_penalty is None else req.presence_penalty + 2.0,  # as TGI
+        frequency_penalty=req.frequency_penalty, top_p=req.top_p, do_sample=not greedy,
+        max_new_tokens=req.max_new_tokens, stop=req.stop or [], seed=req.seed, details=True,
+        top_n_tokens=req.top_logprobs,
+    )
+    started = time.monotonic()
+    service.acquire()
+    try:
+        valid = service.validate(prompt, params, add_special_tokens=False)
+    except BaseException:
+        service.release()
+        raise
+    logprobs = bool(req.logprobs)
+    if req.stream:
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        chunks = _chat_chunks(service, valid, started, model_id, logprobs, usage)
+        return sse_response(chunks, _openai_error, service.release)
+    try:
+        g = await service.generate(valid, started)
+    finally:
+        service.release()
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": g.text},
+        "logprobs": {"content": [_logprob(t.text, t.logprob, top) for t, top in zip(g.tokens, g.top_tokens or [[]] * len(g.tokens))]} if logprobs else None,
+        "finish_reason": openai_finish_reason(g.finish_reason),
+    }
+    return JSONResponse({
+        "object": "chat.completion", "id": "", "created": int(time.time()), "model": model_id,
+        "system_fingerprint": FINGERPRINT, "choices": [choice], "usage": _usage(g.input_length, len(g.tokens)),
+    })
+
+
+def _logprob(text: str, logprob: float, top: list[dict]) -> dict:
+    return {"token": text, "logprob": logprob, "top_logprobs": [{"token": t["text"], "logprob": t["logprob"]} for t in top]}
+
+
+async def _chat_chunks(service: Service, valid: ValidRequest, started: float, model_id: str, logprobs: bool, usage: bool):
+    """One `chat.completion.chunk` per token (special tokens send empty content), usage chunk, `[DONE]`."""
+    async for ev in service.stream(valid, started):
+        last = ev.finish_reason is not None
+        delta = {"role": "assistant", "content": "" if ev.token.special else ev.token.text}
+        choice = {
+            "index": 0, "delta": delta,
+            "logprobs": {"content": [_logprob(ev.token.text, ev.token.logprob, ev.top_tokens)]} if logprobs else None,
+            "finish_reason": openai_finish_reason(ev.finish_reason) if last else None,
+        }
+        yield _chunk(model_id, [choice], None)
+        if last and usage:
+            yield _chunk(model_id, [], _usage(ev.input_length, ev.generated_tokens))
+    yield "[DONE]"
+
+
+def _chunk(model_id: str, choices: list[dict], usage: dict | None) -> dict:
+    return {"object": "chat.completion.chunk", "id": "", "created": int(time.time()), "model": model_id,
+            "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage}
+
+
+# ---- /v1/models ------------------------------------------------------------------------------
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    """The one served model (TGI's `ModelsInfo`)."""
+    model_id = request.app.state.tgi.model_id
+    return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]})

@@ -1,0 +1,192 @@
+"""What `serve` runs with: launcher arguments and environment, checked once at start-up."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tgi_space.config import SPECULATE_MODES, EngineConfig, SpacePolicy
+from tgi_space.watermark import Watermark
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UDS_PATH = "/tmp/text-generation-server"
+LAUNCHER_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+
+
+class UnsupportedOption(ValueError):
+    """A launcher option or environment setting this shard refuses, with the reason."""
+
+
+class ModelNotFound(ValueError):
+    """The model id is neither a local folder nor in the Hugging Face cache (there is no network)."""
+
+
+@dataclass
+class ServeOptions:
+    """Everything `serve` needs, validated; built by `from_launcher`."""
+
+    model_dir: str
+    uds_path: str = DEFAULT_UDS_PATH
+    rank: int = 0
+    world_size: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    speculate_mode: str = "space"  # "space" or "none" (SPECULATE_MODE, the checkpoint, --speculate 0)
+    k: int | None = None  # candidates per step at most; None = the checkpoint's space_k
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # None: a fraction of free memory after the engine's warm-up
+    kv_cache_memory_fraction: float = 0.25
+    max_batch_size: int = 64
+    max_step_query_tokens: int = 512
+    watermark: Watermark = field(default_factory=Watermark)
+    max_input_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.speculate_mode not in SPECULATE_MODES:
+            raise UnsupportedOption(f"SPECULATE_MODE must be one of {', '.join(SPECULATE_MODES)}, got {self.speculate_mode!r}")
+        if self.world_size != 1 or self.rank != 0:
+            raise UnsupportedOption(
+                f"sharding: WORLD_SIZE={self.world_size} RANK={self.rank}; this shard serves one device "
+                "(run the launcher with --num-shard 1)"
+            )
+
+    @property
+    def socket_path(self) -> str:
+        """The file the launcher waits for: `{uds_path}-{rank}`."""
+        return f"{self.uds_path}-{self.rank}"
+
+    def urls(self) -> list[str]:
+        """Every shard's address, for ServiceDiscovery."""
+        return [f"unix://{self.uds_path}-{r}" for r in range(self.world_size)]
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's configuration."""
+        return EngineConfig(
+            model_dir=self.model_dir,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            kv_cache_bytes=self.kv_cache_bytes,
+            kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+            max_num_seqs=self.max_batch_size,
+            space=SpacePolicy(k_max=self.k, max_step_query_tokens=self.max_step_query_tokens),
+        )
+
+
+def from_launcher(
+    model_id: str,
+    *,
+    revision: str | None = None,
+    sharded: bool = False,
+    quantize: str | None = None,
+    speculate: int | None = None,
+    dtype: str | None = None,
+    kv_cache_dtype: str | None = None,
+    trust_remote_code: bool = False,
+    uds_path: str = DEFAULT_UDS_PATH,
+    max_input_tokens: int | None = None,
+    env: dict[str, str] | None = None,
+    cuda_available: bool = False,
+) -> ServeOptions:
+    """ServeOptions from `serve`'s arguments and the shard environment; refuses what we cannot do."""
+    env = dict(os.environ if env is None else env)
+    if quantize:
+        raise UnsupportedOption(f"--quantize {quantize}: quantized checkpoints are not supported; serve unquantized weights")
+    if kv_cache_dtype:
+        raise UnsupportedOption(f"--kv-cache-dtype {kv_cache_dtype}: only the model dtype is supported for the KV cache")
+    if sharded:
+        raise UnsupportedOption("--sharded: tensor parallelism is not supported; run the launcher with --num-shard 1")
+    for name in ("LORA_ADAPTERS", "ROPE_SCALING", "ROPE_FACTOR"):
+        if env.get(name):
+            raise UnsupportedOption(f"{name}={env[name]}: not supported by this shard (remove the launcher flag)")
+    if dtype is not None and dtype not in LAUNCHER_DTYPES:
+        raise UnsupportedOption(f"--dtype must be one of {', '.join(LAUNCHER_DTYPES)}, got {dtype!r}")
+    if speculate is not None and speculate < 0:
+        raise UnsupportedOption(f"--speculate must be >= 0, got {speculate}")
+    model_dir = resolve_model_dir(model_id, revision, env)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("auto_map"):
+        raise UnsupportedOption(
+            "config.json has auto_map: this checkpoint needs its own code, which this shard never runs"
+            + (" (--trust-remote-code is not honoured)" if trust_remote_code else "")
+        )
+    if trust_remote_code:
+        log.warning("--trust-remote-code: ignored, the architecture is built in and no checkpoint code is run")
+    rank, world_size = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    device = f"cuda:{rank}" if cuda_available else "cpu"
+    return ServeOptions(
+        model_dir=model_dir,
+        uds_path=uds_path,
+        rank=rank,
+        world_size=world_size,
+        dtype=LAUNCHER_DTYPES[dtype] if dtype else ("float16" if cuda_available else "float32"),
+        device=device,
+        speculate_mode=_speculate_mode(config, speculate, env),
+        k=speculate if speculate else None,
+        block_size=int(env.get("TGI_SPACE_BLOCK_SIZE", 16)),
+        kv_cache_bytes=int(env["TGI_SPACE_KV_CACHE_BYTES"]) if env.get("TGI_SPACE_KV_CACHE_BYTES") else None,
+        kv_cache_memory_fraction=_memory_fraction(env, cuda_available),
+        max_batch_size=int(env.get("MAX_BATCH_SIZE") or 64),
+        max_step_query_tokens=int(env.get("TGI_SPACE_MAX_STEP_QUERY_TOKENS", 512)),
+        watermark=Watermark.from_env(env),
+        max_input_tokens=max_input_tokens,
+    )
+
+
+def _speculate_mode(config: dict, speculate: int | None, env: dict[str, str]) -> str:
+    """space when the checkpoint has a mask token, SPECULATE_MODE allows it and --speculate is not 0."""
+    asked = env.get("SPECULATE_MODE", "").strip().lower()
+    if asked and asked not in SPECULATE_MODES:
+        raise UnsupportedOption(f"SPECULATE_MODE must be one of {', '.join(SPECULATE_MODES)}, got {asked!r}")
+    has_mask = config.get("space_mask_token_id") is not None
+    if asked == "space" and not has_mask:
+        raise UnsupportedOption("SPECULATE_MODE=space needs a SPACE checkpoint (config.json space_mask_token_id)")
+    if speculate and not has_mask:
+        log.warning("--speculate %d: the checkpoint has no space_mask_token_id, serving without speculation", speculate)
+    if asked == "none" or speculate == 0 or not has_mask:
+        return "none"
+    return "space"
+
+
+def _memory_fraction(env: dict[str, str], cuda_available: bool) -> float:
+    """Share of free memory for the KV cache: CUDA_MEMORY_FRACTION x TGI_WIGGLE_ROOM on GPU."""
+    if not cuda_available:
+        return 0.25
+    return float(env.get("CUDA_MEMORY_FRACTION", 1)) * float(env.get("TGI_WIGGLE_ROOM", 0.9))
+
+
+def resolve_model_dir(model_id: str, revision: str | None, env: dict[str, str]) -> str:
+    """A local checkpoint folder, or the snapshot of model_id in the Hugging Face cache; never a download."""
+    if Path(model_id).is_dir():
+        return str(Path(model_id))
+    for cache in _hub_caches(env):
+        folder = Path(cache) / ("models--" + model_id.replace("/", "--"))
+        ref = revision or "main"
+        ref_file = folder / "refs" / ref
+        snapshot = folder / "snapshots" / (ref_file.read_text().strip() if ref_file.is_file() else ref)
+        if (snapshot / "config.json").is_file():
+            return str(snapshot)
+    raise ModelNotFound(
+        f"model id {model_id!r}: not a local folder and not in the Hugging Face cache; this shard has no "
+        "network and never downloads. Pass the path of a checkpoint folder instead."
+    )
+
+
+def _hub_caches(env: dict[str, str]) -> list[str]:
+    """Where a Hugging Face cache may be, in the launcher's order of precedence."""
+    home = env.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    names = ("WEIGHTS_CACHE_OVERRIDE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_CACHE")
+    return [env[n] for n in names if env.get(n)] + [str(Path(home) / "hub")]
+
+
+def check_weights(model_dir: str, extension: str = ".safetensors") -> list[str]:
+    """Files a checkpoint folder lacks to be served (empty when complete)."""
+    folder = Path(model_dir)
+    missing = [name for name in ("config.json", "tokenizer.json") if not (folder / name).is_file()]
+    if not any(folder.glob(f"*{extension}")):
+        missing.append(f"*{extension}")
+    return missing

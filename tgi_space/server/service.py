@@ -1,0 +1,146 @@
+"""The gRPC v3 TextGenerationService: protobuf in and out here, everything else in `Shard`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+
+from tgi_space.engine import Engine
+from tgi_space.server.batch import InvalidRequest
+from tgi_space.server.interceptor import ExceptionInterceptor
+from tgi_space.server.options import ServeOptions
+from tgi_space.server.protogen import load_pb
+from tgi_space.server.shard import Shard, StepResult
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.max_send_message_length", 2**31 - 1),
+]
+
+
+class TextGenerationService:
+    """The eight RPCs of generate.v3.TextGenerationService."""
+
+    def __init__(self, shard: Shard, urls: list[str]) -> None:
+        self.shard = shard
+        self.urls = urls
+        self.pb2, _ = load_pb()
+
+    def Info(self, request, context):
+        info = self.shard.info()
+        msg = self.pb2.InfoResponse(
+            requires_padding=info.requires_padding,
+            dtype=info.dtype,
+            device_type=info.device_type,
+            speculate=info.speculate,
+            support_chunking=info.support_chunking,
+            use_prefix_caching=info.use_prefix_caching,
+            attention_impl=info.attention_impl,
+            block_size=info.block_size,
+        )
+        if info.window_size is not None:
+            msg.window_size = info.window_size
+        return msg
+
+    def Health(self, request, context):
+        return self.pb2.HealthResponse()
+
+    def ServiceDiscovery(self, request, context):
+        return self.pb2.ServiceDiscoveryResponse(urls=self.urls)
+
+    def ClearCache(self, request, context):
+        self.shard.clear(request.id if request.HasField("id") else None)
+        return self.pb2.ClearCacheResponse()
+
+    def FilterBatch(self, request, context):
+        batch = self.shard.filter(request.batch_id, list(request.request_ids))
+        return self.pb2.FilterBatchResponse(batch=batch.to_pb(self.pb2))
+
+    def Warmup(self, request, context):
+        result = self.shard.warmup(
+            request.batch,
+            request.max_input_tokens if request.HasField("max_input_tokens") else None,
+            request.max_total_tokens if request.HasField("max_total_tokens") else None,
+        )
+        return self.pb2.WarmupResponse(
+            max_supported_total_tokens=result.max_supported_total_tokens,
+            max_input_tokens=result.max_input_tokens,
+            max_total_tokens=result.max_total_tokens,
+        )
+
+    def Prefill(self, request, context):
+        if request.HasField("cached_batch"):
+            raise InvalidRequest("cached_batch: prefill chunking is not supported (Info.support_chunking = false)")
+        return self._step_response(self.pb2.PrefillResponse, self.shard.prefill(request.batch))
+
+    def Decode(self, request, context):
+        result = self.shard.decode([b.id for b in request.batches])
+        return self._step_response(self.pb2.DecodeResponse, result)
+
+    def _step_response(self, response_type, result: StepResult):
+        msg = response_type(
+            generations=[g.to_pb(self.pb2) for g in result.generations],
+            forward_ns=result.forward_ns,
+            decode_ns=result.decode_ns,
+            total_ns=result.total_ns,
+        )
+        if result.batch is not None:
+            msg.batch.CopyFrom(result.batch.to_pb(self.pb2))
+        if result.concat_ns is not None:
+            msg.concat_ns = result.concat_ns
+        return msg
+
+
+def build_shard(options: ServeOptions) -> Shard:
+    """Load the model and allocate the KV cache."""
+    engine = Engine(options.engine_config())
+    return Shard(engine, options.speculate_mode == "space", options.watermark)
+
+
+def create_server(shard: Shard, options: ServeOptions, max_workers: int = 4) -> grpc.Server:
+    """A started gRPC server on `unix://{uds_path}-{rank}` (a stale socket file is removed first)."""
+    _, pb2_grpc = load_pb()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=[ExceptionInterceptor()],
+        options=GRPC_OPTIONS,
+    )
+    pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(shard, options.urls()), server)
+    if os.path.exists(options.socket_path):
+        os.unlink(options.socket_path)
+    server.add_insecure_port(f"unix://{options.socket_path}")
+    server.start()
+    return server
+
+
+def serve_forever(options: ServeOptions) -> None:
+    """Load, then bind (so the socket file means 'ready'), then serve until SIGTERM/SIGINT."""
+    log.info("Loading %s (dtype %s, device %s, speculate %s)", options.model_dir, options.dtype, options.device,
+             options.speculate_mode)
+    shard = build_shard(options)
+    info = shard.info()
+    log.info(
+        "SPACE k=%d, block size %d, %d KV slots; mask rows use no cache slots (no scratch space)",
+        info.speculate, info.block_size, shard.ctx.num_slots,
+    )
+    server = create_server(shard, options)
+    log.info("Server started at unix://%s", options.socket_path)
+    stopped = threading.Event()
+
+    def stop(signum, frame):
+        log.info("Received signal %d, stopping", signum)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    stopped.wait()
+    server.stop(grace=5).wait()
+    if os.path.exists(options.socket_path):
+        os.unlink(options.socket_path)

@@ -1,0 +1,201 @@
+"""The model side of the gRPC service: a tiny batch cache and one SPACE step per Prefill/Decode.
+
+Protobuf requests come in (batches are built by `SpaceBatch.from_pb`), plain
+dataclasses go out; the service converts them at the edge. One lock serialises
+all engine and cache work, so gRPC may answer Health/Info from other threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tgi_space.engine import Engine
+from tgi_space.scheduler import plan_sequence
+from tgi_space.server.batch import BatchContext, CapacityError, InvalidRequest, ShardRequest, SlotTable, SpaceBatch
+from tgi_space.server.generation import Generation, Tokens
+from tgi_space.watermark import Watermark
+
+LOGIT_CHUNK = 256  # prompt rows turned into logits at once for prefill logprobs
+
+
+class BatchNotFound(KeyError):
+    """A batch id the cache does not hold; becomes NOT_FOUND."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class ShardInfo:
+    """What Info reports: the truth of this shard."""
+
+    dtype: str
+    device_type: str
+    speculate: int
+    block_size: int
+    attention_impl: str
+    requires_padding: bool = False
+    support_chunking: bool = False
+    use_prefix_caching: bool = False
+    window_size: int | None = None
+
+
+@dataclass
+class WarmupResult:
+    """Warmup's answer: cache capacity in tokens, and the input/total limits."""
+
+    max_supported_total_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+
+
+@dataclass
+class StepResult:
+    """Prefill/Decode's answer: one Generation per request, the batch to keep (None if all finished)."""
+
+    generations: list[Generation]
+    batch: SpaceBatch | None
+    forward_ns: int
+    decode_ns: int
+    total_ns: int
+    concat_ns: int | None = None
+
+
+class Shard:
+    """Runs router batches on the engine; the router owns the KV blocks, masks need none."""
+
+    def __init__(self, engine: Engine, speculate: bool, watermark: Watermark) -> None:
+        self.engine = engine
+        self.ctx = BatchContext(engine, speculate and engine.k_max > 0, watermark)
+        self.cache: dict[int, SpaceBatch] = {}  # batch id -> batch; emptied by ClearCache
+        self.lock = threading.Lock()
+
+    @property
+    def speculate(self) -> int:
+        """k reported to the router (it reserves k extra slots per request)."""
+        return self.engine.k_max if self.ctx.speculate else 0
+
+    def info(self) -> ShardInfo:
+        """Static facts for the router."""
+        cfg = self.engine.config
+        return ShardInfo(
+            dtype=str(self.engine.dtype),
+            device_type=torch.device(cfg.device).type,
+            speculate=self.speculate,
+            block_size=cfg.block_size,
+            attention_impl=cfg.attention_backend,
+        )
+
+    # ---- batch cache --------------------------------------------------------------------
+
+    def clear(self, batch_id: int | None) -> None:
+        """Drop one batch (unknown ids are fine) or, with None, every batch."""
+        with self.lock:
+            if batch_id is None:
+                self.cache.clear()
+            else:
+                self.cache.pop(batch_id, None)
+
+    def filter(self, batch_id: int, request_ids: list[int]) -> SpaceBatch:
+        """Keep only request_ids of a cached batch, under the same id."""
+        with self.lock:
+            batch = self._pop([batch_id])[0].filter(request_ids)
+            if len(batch):
+                self.cache[batch_id] = batch
+            return batch
+
+    def _pop(self, batch_ids: list[int]) -> list[SpaceBatch]:
+        """Take batches out of the cache; all present or nothing taken."""
+        if len(set(batch_ids)) != len(batch_ids):
+            raise InvalidRequest(f"batches: duplicate batch ids {batch_ids}")
+        for i in batch_ids:
+            if i not in self.cache:
+                raise BatchNotFound(f"Batch ID {i} not found in cache")
+        return [self.cache.pop(i) for i in batch_ids]
+
+    # ---- RPC bodies ---------------------------------------------------------------------
+
+    def warmup(self, pb_batch, max_input: int | None, max_total: int | None) -> WarmupResult:
+        """A worst-case prefill of the router's warm-up batch on our own slots; nothing is kept."""
+        with self.lock:
+            self.cache.clear()
+            batch = SpaceBatch.from_pb_self_allocated(pb_batch, self.ctx)
+            self._step(batch)
+            prompt_tokens = sum(r.seq.num_prompt for r in batch.requests)
+        capacity = self.ctx.num_slots
+        max_total = max_total if max_total is not None else prompt_tokens
+        max_input = max_input if max_input is not None else max_total - 1
+        limit = self.engine.model_config.max_model_len
+        if max_total > limit:
+            raise InvalidRequest(f"max_total_tokens: {max_total} exceeds the model's context length {limit}")
+        if max_total > capacity:
+            raise CapacityError(
+                f"max_total_tokens: {max_total} exceeds the KV cache ({capacity} tokens); "
+                "lower --max-total-tokens or give the shard more cache (TGI_SPACE_KV_CACHE_BYTES)"
+            )
+        return WarmupResult(capacity, max_input, max_total)
+
+    def prefill(self, pb_batch) -> StepResult:
+        """First step of a new batch: KV of the prompts, the first token, the first candidates."""
+        start = time.perf_counter_ns()
+        with self.lock:
+            batch = SpaceBatch.from_pb(pb_batch, self.ctx)  # all checks before anything changes
+            return self._run(batch, start, None)
+
+    def decode(self, batch_ids: list[int]) -> StepResult:
+        """One SPACE step over the concatenation of cached batches."""
+        if not batch_ids:
+            raise InvalidRequest("batches: Decode needs at least one cached batch")
+        start = time.perf_counter_ns()
+        with self.lock:
+            batches = self._pop(batch_ids)
+            batch = SpaceBatch.concatenate(batches) if len(batches) > 1 else batches[0]
+            concat_ns = time.perf_counter_ns() - start if len(batches) > 1 else None
+            return self._run(batch, start, concat_ns)
+
+    def _run(self, batch: SpaceBatch, start: int, concat_ns: int | None) -> StepResult:
+        """Step, keep the batch if anything is left, time it."""
+        generations, forward_ns = self._step(batch)
+        if len(batch):
+            self.cache[batch.batch_id] = batch
+        total = time.perf_counter_ns() - start
+        return StepResult(generations, batch if len(batch) else None, forward_ns, total - forward_ns, total, concat_ns)
+
+    # ---- the step -----------------------------------------------------------------------
+
+    def _step(self, batch: SpaceBatch) -> tuple[list[Generation], int]:
+        """Verify, emit and draft for every request; finished requests leave the batch."""
+        live = batch.requests
+        k = self.engine.config.space.choose_k(sum(r.seq.speculate for r in live), 0, self.engine.k_max)
+        planned = [(r.seq, plan_sequence(r.seq, k if r.seq.speculate else 0)) for r in live]
+        wants_prompt = [r.prefill_logprobs and r.seq.num_cached == 0 for r in live]
+        start = time.perf_counter_ns()
+        results = self.engine.execute(planned, SlotTable(live), keep_hidden=any(wants_prompt))
+        forward_ns = time.perf_counter_ns() - start
+        generations = []
+        for i, (request, (_, emitted)) in enumerate(zip(live, results)):
+            prefill = self._prompt_tokens(i, request) if wants_prompt[i] else None
+            generations.append(request.generation(emitted, prefill))
+        self.engine.last_step = None
+        batch.requests = [r for r in live if not r.seq.is_finished]
+        return generations, forward_ns
+
+    @torch.inference_mode()
+    def _prompt_tokens(self, index: int, request: ShardRequest) -> Tokens:
+        """Prompt ids with the log-probability of each given the previous ones (first: NaN)."""
+        layout, hidden = self.engine.last_step
+        seq, tokenizer = request.seq, request.seq_tokenizer
+        ids = seq.tokens[: seq.num_prompt]
+        first_row = layout.cu_seqlens[index]  # chain rows come first; the prompt is the chain
+        logprobs = [float("nan")]
+        targets = torch.tensor(ids[1:], device=hidden.device)
+        for lo in range(0, len(ids) - 1, LOGIT_CHUNK):
+            hi = min(lo + LOGIT_CHUNK, len(ids) - 1)
+            logits = self.engine.model.compute_logits(hidden[first_row + lo : first_row + hi]).float()
+            lp = logits.log_softmax(-1).gather(-1, targets[lo:hi, None]).squeeze(-1)
+            logprobs += lp.tolist()
+        return Tokens(ids, logprobs, [tokenizer.token_text(i) for i in ids], [tokenizer.is_special(i) for i in ids])
