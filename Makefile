@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL ?= models/tiny-space-py
 EXTRAS ?= dev,train,bench,server
 
-.PHONY: setup run test bench tiny-model clean
+.PHONY: setup serve run test bench tiny-model clean
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps "text-generation==0.7.0"
 	touch $@
 
-## The main job: SPACE generation on the bundled model, with its statistics.
+## The main job: serve the bundled model with TGI's HTTP API and the OpenAI routes.
+serve: setup
+	$(VENV)/bin/tgi-space serve --model $(MODEL) --hostname 127.0.0.1 --port 8080
+
+## SPACE generation on the bundled model, with its statistics.
 run: setup
 	$(VENV)/bin/tgi-space generate --model $(MODEL) --speculate space --max-new-tokens 128 \
 	  "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"

@@ -45,8 +45,8 @@ EVAL_WINDOWS = 256
 SEED = 1234
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
-    "<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
 
@@ -200,8 +200,7 @@ def run_stage(stage: Stage, init_dir: Path | None, tok, examples: list, work: Pa
     from transformers import LlamaForCausalLM
 
     from tgi_space.train.prepare import check_honours_4d_mask, make_space_ready, reset_mask_rows
-    from tgi_space.train.collator import SpaceCollator
-    from tgi_space.train.trainer import ExampleDataset, SpaceTrainer, TrainConfig, last_checkpoint, training_arguments
+    from tgi_space.train.trainer import TrainConfig, last_checkpoint, run_training
 
     out = work / stage.name
     final = out / "final"
@@ -235,17 +234,9 @@ def run_stage(stage: Stage, init_dir: Path | None, tok, examples: list, work: Pa
     )
     resume = last_checkpoint(str(out))
     base = json.loads((Path(resume) / "wall_seconds.json").read_text())["seconds"] if resume else 0.0
-    collator = SpaceCollator(K, stage.p_ar, mask_id, tok.pad_token_id, NUM_MASK_BLOCKS, seed=stage.seed)
-    trainer = SpaceTrainer(
-        model=model,
-        args=training_arguments(cfg),
-        train_dataset=ExampleDataset(examples),
-        data_collator=collator,
-        callbacks=[stage_wall_callback(out, base)],
-    )
     log.info("%s: %d steps, lr %g, p_ar %.2f, resume from %s", stage.name, steps, stage.lr, stage.p_ar, resume)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=resume)
+    trainer = run_training(model, examples, cfg, mask_id, tok.pad_token_id, [stage_wall_callback(out, base)])
     seconds = base + time.time() - t0
     trainer.model.save_pretrained(final)
     tok.save_pretrained(final)
@@ -297,15 +288,136 @@ def export(final: Path, out: Path, tok) -> int:
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
+    model.config.use_cache = True
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    # Readable by transformers 4.x too, and by the server without transformers: template inline.
+    tok_config_path = out / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_path.read_text())
+    tok_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
+    tok_config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
     return sum(p.numel() for p in model.parameters())
 
 
-def write_card(report: dict, out: Path) -> None:
-    """models/tiny-space-py/README.md from the report."""
-    from card import render_card  # scripts/card.py, next to this file
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
 
+
+def render_card(r: dict) -> str:
+    """The model card (markdown) from the report's numbers."""
+    c, a, t, h, q = r["corpus"], r["architecture"], r["training"], r["heldout"], r["quality_retention"]
+    stages = t["stages"]
+    stage_rows = "\n".join(
+        f"| {name} | {info['steps']} | {info['lr']:g} | {info['p_ar']:g} | {info['real_tokens_seen']:,} "
+        f"| {info['expected_mask_tokens_seen']:,} | {_minutes(info['wall_seconds'])} |"
+        for name, info in stages.items()
+    )
+    offset_rows = "\n".join(
+        f"| {j} | {h['space']['mask_accuracy'][j]:.3f} | {h['space']['mask_loss'][j]:.3f} "
+        f"| {h['twin']['mask_accuracy'][j]:.3f} |"
+        for j in h["space"]["mask_accuracy"]
+    )
+    verdict = (
+        "within the +2% budget" if q["within_2_percent"] else "**outside the +2% budget** (reported as measured)"
+    )
+    total_min = sum(info["wall_seconds"] for info in stages.values()) / 60
+    return f"""---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: text-generation
+tags: [space, speculative-decoding, llama, code]
+---
+
+# tiny-space-py
+
+A {a['num_parameters'] / 1e6:.1f}M-parameter Llama-architecture code model trained from scratch on a
+2-core CPU on the Python standard library, then SAR-SFT-tuned (SPACE, arXiv 2402.11809) to fill
+`k = {t['k']}` `[MASK]` slots, so that `tgi-space` can draft and verify up to {t['k']} tokens per
+forward pass. It exists for demos, tests and benchmarks of this project; it is not a useful code
+assistant.
+
+## SPACE settings
+
+`config.json` carries `space_mask_token_id` and `space_k` = {t['k']}; `[MASK]` is a special token of
+`tokenizer.json`. The engine reads both; no extra flags are needed.
+
+## Corpus
+
+The `.py` files of the CPython {c['python']} standard library (`sysconfig.get_paths()["stdlib"]`),
+excluding `site-packages` and files that are not UTF-8 ({c['skipped_non_utf8_files']} skipped).
+Held-out split by file: a file is held out when `sha256(relative path) mod 1000 < {HELDOUT_PER_MILLE}`.
+
+| split | files | tokens |
+|---|---|---|
+| train | {c['train_files']:,} ({c['train_bytes'] / 1e6:.1f} MB) | {c['train_tokens']:,} |
+| held-out | {c['heldout_files']:,} | {c['heldout_tokens']:,} |
+
+## Tokenizer
+
+Byte-level BPE trained with `tokenizers` on the training split: {r['tokenizer']['vocab_size']} tokens
+including the specials {', '.join(f'`{x}`' for x in r['tokenizer']['special_tokens'])}. Each document is
+`<s> text </s>`; the stream is cut into windows of {t['seq_len']} tokens. `tokenizer_config.json` has a
+minimal chat template (`<|role|>` lines).
+
+## Architecture
+
+`LlamaForCausalLM`: hidden {a['hidden_size']}, intermediate {a['intermediate_size']},
+{a['num_hidden_layers']} layers, {a['num_attention_heads']} query heads and {a['num_key_value_heads']}
+KV heads (grouped-query attention), head_dim {a['head_dim']}, RoPE theta 10000, max positions
+{a['max_position_embeddings']}, untied embeddings; {a['num_parameters']:,} parameters stored in bfloat16.
+
+## Training
+
+AdamW (weight decay 0.1, beta2 0.95), cosine schedule with warm-up, bf16 autocast on CPU,
+{t['batch_windows']} windows x {t['seq_len']} tokens per step, seed {t['seed']}. SAR-SFT uses the
+"appended masks" construction of SPACE.md section 1 with k = {t['k']}, p_ar = {t['p_ar']} and
+{t['num_mask_blocks']} mask blocks per SAR example. The AR-only twin continues from the same stage-1
+checkpoint for the same steps with p_ar = 1; it is kept under `build/`, not shipped.
+
+| stage | steps | peak lr | p_ar | real tokens | mask tokens (expected) | wall time |
+|---|---|---|---|---|---|---|
+{stage_rows}
+
+Total training wall time: {total_min:.0f} min on 2 CPU cores (shared with other work at times).
+
+## Held-out results
+
+{h['windows']} held-out windows of {h['tokens_per_window']} tokens, float32 evaluation of the shipped
+bfloat16 weights.
+
+Quality retention (next-token loss on real tokens): SPACE model **{q['space_ar_loss']:.4f}** vs
+AR-only twin **{q['twin_ar_loss']:.4f}** ({q['relative_change_percent']:+.2f}%), {verdict}.
+
+Mask accuracy by offset (mask j predicts the token j+1 positions after the last visible one; greedy
+argmax equals the true token):
+
+| offset | SPACE accuracy | SPACE mask loss | twin accuracy |
+|---|---|---|---|
+{offset_rows}
+
+## Use
+
+```
+tgi-space generate --model models/tiny-space-py --speculate space --max-new-tokens 128 "def fibonacci(n):"
+```
+
+It also loads with `transformers.AutoModelForCausalLM` / `AutoTokenizer` as a plain causal LM.
+
+## Rebuild
+
+```
+make tiny-model
+```
+
+runs `scripts/build_tiny_model.py --out models/tiny-space-py --work build/tiny-model` (about
+{total_min:.0f} minutes of training on 2 CPU cores). Every stage checkpoints about every 5 minutes;
+re-running the command resumes from the last checkpoint. `training_report.json` holds the numbers of
+this card. To SAR-SFT your own model, see `docs/training.md`.
+"""
+
+
+def write_card(report: dict, out: Path) -> None:
+    """models/tiny-space-py/README.md and training_report.json from the report."""
     (out / "README.md").write_text(render_card(report))
     (out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
 
@@ -353,7 +465,6 @@ def main() -> None:
     heldout = windows(heldout_stream)[: 16 if args.smoke else EVAL_WINDOWS]
     num_params = export(stage2, args.out, tok)
     report = build_report(corpus, num_params, [stage1, stage2, twin], heldout, tok, args)
-    sys.path.insert(0, str(Path(__file__).parent))
     write_card(report, args.out)
     log.info("report %s", json.dumps({k: report[k] for k in ("heldout", "quality_retention")}))
 
@@ -368,7 +479,9 @@ def build_report(corpus: dict, num_params: int, finals: list[Path], heldout: lis
     ratio = space_eval["ar_loss"] / twin_eval["ar_loss"]
     return {
         "corpus": corpus,
-        "tokenizer": {"type": "byte-level BPE (tokenizers)", "vocab_size": VOCAB_SIZE, "special_tokens": SPECIAL_TOKENS},
+        "tokenizer": {
+            "type": "byte-level BPE (tokenizers)", "vocab_size": VOCAB_SIZE, "special_tokens": SPECIAL_TOKENS
+        },
         "architecture": {
             "model_type": "llama", "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 8,
             "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 1024,

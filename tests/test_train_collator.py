@@ -109,7 +109,8 @@ def test_masks_never_change_real_token_logits(attn):
 
 def test_padding_is_harmless():
     model = tiny_llama()
-    short, long = layout_example(raw([5, 6, 7, 8, 9]), [1], 2, MASK_ID), layout_example(raw(list(range(20))), [3], 2, MASK_ID)
+    short = layout_example(raw([5, 6, 7, 8, 9]), [1], 2, MASK_ID)
+    long = layout_example(raw(list(range(20))), [3], 2, MASK_ID)
     batch = pad_layouts([short, long], pad_id=0)
     assert batch["attention_mask"].shape == (2, 1, 22, 22)
     assert batch["attention_mask"].dtype == torch.float32

@@ -160,6 +160,7 @@ def test_cli_reports_bad_settings(tmp_path, model_dir, extra, message):
 
 
 def test_cli_reports_missing_data(tmp_path, model_dir):
-    result = run_cli(["--model", str(model_dir), "--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o")])
+    missing = str(tmp_path / "none.jsonl")
+    result = run_cli(["--model", str(model_dir), "--data", missing, "--output", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "does not exist" in result.output

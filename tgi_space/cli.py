@@ -16,6 +16,9 @@ def _register_subcommands() -> None:
     register_bench(app)
     register_generate(app)
     register_train(app)
+    from tgi_space.http.cli import register as register_serve
+
+    register_serve(app)
 
 
 _register_subcommands()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +22,7 @@ from tgi_space.http import routes_openai, routes_tgi
 from tgi_space.http.chat import ChatTemplate
 from tgi_space.http.errors import ApiError
 from tgi_space.http.metrics import Metrics
-from tgi_space.http.service import Service
+from tgi_space.http.service import ClientGone, Service
 from tgi_space.http.settings import ServeSettings
 from tgi_space.http.validation import Limits
 from tgi_space.http.worker import EngineWorker
@@ -65,8 +67,11 @@ class ServerState:
         log.info("model %s loaded (speculate=%s, k_max=%d)", self.model_id, speculate, engine.k_max)
 
     def model_names(self) -> set[str]:
-        """Names accepted in the OpenAI routes' `model` field."""
-        return {self.model_id, Path(self.model_dir).name, "tgi"}
+        """Names accepted in the OpenAI routes' `model` field: ours, and the clients' placeholders.
+
+        "tgi" is TGI's own placeholder; huggingface_hub sends "dummy" when given a base URL.
+        """
+        return {self.model_id, Path(self.model_dir).name, Path(self.model_id).name, "tgi", "dummy"}
 
     def info(self) -> dict:
         """TGI's `Info`, plus `speculate_mode` and `space_k_max`."""
@@ -99,9 +104,10 @@ def create_app(settings: ServeSettings, model_dir: str, load_in_background: bool
     def load() -> None:
         try:
             state.load()
-        except BaseException as err:  # reported by /health (503) and the log
+        except BaseException as err:  # logged, then the server shuts down (exit status 143)
             log.exception("loading the model failed")
             state.load_error = err
+            os.kill(os.getpid(), signal.SIGTERM)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -119,6 +125,7 @@ def create_app(settings: ServeSettings, model_dir: str, load_in_background: bool
     app.include_router(routes_tgi.router)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
     return app
 
@@ -129,6 +136,11 @@ async def _api_error(request: Request, err: ApiError) -> JSONResponse:
 
 async def _request_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
     return JSONResponse({"error": str(err), "error_type": "validation"}, status_code=422)
+
+
+async def _client_gone(request: Request, err: ClientGone) -> JSONResponse:
+    """Nobody reads it; 499 (nginx's "client closed request") in the access log."""
+    return JSONResponse({"error": "client disconnected", "error_type": "cancelled"}, status_code=499)
 
 
 async def _internal_error(request: Request, err: Exception) -> JSONResponse:

@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse, Response
 
 from tgi_space import __version__
 from tgi_space.http.errors import ApiError, validation_error
-from tgi_space.http.routes_tgi import parse, service_of
+from tgi_space.http.routes_tgi import parse, service_of, simple_tokens
 from tgi_space.http.schemas import ChatRequest, CompletionRequest, GenerateParameters
-from tgi_space.http.service import Service, TokenEvent
+from tgi_space.http.service import Service, TokenEvent, unless_disconnected
 from tgi_space.http.sse import sse_response
 from tgi_space.http.validation import ValidRequest
 
@@ -70,7 +70,7 @@ async def completions(request: Request) -> Response:
     if req.stream:
         return sse_response(_completion_chunks(service, valids, started, model_id), _openai_error, service.release)
     try:
-        runs = await asyncio.gather(*(service.generate(v, started) for v in valids))
+        runs = await unless_disconnected(request, asyncio.gather(*(service.generate(v, started) for v in valids)))
     finally:
         service.release()
     choices = [
@@ -164,7 +164,7 @@ async def chat_completions(request: Request) -> Response:
         chunks = _chat_chunks(service, valid, started, model_id, logprobs, usage)
         return sse_response(chunks, _openai_error, service.release)
     try:
-        g = await service.generate(valid, started)
+        g = await unless_disconnected(request, service.generate(valid, started))
     finally:
         service.release()
     choice = {
@@ -202,6 +202,17 @@ async def _chat_chunks(service: Service, valid: ValidRequest, started: float, mo
 def _chunk(model_id: str, choices: list[dict], usage: dict | None) -> dict:
     return {"object": "chat.completion.chunk", "id": "", "created": int(time.time()), "model": model_id,
             "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage}
+
+
+@router.post("/chat_tokenize")
+async def chat_tokenize(request: Request) -> Response:
+    """The chat template applied and tokenized (TGI's `ChatTokenizeResponse`)."""
+    service = service_of(request)
+    req = await parse(request, ChatRequest)
+    service.metrics.request_count.inc()
+    text = request.app.state.tgi.chat_template.render(req.messages)
+    tokens = simple_tokens(service.engine.tokenizer, text, add_special_tokens=False)
+    return JSONResponse({"tokenize_response": tokens, "templated_text": text})
 
 
 # ---- /v1/models ------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from tgi_space.http.errors import ApiError, read_json, unhealthy
 from tgi_space.http.schemas import CompatGenerateRequest, GenerateRequest
-from tgi_space.http.service import Generation, Service, TokenEvent
+from tgi_space.http.service import Generation, Service, TokenEvent, unless_disconnected
 from tgi_space.http.sse import sse_response
-from tgi_space.http.validation import ValidRequest, check_generation_request
+from tgi_space.http.validation import ValidRequest, check_stream_request
 
 router = APIRouter()
 
@@ -40,19 +40,20 @@ async def generate(request: Request) -> Response:
     """Generate tokens (TGI's `GenerateResponse`, `details` when asked)."""
     service = service_of(request)
     req = await parse(request, GenerateRequest)
-    return await _generate(service, req, return_full_text=bool(req.parameters.return_full_text))
+    return await _generate(request, service, req, return_full_text=bool(req.parameters.return_full_text))
 
 
-async def _generate(service: Service, req: GenerateRequest, return_full_text: bool, as_list: bool = False) -> Response:
+async def _generate(request: Request, service: Service, req: GenerateRequest, return_full_text: bool, as_list: bool = False) -> Response:
     started = time.monotonic()
     service.metrics.request_count.inc()
     with service.permit():
         valid = service.validate(req.inputs, req.parameters)
         if valid.best_of > 1:
-            runs = await asyncio.gather(*(service.generate(_reseeded(valid), started) for _ in range(valid.best_of)))
+            runs = asyncio.gather(*(service.generate(_reseeded(valid), started, i == 0) for i in range(valid.best_of)))
+            runs = await unless_disconnected(request, runs)
             best = max(runs, key=lambda g: sum(t.logprob for t in g.tokens))
         else:
-            runs, best = [], await service.generate(valid, started)
+            runs, best = [], await unless_disconnected(request, service.generate(valid, started))
     prefix = req.inputs if return_full_text else ""
     body = {"generated_text": prefix + best.text}
     if req.parameters.details or req.parameters.decoder_input_details:
@@ -135,7 +136,7 @@ def _stream(service: Service, req: GenerateRequest, return_full_text: bool) -> R
     try:
         p = req.parameters
         try:
-            check_generation_request(service.limits, 1 if p.best_of is None else p.best_of, p.decoder_input_details)
+            check_stream_request(1 if p.best_of is None else p.best_of, p.decoder_input_details)
         except ApiError:
             service.fail("validation")
             raise
@@ -184,7 +185,7 @@ async def compat_generate(request: Request) -> Response:
     full = True if req.parameters.return_full_text is None else req.parameters.return_full_text  # no pipeline tag
     if req.stream:
         return _stream(service, req, return_full_text=full)
-    return await _generate(service, req, return_full_text=full, as_list=True)
+    return await _generate(request, service, req, return_full_text=full, as_list=True)
 
 
 # ---- the rest --------------------------------------------------------------------------------
@@ -195,18 +196,23 @@ async def tokenize(request: Request) -> Response:
     """Token ids with their text and byte offsets in `inputs` (TGI's `TokenizeResponse`)."""
     service = service_of(request)
     req = await parse(request, GenerateRequest)
-    tok = service.engine.tokenizer
-    enc = tok.hf.encode(req.inputs)
-    tokens = []
-    if tok.add_bos and tok.bos_token_id is not None and enc.ids[:1] != [tok.bos_token_id]:
-        tokens.append({"id": tok.bos_token_id, "text": "", "start": 0, "stop": 0})
-    for token_id, (start, stop) in zip(enc.ids, enc.offsets):
-        text = req.inputs[start:stop]
-        byte_start = len(req.inputs[:start].encode())
-        tokens.append({"id": token_id, "text": text, "start": byte_start, "stop": byte_start + len(text.encode())})
+    tokens = simple_tokens(service.engine.tokenizer, req.inputs, add_special_tokens=True)
     if req.parameters.truncate:
         tokens = tokens[-req.parameters.truncate :]
     return JSONResponse(tokens)
+
+
+def simple_tokens(tok, text: str, add_special_tokens: bool) -> list[dict]:
+    """TGI's `SimpleToken`s: id, text, start and stop as byte offsets into `text`."""
+    enc = tok.hf.encode(text, add_special_tokens=add_special_tokens)
+    tokens = []
+    if add_special_tokens and tok.add_bos and tok.bos_token_id is not None and enc.ids[:1] != [tok.bos_token_id]:
+        tokens.append({"id": tok.bos_token_id, "text": "", "start": 0, "stop": 0})
+    for token_id, (start, stop) in zip(enc.ids, enc.offsets):
+        piece = text[start:stop]
+        byte_start = len(text[:start].encode())
+        tokens.append({"id": token_id, "text": piece, "start": byte_start, "stop": byte_start + len(piece.encode())})
+    return tokens
 
 
 @router.get("/info")

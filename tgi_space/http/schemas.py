@@ -122,7 +122,7 @@ class ChatRequest(_Strict):
     logit_bias: Any | None = None  # unused, as TGI
     logprobs: bool | None = None
     top_logprobs: U32 | None = None
-    max_tokens: U32 | None = Field(default=None, validation_alias="max_tokens")
+    max_tokens: U32 | None = None
     max_completion_tokens: U32 | None = None
     n: U32 | None = None  # unused, as TGI
     presence_penalty: float | None = None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
 from tgi_space.engine import Engine
@@ -110,8 +111,11 @@ class Service:
         """Count a request that failed after validation."""
         self.metrics.request_failure.labels(err=err).inc()
 
-    async def stream(self, valid: ValidRequest, started: float) -> AsyncIterator[TokenEvent]:
-        """Tokens of one request as the engine emits them; cancels the request if the consumer leaves."""
+    async def stream(self, valid: ValidRequest, started: float, record: bool = True) -> AsyncIterator[TokenEvent]:
+        """Tokens of one request as the engine emits them; cancels the request if the consumer leaves.
+
+        `record=False` leaves the request metrics alone (the extra sequences of `best_of`).
+        """
         tokenizer = self.engine.tokenizer
         handle = self.worker.submit(valid.input_ids, valid.params, self.speculate)
         decoder = DecodeStream(tokenizer, valid.input_ids)
@@ -129,16 +133,20 @@ class Service:
                     token = TokenOut(info.token_id, decoder.step(info.token_id), info.logprob, tokenizer.is_special(info.token_id), space_step)
                     event = TokenEvent(token, [self._top(t, lp) for t, lp in info.top])
                     if out.finish_reason is not None and i == len(out.tokens) - 1:
-                        self._finish(event, handle, valid, count, out.stats, started, validated)
+                        self._finish(event, handle, valid, count, out.stats, started, validated, record)
                     yield event
         finally:
-            self.worker.cancel(handle)
+            if not handle.done:  # the consumer left mid-generation: free the request's blocks now
+                self.fail("cancelled")
+                self.worker.cancel(handle)
 
     def _top(self, token_id: int, logprob: float) -> dict:
         tok = self.engine.tokenizer
         return {"id": token_id, "text": tok.token_text(token_id), "logprob": logprob, "special": tok.is_special(token_id)}
 
-    def _finish(self, event: TokenEvent, handle, valid: ValidRequest, count: int, stats: SeqStats, started: float, validated: float) -> None:
+    def _finish(
+        self, event: TokenEvent, handle, valid: ValidRequest, count: int, stats: SeqStats, started: float, validated: float, record: bool
+    ) -> None:
         """Fill the last event and record TGI's per-request metrics."""
         seq = handle.seq
         event.finish_reason = seq.finish_reason
@@ -149,6 +157,9 @@ class Service:
         event.stats = stats
         now = time.monotonic()
         start = handle.started_at or now
+        event.timings = {"total": now - started, "validation": validated - started, "queue": max(0.0, start - handle.queued_at), "inference": now - start}
+        if not record:
+            return
         m = self.metrics
         m.request_success.inc()
         m.request_duration.observe(now - started)
@@ -157,12 +168,11 @@ class Service:
         m.inference_duration.observe(now - start)
         m.time_per_token.observe((now - start) / max(1, count))
         m.generated_tokens.observe(count)
-        event.timings = {"total": now - started, "validation": validated - started, "queue": max(0.0, start - handle.queued_at), "inference": now - start}
 
-    async def generate(self, valid: ValidRequest, started: float) -> Generation:
+    async def generate(self, valid: ValidRequest, started: float, record: bool = True) -> Generation:
         """A whole generation (the non-streaming routes)."""
         tokens, tops, last = [], [], None
-        async for event in self.stream(valid, started):
+        async for event in self.stream(valid, started, record):
             tokens.append(event.token)
             tops.append(event.top_tokens)
             last = event
@@ -179,3 +189,21 @@ class Service:
             stats=last.stats,
             timings=last.timings,
         )
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected; its generation was cancelled."""
+
+
+async def unless_disconnected(request, work: Awaitable, poll_s: float = 0.1):
+    """Await `work`, cancelling it (and so freeing its KV blocks) if the HTTP client goes away first."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=poll_s)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise ClientGone()

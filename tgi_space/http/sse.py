@@ -1,4 +1,4 @@
-"""Server-sent events, as axum's `Sse` writes them (`data:{json}` then a blank line)."""
+"""Server-sent events, as TGI sends them (`data: {json}` then a blank line; clients match `data: [DONE]`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tgi_space.http.errors import ApiError
 def event(data: dict | str) -> bytes:
     """One SSE event; dicts are sent as compact JSON."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return f"data:{payload}\n\n".encode()
+    return f"data: {payload}\n\n".encode()
 
 
 def sse_response(

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 
 from tgi_space.engine import Engine
-from tgi_space.http.errors import ApiError, validation_error
+from tgi_space.http.errors import validation_error
 from tgi_space.http.schemas import GenerateParameters
 from tgi_space.sampling import SamplingParams
 
@@ -137,12 +137,9 @@ def _sampling_params(p: GenerateParameters, max_new: int, top_n: int) -> Samplin
     return params
 
 
-def check_generation_request(limits: Limits, best_of_streaming: int, decoder_input_details: bool) -> None:
+def check_stream_request(best_of: int, decoder_input_details: bool) -> None:
     """The streaming-only rules of TGI's `/generate_stream`."""
-    if best_of_streaming != 1:
+    if best_of != 1:
         raise validation_error("`best_of` != 1 is not supported when streaming tokens")
     if decoder_input_details:
         raise validation_error("`decoder_input_details` == true is not supported when streaming tokens")
-
-
-__all__ = ["ApiError", "Limits", "ValidRequest", "validate", "check_generation_request"]

@@ -26,6 +26,10 @@ class InvalidRequest(ValueError):
     """A request the shard refuses; the interceptor turns it into INVALID_ARGUMENT."""
 
 
+class CapacityError(RuntimeError):
+    """The KV cache cannot hold what was asked; becomes RESOURCE_EXHAUSTED."""
+
+
 @dataclass
 class BatchContext:
     """What building requests needs from the shard: the engine, the SPACE switch, settings."""
@@ -149,6 +153,7 @@ class ShardRequest:
 
     @property
     def seq_tokenizer(self) -> Tokenizer:
+        """The checkpoint's tokenizer (held by the detokenizer)."""
         return self.detokenizer.tokenizer
 
     def _generated_text(self) -> GeneratedText | None:
@@ -260,7 +265,3 @@ class SpaceBatch:
             id=self.batch_id, request_ids=ids, size=len(ids), max_tokens=self.max_tokens,
             current_tokens=self.current_tokens,
         )
-
-
-class CapacityError(RuntimeError):
-    """The KV cache cannot hold what was asked; becomes RESOURCE_EXHAUSTED."""

@@ -47,7 +47,8 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         if self.speculate_mode not in SPECULATE_MODES:
-            raise UnsupportedOption(f"SPECULATE_MODE must be one of {', '.join(SPECULATE_MODES)}, got {self.speculate_mode!r}")
+            allowed = ", ".join(SPECULATE_MODES)
+            raise UnsupportedOption(f"SPECULATE_MODE must be one of {allowed}, got {self.speculate_mode!r}")
         if self.world_size != 1 or self.rank != 0:
             raise UnsupportedOption(
                 f"sharding: WORLD_SIZE={self.world_size} RANK={self.rank}; this shard serves one device "
@@ -95,9 +96,13 @@ def from_launcher(
     """ServeOptions from `serve`'s arguments and the shard environment; refuses what we cannot do."""
     env = dict(os.environ if env is None else env)
     if quantize:
-        raise UnsupportedOption(f"--quantize {quantize}: quantized checkpoints are not supported; serve unquantized weights")
+        raise UnsupportedOption(
+            f"--quantize {quantize}: quantized checkpoints are not supported; serve unquantized weights"
+        )
     if kv_cache_dtype:
-        raise UnsupportedOption(f"--kv-cache-dtype {kv_cache_dtype}: only the model dtype is supported for the KV cache")
+        raise UnsupportedOption(
+            f"--kv-cache-dtype {kv_cache_dtype}: only the model dtype is supported for the KV cache"
+        )
     if sharded:
         raise UnsupportedOption("--sharded: tensor parallelism is not supported; run the launcher with --num-shard 1")
     for name in ("LORA_ADAPTERS", "ROPE_SCALING", "ROPE_FACTOR"):

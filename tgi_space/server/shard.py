@@ -124,7 +124,13 @@ class Shard:
         with self.lock:
             self.cache.clear()
             batch = SpaceBatch.from_pb_self_allocated(pb_batch, self.ctx)
-            self._step(batch)
+            try:
+                self._step(batch)
+            except torch.cuda.OutOfMemoryError as err:
+                num = sum(r.seq.num_prompt for r in batch.requests)
+                raise CapacityError(
+                    f"Not enough memory to handle {num} prefill tokens; lower --max-batch-prefill-tokens"
+                ) from err
             prompt_tokens = sum(r.seq.num_prompt for r in batch.requests)
         capacity = self.ctx.num_slots
         max_total = max_total if max_total is not None else prompt_tokens

@@ -10,7 +10,9 @@ import typer
 
 def train(
     model: str = typer.Option(..., "--model", help="Hugging Face model directory or hub id"),
-    data: List[str] = typer.Option(..., "--data", help="text/code files, directories, or JSONL (prompt/response or messages); repeatable"),
+    data: List[str] = typer.Option(
+        ..., "--data", help="text/code files, directories, or JSONL (prompt/response or messages); repeatable"
+    ),
     output: str = typer.Option(..., "--output", help="where checkpoints and the final model go"),
     k: int = typer.Option(5, "--k", help="masks per block (= most candidates verified per step)"),
     p_ar: float = typer.Option(0.5, "--p-ar", help="probability of a plain causal-LM example"),
@@ -24,14 +26,14 @@ def train(
     warmup_steps: int = typer.Option(0, "--warmup-steps"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast (CPU or GPU)"),
-    lora: bool = typer.Option(False, "--lora/--no-lora", help="LoRA adapters instead of a full fine-tune (merged on save)"),
+    lora: bool = typer.Option(False, "--lora/--no-lora", help="LoRA instead of a full fine-tune (merged on save)"),
     lora_r: int = typer.Option(16, "--lora-r"),
     lora_alpha: int = typer.Option(32, "--lora-alpha"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from the last checkpoint in --output"),
     save_steps: int = typer.Option(500, "--save-steps"),
     logging_steps: int = typer.Option(10, "--logging-steps"),
     seed: int = typer.Option(0, "--seed"),
-    attn_implementation: str = typer.Option("sdpa", "--attn-implementation", help="sdpa or eager (must honour 4D masks)"),
+    attn_implementation: str = typer.Option("sdpa", "--attn-implementation", help="sdpa or eager (honour 4D masks)"),
     fsdp: Optional[str] = typer.Option(None, "--fsdp", help="passed to TrainingArguments.fsdp"),
     deepspeed: Optional[str] = typer.Option(None, "--deepspeed", help="DeepSpeed config JSON path"),
 ) -> None:

@@ -107,7 +107,9 @@ class SpaceCollator:
         return pad_layouts(layouts, self.pad_id, self.mask_dtype)
 
 
-def pad_layouts(layouts: Sequence[Layout], pad_id: int, mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def pad_layouts(
+    layouts: Sequence[Layout], pad_id: int, mask_dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Right-pad layouts to a common length; a pad row sees only itself (no all-masked row)."""
     size = max(len(lay.input_ids) for lay in layouts)
     batch = len(layouts)

@@ -206,16 +206,21 @@ def last_checkpoint(output: str) -> str | None:
     return get_last_checkpoint(output) if Path(output).is_dir() else None
 
 
-def run_training(model: Any, examples: Sequence[Example], cfg: TrainConfig, mask_id: int, pad_id: int) -> SpaceTrainer:
+def run_training(
+    model: Any, examples: Sequence[Example], cfg: TrainConfig, mask_id: int, pad_id: int, callbacks: list | None = None
+) -> SpaceTrainer:
     """Train `model` on `examples` (resuming from the last checkpoint if asked); returns the trainer."""
-    collator = SpaceCollator(cfg.k, cfg.p_ar, mask_id, pad_id, cfg.num_mask_blocks, seed=cfg.seed)
+    args = training_arguments(cfg)
+    # each process draws its own p_ar coins and mask starts
+    collator = SpaceCollator(cfg.k, cfg.p_ar, mask_id, pad_id, cfg.num_mask_blocks, seed=cfg.seed + args.process_index)
     trainer = SpaceTrainer(
-        model=model, args=training_arguments(cfg), train_dataset=ExampleDataset(examples), data_collator=collator
+        model=model, args=args, train_dataset=ExampleDataset(examples), data_collator=collator, callbacks=callbacks
     )
     resume = last_checkpoint(cfg.output) if cfg.resume else None
     if resume:
         log.info("resuming from %s", resume)
-    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum) * cfg.epochs)
+    per_step = cfg.batch_size * cfg.grad_accum * args.world_size
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(examples) / per_step * cfg.epochs)
     log.info("training %d examples for %d optimizer steps (k=%d, p_ar=%.2f)", len(examples), steps, cfg.k, cfg.p_ar)
     trainer.train(resume_from_checkpoint=resume)
     return trainer

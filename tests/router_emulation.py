@@ -1,0 +1,346 @@
+"""A Python stand-in for TGI's v3 router, driving a shard over its unix socket.
+
+It does what `backends/v3/src` does to a shard (see docs/tgi-protocol.md):
+ServiceDiscovery, ClearCache, Info, Warmup with the router's filler batch, then
+continuous batching with its own block allocator (block 0 reserved,
+`input_length + max_new_tokens + speculate - 1` slots per request): Prefill a
+new batch, Decode([running, new]), FilterBatch / ClearCache when requests end or
+are cancelled. It also checks what would make the real router panic (unknown
+request ids, empty or ragged token lists).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from tokenizers import Tokenizer
+
+from tgi_space.server.protogen import load_pb
+
+pb2, pb2_grpc = load_pb()
+
+HEALTH_ID = 2**64 - 1
+# A 20x20 image the router attaches to the first warm-up request (any bytes will do for a text model).
+WARMUP_IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(64)
+
+
+class RouterPanic(AssertionError):
+    """Something the real router would `expect`/`unwrap` on and crash."""
+
+
+@dataclass
+class EmuRequest:
+    """A user request as the router would queue it."""
+
+    prompt: str
+    max_new_tokens: int = 16
+    arrival: int = 0  # loop tick at which the request is queued
+    stop_sequences: list[str] = field(default_factory=list)
+    parameters: dict = field(default_factory=dict)  # NextTokenChooserParameters overrides
+    ignore_eos: bool = False
+    top_n_tokens: int = 0
+    prefill_logprobs: bool = False
+    truncate: int | None = None  # default: max_input_tokens
+    cancel_after: int | None = None  # the client goes away after this many tokens
+    add_special_tokens: bool = True
+
+
+@dataclass
+class EmuResult:
+    """Everything the router streamed back for one request."""
+
+    token_ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    is_special: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    tokens_per_generation: list[int] = field(default_factory=list)
+    top_tokens: list[list[int]] = field(default_factory=list)
+    prefill_tokens: object | None = None  # generate.v3.Tokens
+    generated_text: object | None = None  # generate.v3.GeneratedText
+    cancelled: bool = False
+    error: str | None = None
+
+
+@dataclass
+class _Entry:
+    request: EmuRequest
+    result: EmuResult
+    blocks: list[int]
+
+
+class BlockAllocator:
+    """The router's allocator: blocks 1..n-1 (block 0 is the health check's), slots block-major."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.free_blocks = list(range(1, num_blocks))
+        self.num_blocks = num_blocks
+
+    def allocate(self, tokens: int) -> tuple[list[int], list[int]] | None:
+        """(blocks, slots) for `tokens` positions, or None when the cache is full."""
+        needed = -(-tokens // self.block_size)
+        if needed > len(self.free_blocks):
+            return None
+        blocks = [self.free_blocks.pop() for _ in range(needed)]  # deliberately not contiguous
+        slots = [b * self.block_size + i for b in blocks for i in range(self.block_size)][:tokens]
+        return blocks, slots
+
+    def free(self, blocks: list[int]) -> None:
+        self.free_blocks.extend(blocks)
+
+
+class RouterEmulation:
+    """Connects to `unix://{socket_path}` and behaves like the router towards it."""
+
+    def __init__(self, socket_path: str, tokenizer_path: str, max_input_tokens: int = 64,
+                 max_total_tokens: int = 128, max_prefill_tokens: int = 256, max_batch_size: int = 16) -> None:
+        self.channel = grpc.insecure_channel(f"unix://{socket_path}")
+        self.stub = pb2_grpc.TextGenerationServiceStub(self.channel)
+        self.tokenizer = Tokenizer.from_file(tokenizer_path)
+        self.max_input_tokens = max_input_tokens
+        self.max_total_tokens = max_total_tokens
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_batch_size = max_batch_size
+        self.batch_ids = itertools.count()
+        self.request_ids = itertools.count()
+        self.entries: dict[int, _Entry] = {}
+        self.calls: list[str] = []  # RPC names in order, for assertions
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, name: str, request):
+        self.calls.append(name)
+        return getattr(self.stub, name)(request)
+
+    # ---- start-up -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """ServiceDiscovery, ClearCache, Info, Warmup; set up the allocator like the router."""
+        urls = self._call("ServiceDiscovery", pb2.ServiceDiscoveryRequest()).urls
+        if not urls or not all(u.startswith("unix://") for u in urls):
+            raise RouterPanic(f"bad ServiceDiscovery urls {list(urls)}")
+        self._call("ClearCache", pb2.ClearCacheRequest())
+        self.info = self._call("Info", pb2.InfoRequest())
+        if self.info.requires_padding or self.info.block_size < 1:
+            raise RouterPanic(f"unexpected Info {self.info}")
+        self.warmup = self._call("Warmup", self.warmup_request())
+        w = self.warmup
+        assert w.max_input_tokens == self.max_input_tokens and w.max_total_tokens == self.max_total_tokens
+        assert w.max_input_tokens < w.max_total_tokens <= w.max_supported_total_tokens
+        assert self.max_prefill_tokens <= w.max_supported_total_tokens
+        self.allocator = BlockAllocator(w.max_supported_total_tokens // self.info.block_size, self.info.block_size)
+
+    def warmup_request(self):
+        """The router's warm-up batch: filler text, everything switched on, an image on the first request."""
+        requests, n_tokens = [], 0
+        while n_tokens < self.max_prefill_tokens:
+            truncate = min(self.max_input_tokens, self.max_prefill_tokens - n_tokens)
+            text = "_test " * truncate
+            chunks = [pb2.InputChunk(text=text)]
+            inputs = text
+            if not requests:
+                chunks.append(pb2.InputChunk(image=pb2.Image(data=WARMUP_IMAGE, mimetype="image/jpeg;base64")))
+                inputs += f"![](data:image/jpeg;base64,{base64.b64encode(WARMUP_IMAGE).decode()})"
+            requests.append(pb2.Request(
+                id=0, inputs=inputs, input_chunks=pb2.Input(chunks=chunks), truncate=truncate,
+                add_special_tokens=True, prefill_logprobs=True, top_n_tokens=20,
+                parameters=pb2.NextTokenChooserParameters(
+                    temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9, do_sample=False, seed=0,
+                    repetition_penalty=1.2, frequency_penalty=0.1, watermark=True),
+                stopping_parameters=pb2.StoppingCriteriaParameters(
+                    max_new_tokens=self.max_total_tokens - truncate, ignore_eos_token=True),
+            ))
+            n_tokens += truncate
+            if len(requests) >= self.max_batch_size:
+                break
+        batch = pb2.Batch(id=0, requests=requests, size=len(requests), max_tokens=self.max_input_tokens)
+        return pb2.WarmupRequest(batch=batch, max_input_tokens=self.max_input_tokens,
+                                 max_prefill_tokens=self.max_prefill_tokens, max_total_tokens=self.max_total_tokens)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def prompt_ids(self, req: EmuRequest) -> list[int]:
+        """The ids the router counts (and the shard computes): the last `truncate` of the encoding."""
+        ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
+        return ids[-(req.truncate or self.max_input_tokens):]
+
+    def request_pb(self, rid: int, req: EmuRequest, blocks: list[int], slots: list[int]):
+        """generate.v3.Request with the router's defaults under the overrides."""
+        params = dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, do_sample=False, seed=0,
+                      repetition_penalty=1.0, frequency_penalty=0.0, watermark=False)
+        params.update(req.parameters)
+        return pb2.Request(
+            id=rid, inputs=req.prompt, input_chunks=pb2.Input(chunks=[pb2.InputChunk(text=req.prompt)]),
+            truncate=req.truncate or self.max_input_tokens, add_special_tokens=req.add_special_tokens,
+            parameters=pb2.NextTokenChooserParameters(**params),
+            stopping_parameters=pb2.StoppingCriteriaParameters(
+                max_new_tokens=req.max_new_tokens, stop_sequences=req.stop_sequences,
+                ignore_eos_token=req.ignore_eos),
+            prefill_logprobs=req.prefill_logprobs, top_n_tokens=req.top_n_tokens,
+            blocks=blocks, slots=slots, cache_len=0,
+        )
+
+    def _next_batch(self, queue: list[tuple[EmuRequest, EmuResult]], room: int):
+        """Take queued requests while the batch size and the allocator allow (FIFO)."""
+        requests = []
+        while queue and len(requests) < room:
+            req, result = queue[0]
+            tokens = len(self.prompt_ids(req)) + req.max_new_tokens + self.info.speculate - 1
+            allocation = self.allocator.allocate(tokens)
+            if allocation is None:
+                break
+            queue.pop(0)
+            rid = next(self.request_ids)
+            self.entries[rid] = _Entry(req, result, allocation[0])
+            requests.append(self.request_pb(rid, req, *allocation))
+        if not requests:
+            return None
+        return pb2.Batch(id=next(self.batch_ids), requests=requests, size=len(requests),
+                         max_tokens=sum(len(r.slots) for r in requests))
+
+    def run(self, requests: list[EmuRequest], max_ticks: int = 10_000, on_tick=None) -> list[EmuResult]:
+        """Serve every request with continuous batching; results in request order. on_tick(tick) runs first."""
+        results = [EmuResult() for _ in requests]
+        pending = sorted(zip(requests, results), key=lambda p: p[0].arrival)
+        queue: list[tuple[EmuRequest, EmuResult]] = []
+        running = None
+        for tick in range(max_ticks):
+            while pending and pending[0][0].arrival <= tick:
+                queue.append(pending.pop(0))
+            if not (pending or queue or running):
+                break
+            if on_tick is not None:
+                on_tick(tick)
+            room = self.max_batch_size - (running.size if running else 0)
+            new_batch = self._next_batch(queue, room) if room > 0 else None
+            if running is None:
+                running = self._prefill(new_batch) if new_batch else None
+                continue
+            batches = [running]
+            if new_batch is not None:
+                new_cached = self._prefill(new_batch)
+                if new_cached is not None:
+                    batches.append(new_cached)
+            running = self._decode(batches)
+        else:
+            raise RouterPanic("the loop did not finish")
+        return results
+
+    def _prefill(self, batch):
+        try:
+            response = self._call("Prefill", pb2.PrefillRequest(batch=batch))
+        except grpc.RpcError as err:  # the router fails this batch's requests and clears it
+            self._fail([r.id for r in batch.requests], err)
+            self._call("ClearCache", pb2.ClearCacheRequest(id=batch.id))
+            return None
+        return self._after_step(response)
+
+    def _decode(self, batches):
+        try:
+            response = self._call("Decode", pb2.DecodeRequest(batches=batches))
+        except grpc.RpcError as err:
+            self._fail([i for b in batches for i in b.request_ids], err)
+            for b in batches:
+                self._call("ClearCache", pb2.ClearCacheRequest(id=b.id))
+            return None
+        return self._after_step(response)
+
+    def _fail(self, request_ids: list[int], err: grpc.RpcError) -> None:
+        for rid in request_ids:
+            entry = self.entries.pop(rid, None)
+            if entry is not None:
+                entry.result.error = f"{err.code().name}: {err.details()}"
+                self.allocator.free(entry.blocks)
+
+    def _after_step(self, response):
+        """Stream generations, drop finished/cancelled entries, then filter the batch like the router."""
+        for gen in response.generations:
+            self._receive(gen)
+        batch = response.batch if response.HasField("batch") else None
+        if batch is None:
+            return None
+        if batch.size != len(batch.request_ids):
+            raise RouterPanic(f"CachedBatch.size {batch.size} != {len(batch.request_ids)} request ids")
+        live = [i for i in batch.request_ids if i in self.entries]
+        if len(live) == batch.size:
+            return batch
+        if not live:
+            self._call("ClearCache", pb2.ClearCacheRequest(id=batch.id))
+            return None
+        filtered = self._call("FilterBatch", pb2.FilterBatchRequest(batch_id=batch.id, request_ids=live)).batch
+        if sorted(filtered.request_ids) != sorted(live):
+            raise RouterPanic(f"FilterBatch kept {list(filtered.request_ids)}, asked {live}")
+        return filtered
+
+    def _receive(self, gen) -> None:
+        entry = self.entries.get(gen.request_id)
+        if entry is None:
+            raise RouterPanic(f"ID not found in entries: {gen.request_id}")
+        t = gen.tokens
+        if not t.ids or not (len(t.ids) == len(t.logprobs) == len(t.texts) == len(t.is_special)):
+            raise RouterPanic(f"bad tokens for request {gen.request_id}: {t}")
+        result = entry.result
+        if gen.HasField("prefill_tokens") and len(gen.prefill_tokens.ids):
+            result.prefill_tokens = gen.prefill_tokens
+        result.token_ids += list(t.ids)
+        result.texts += list(t.texts)
+        result.is_special += list(t.is_special)
+        result.logprobs += list(t.logprobs)
+        result.tokens_per_generation.append(len(t.ids))
+        if entry.request.top_n_tokens:
+            if len(gen.top_tokens) != len(t.ids):
+                raise RouterPanic(f"top_tokens {len(gen.top_tokens)} for {len(t.ids)} tokens")
+            result.top_tokens += [list(tt.ids) for tt in gen.top_tokens]
+        finished = gen.HasField("generated_text")
+        if finished:
+            result.generated_text = gen.generated_text
+        cancel = entry.request.cancel_after is not None and len(result.token_ids) >= entry.request.cancel_after
+        if finished or cancel:
+            result.cancelled = cancel and not finished
+            del self.entries[gen.request_id]
+            self.allocator.free(entry.blocks)
+
+    # ---- health ---------------------------------------------------------------------------
+
+    def health_probe(self):
+        """The router's liveness Prefill after a failure: ids 2^64-1, block 0, slot 0, one token."""
+        request = pb2.Request(
+            id=HEALTH_ID, inputs="liveness", input_chunks=pb2.Input(chunks=[pb2.InputChunk(text="liveness")]),
+            truncate=1, add_special_tokens=False, prefill_logprobs=False, top_n_tokens=0,
+            parameters=pb2.NextTokenChooserParameters(
+                temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, do_sample=False, seed=0,
+                repetition_penalty=1.0, frequency_penalty=0.0, watermark=False),
+            stopping_parameters=pb2.StoppingCriteriaParameters(max_new_tokens=1, ignore_eos_token=False),
+            blocks=[0], slots=[0], cache_len=0,
+        )
+        batch = pb2.Batch(id=HEALTH_ID, requests=[request], size=1, max_tokens=2, max_blocks=1)
+        return self._call("Prefill", pb2.PrefillRequest(batch=batch))
+
+
+class InProcessShard:
+    """The shard's gRPC server in this process (so tests may monkeypatch the engine), on a unix socket."""
+
+    def __init__(self, options) -> None:
+        from tgi_space.server.service import build_shard, create_server  # noqa: PLC0415
+
+        self.options = options
+        self.shard = build_shard(options)
+        self.server = create_server(self.shard, options)
+
+    @property
+    def socket_path(self) -> str:
+        return self.options.socket_path
+
+    def router(self, **limits) -> RouterEmulation:
+        """A started router emulation connected to this shard."""
+        emu = RouterEmulation(self.socket_path, str(Path(self.options.model_dir) / "tokenizer.json"), **limits)
+        emu.start()
+        return emu
+
+    def stop(self) -> None:
+        self.server.stop(grace=None).wait()

@@ -1,0 +1,75 @@
+"""`tgi-space serve`: TGI's HTTP API and the OpenAI routes on one checkpoint, with uvicorn.
+
+Every option also reads the environment variable TGI's launcher and router use (MODEL_ID,
+HOSTNAME, PORT, MAX_INPUT_TOKENS, ...), so the same settings work for both.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tgi_space.http.settings import ServeSettings
+
+
+def resolve_model_dir(model_id: str) -> str:
+    """A local checkpoint folder as is; anything else is taken as a Hub repository and downloaded."""
+    if Path(model_id).is_dir():
+        return model_id
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+
+
+def serve(
+    model: str = typer.Option(..., "--model", "--model-id", envvar="MODEL_ID", help="Checkpoint folder (or Hub id)."),
+    hostname: str = typer.Option("127.0.0.1", envvar="HOSTNAME", help="Address to listen on (TGI: 0.0.0.0)."),
+    port: int = typer.Option(3000, envvar="PORT"),
+    max_concurrent_requests: int = typer.Option(128, envvar="MAX_CONCURRENT_REQUESTS"),
+    max_best_of: int = typer.Option(2, envvar="MAX_BEST_OF"),
+    max_stop_sequences: int = typer.Option(4, envvar="MAX_STOP_SEQUENCES"),
+    max_top_n_tokens: int = typer.Option(5, envvar="MAX_TOP_N_TOKENS"),
+    max_input_tokens: Optional[int] = typer.Option(None, envvar="MAX_INPUT_TOKENS", help="Default: max_total_tokens - 1."),
+    max_total_tokens: Optional[int] = typer.Option(None, envvar="MAX_TOTAL_TOKENS", help="Default: the model's context length."),
+    max_batch_prefill_tokens: int = typer.Option(4096, envvar="MAX_BATCH_PREFILL_TOKENS"),
+    max_batch_size: Optional[int] = typer.Option(None, envvar="MAX_BATCH_SIZE", help="Sequences per step (default 64)."),
+    max_client_batch_size: int = typer.Option(4, envvar="MAX_CLIENT_BATCH_SIZE"),
+    payload_limit: int = typer.Option(2_000_000, envvar="PAYLOAD_LIMIT", help="Request body limit in bytes."),
+    speculate_mode: Optional[str] = typer.Option(None, envvar="SPECULATE_MODE", help="space | none (default: space on a SPACE checkpoint)."),
+    space_k_max: Optional[int] = typer.Option(None, envvar="SPACE_K_MAX", help="Candidates per step at most (default: the checkpoint's)."),
+    max_step_query_tokens: int = typer.Option(512, envvar="SPACE_MAX_STEP_QUERY_TOKENS", help="Query-row budget that picks k per step."),
+    dtype: str = typer.Option("float32", envvar="DTYPE"),
+    block_size: int = typer.Option(16, envvar="BLOCK_SIZE"),
+    kv_cache_bytes: Optional[int] = typer.Option(None, envvar="KV_CACHE_BYTES", help="Default: a fraction of free memory."),
+    num_threads: Optional[int] = typer.Option(None, envvar="NUM_THREADS", help="torch CPU threads."),
+    seed: int = typer.Option(0, envvar="SEED", help="Seeds the engine's own random numbers."),
+    log_level: str = typer.Option("info", envvar="LOG_LEVEL"),
+) -> None:
+    """Serve a checkpoint with TGI's HTTP API (`/generate`, `/generate_stream`, ...) and OpenAI's routes."""
+    import uvicorn
+
+    from tgi_space.http.app import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = ServeSettings(
+            model_id=model, hostname=hostname, port=port, max_concurrent_requests=max_concurrent_requests,
+            max_best_of=max_best_of, max_stop_sequences=max_stop_sequences, max_top_n_tokens=max_top_n_tokens,
+            max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
+            max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_size=max_batch_size,
+            max_client_batch_size=max_client_batch_size, payload_limit=payload_limit, speculate_mode=speculate_mode,
+            space_k_max=space_k_max, max_step_query_tokens=max_step_query_tokens, dtype=dtype, block_size=block_size,
+            kv_cache_bytes=kv_cache_bytes, num_threads=num_threads, seed=seed,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    app = create_app(settings, resolve_model_dir(model))
+    uvicorn.run(app, host=hostname, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `serve` command to the `tgi-space` CLI."""
+    app.command("serve")(serve)

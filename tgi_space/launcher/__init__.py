@@ -1,0 +1,1 @@
+"""Shims installed ahead of TGI's own binaries: the launcher flag `--speculate-mode` and the shard dispatch."""
