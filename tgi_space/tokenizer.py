@@ -25,7 +25,10 @@ class Tokenizer:
         self.eos_token = _token_str(self.config.get("eos_token"))
         self.bos_token_id = self.hf.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self.hf.token_to_id(self.eos_token) if self.eos_token else None
-        self.chat_template: str | None = self.config.get("chat_template")
+        template_file = folder / "chat_template.jinja"  # transformers 5 saves the template beside the config
+        self.chat_template: str | None = self.config.get("chat_template") or (
+            template_file.read_text() if template_file.is_file() else None
+        )
         self.add_bos = bool(self.config.get("add_bos_token", False))
 
     @property
