@@ -31,7 +31,7 @@ run: setup
 
 ## Tests; pytest's exit code 5 (nothing collected) fails like any other.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider tests integration-tests
 
 bench: setup
 	$(VENV)/bin/tgi-space bench --model $(MODEL) --out benchmarks

@@ -13,6 +13,12 @@ from __future__ import annotations
 
 import base64
 import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +30,8 @@ from tgi_space.server.protogen import load_pb
 pb2, pb2_grpc = load_pb()
 
 HEALTH_ID = 2**64 - 1
-# A 20x20 image the router attaches to the first warm-up request (any bytes will do for a text model).
-WARMUP_IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(64)
+# Stands in for the JPEG the router attaches to the first warm-up request (SOI ... EOI; a text model skips it).
+WARMUP_IMAGE = b"\xff\xd8\xff\xe0" + bytes(64) + b"\xff\xd9"
 
 
 class RouterPanic(AssertionError):
@@ -344,3 +350,70 @@ class InProcessShard:
 
     def stop(self) -> None:
         self.server.stop(grace=None).wait()
+
+
+def launcher_argv(model_dir, uds_path, *extra: str) -> list[str]:
+    """`serve` exactly as TGI's launcher/src/main.rs builds it (flags in its order); `extra` goes before OTLP."""
+    return ["serve", str(model_dir), "--uds-path", str(uds_path), "--logger-level", "INFO", "--json-output",
+            *extra, "--otlp-service-name", "text-generation-inference.router"]
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment the launcher gives shard 0 of a single-shard run."""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
+           "TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "CUDA_MEMORY_FRACTION": "1", "SAFETENSORS_FAST_GPU": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_ENABLE_HF_TRANSFER": "1", "CUDA_GRAPHS": "1,2,4,8,16,32",
+           "ATTENTION": "paged", "PREFIX_CACHING": "0"}
+    env.update(extra)
+    return env
+
+
+class ShardProcess:
+    """The `text-generation-server` console script as the launcher spawns it; ready when the socket exists."""
+
+    def __init__(self, model_dir, uds_path, extra_argv: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 nice: int = 19, timeout: float = 120.0) -> None:
+        self.model_dir = Path(model_dir)
+        self.socket_path = f"{uds_path}-0"
+        exe = Path(sys.executable).with_name("text-generation-server")
+        self.argv = [str(exe), *launcher_argv(model_dir, uds_path, *extra_argv)]
+        full_env = {**os.environ, **launcher_env(), **(env or {})}
+        # Files, not pipes: a long run logs more than a pipe buffer holds, and nobody reads until the end.
+        self.out_file, self.err_file = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(["nice", "-n", str(nice), *self.argv], env=full_env, stdout=self.out_file,
+                                     stderr=self.err_file, text=True, start_new_session=True)
+        self.timeout = timeout
+        self.stdout = self.stderr = ""
+
+    def wait_ready(self) -> "ShardProcess":
+        """Block until the socket file exists (the launcher's readiness test); raise with stderr if it died."""
+        deadline = time.time() + self.timeout
+        while not Path(self.socket_path).exists():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"shard did not start (exit {self.proc.returncode}): {self.stderr[-4000:]}")
+            time.sleep(0.1)
+        return self
+
+    def router(self, **limits) -> RouterEmulation:
+        """A started router emulation connected to this shard."""
+        emu = RouterEmulation(self.socket_path, str(self.model_dir / "tokenizer.json"), **limits)
+        emu.start()
+        return emu
+
+    def stop(self) -> int:
+        """SIGTERM, like the launcher on shutdown; returns the exit code and keeps stdout/stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.stdout, self.stderr = self._read(self.out_file), self._read(self.err_file)
+        return self.proc.returncode
+
+    @staticmethod
+    def _read(file) -> str:
+        file.seek(0)
+        return file.read()

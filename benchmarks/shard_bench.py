@@ -1,0 +1,138 @@
+"""Shard server benchmark through the router emulation: SPACE vs SPECULATE_MODE=none, per concurrency.
+
+Two `text-generation-server` processes start with the launcher's argv and environment, one in SPACE
+mode and one with SPECULATE_MODE=none. For each concurrency c, both serve the same N HumanEval prompts
+(greedy, EOS ignored, so both generate exactly N * M tokens). All requests are queued at once, and the
+router keeps at most c in flight (continuous batching). The two modes run back to back, and the order
+alternates between concurrencies, so slow drift on a shared machine does not favour one mode. Reported
+per mode: requests/s, generated tokens/s, tokens per Decode call, and SPACE/none ratios.
+
+    python benchmarks/shard_bench.py --model models/tiny-space-py --requests 64 --max-new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere: tests.router_emulation must import
+    sys.path.insert(0, str(ROOT))
+
+from tests.router_emulation import EmuRequest, ShardProcess  # noqa: E402
+from tgi_space.bench import humaneval_prompts  # noqa: E402
+
+MODES = ("space", "none")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The CLI: model folder, requests per (mode, concurrency), tokens per request, and limits."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="model folder (config.json, tokenizer.json, *.safetensors)")
+    p.add_argument("--requests", type=int, default=64, help="requests per mode and concurrency")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated in-flight request limits")
+    p.add_argument("--max-input-tokens", type=int, default=512, help="router truncation of the prompts")
+    p.add_argument("--speculate", type=int, default=None, help="--speculate for the SPACE shard (default: checkpoint)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--out", default=str(Path(__file__).with_name("shard_bench.json")))
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    context = json.loads((Path(args.model) / "config.json").read_text()).get("max_position_embeddings")
+    if context and args.max_input_tokens + args.max_new_tokens > context:  # Warmup would refuse it
+        args.max_input_tokens = context - args.max_new_tokens
+        print(f"--max-input-tokens lowered to {args.max_input_tokens} (context {context})", file=sys.stderr)
+    return args
+
+
+def kv_cache_bytes(model_dir: Path, tokens: int) -> int:
+    """Bytes of KV for `tokens` positions at float32 (an upper bound for bf16/fp16 shards)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * 4 * tokens
+
+
+def start_shards(args: argparse.Namespace, socket_dir: Path) -> dict[str, ShardProcess]:
+    """Both shards, started together; the cache holds max(concurrency) full requests plus slack."""
+    model = Path(args.model)
+    per_request = args.max_input_tokens + args.max_new_tokens + 8 + 2 * args.block_size
+    env = {"TGI_SPACE_KV_CACHE_BYTES": str(kv_cache_bytes(model, per_request * (max(args.concurrency) + 2))),
+           "TGI_SPACE_BLOCK_SIZE": str(args.block_size), "MAX_BATCH_SIZE": str(max(args.concurrency))}
+    argv = ("--speculate", str(args.speculate)) if args.speculate is not None else ()
+    shards = {mode: ShardProcess(model, socket_dir / mode, argv, {**env, "SPECULATE_MODE": mode}) for mode in MODES}
+    for shard in shards.values():
+        shard.wait_ready()
+    return shards
+
+
+def run_once(shard: ShardProcess, prompts: list[str], args: argparse.Namespace, concurrency: int) -> dict:
+    """Serve every prompt with at most `concurrency` in flight; throughput and steps of this run."""
+    limits = dict(max_input_tokens=args.max_input_tokens, max_total_tokens=args.max_input_tokens + args.max_new_tokens,
+                  max_prefill_tokens=2 * args.max_input_tokens, max_batch_size=concurrency)
+    emu = shard.router(**limits)  # start-up and Warmup are outside the timing
+    requests = [EmuRequest(p, max_new_tokens=args.max_new_tokens, ignore_eos=True) for p in prompts]
+    start = time.perf_counter()
+    results = emu.run(requests)
+    seconds = time.perf_counter() - start
+    emu.close()
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    tokens = sum(len(r.token_ids) for r in results)
+    generations = sum(len(r.tokens_per_generation) for r in results)
+    return {"seconds": seconds, "requests_per_s": len(results) / seconds, "tokens_per_s": tokens / seconds,
+            "generated_tokens": tokens, "decode_calls": emu.calls.count("Decode"),
+            "prefill_calls": emu.calls.count("Prefill"), "tokens_per_generation": tokens / generations,
+            "speculate": emu.info.speculate, "outputs": [r.token_ids for r in results]}
+
+
+def bench(args: argparse.Namespace) -> dict:
+    """Every concurrency, both modes back to back (order alternating); ratios SPACE / none."""
+    prompts = humaneval_prompts(min(args.requests, 164))
+    prompts = [prompts[i % len(prompts)] for i in range(args.requests)]
+    report = {"model": args.model, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
+              "max_input_tokens": args.max_input_tokens, "by_concurrency": {}}
+    with tempfile.TemporaryDirectory() as socket_dir:
+        shards = start_shards(args, Path(socket_dir))
+        try:
+            for i, c in enumerate(args.concurrency):
+                order = MODES if i % 2 == 0 else MODES[::-1]
+                runs = {mode: run_once(shards[mode], prompts, args, c) for mode in order}
+                report["by_concurrency"][str(c)] = {"max_in_flight": min(c, args.requests), **summarize(runs, order)}
+                print_row(c, report["by_concurrency"][str(c)])
+        finally:
+            for shard in shards.values():
+                shard.stop()
+    return report
+
+
+def summarize(runs: dict[str, dict], order: tuple[str, ...]) -> dict:
+    """Drop the outputs, keep whether the two modes agreed token for token (greedy is lossless)."""
+    identical = runs["space"].pop("outputs") == runs["none"].pop("outputs")
+    return {"order": list(order), **runs, "outputs_identical": identical,
+            "ratio_tokens_per_s": runs["space"]["tokens_per_s"] / runs["none"]["tokens_per_s"],
+            "ratio_requests_per_s": runs["space"]["requests_per_s"] / runs["none"]["requests_per_s"]}
+
+
+def print_row(c: int, row: dict) -> None:
+    s, n = row["space"], row["none"]
+    print(f"c={c:>3}  space {s['tokens_per_s']:8.1f} tok/s {s['requests_per_s']:6.2f} req/s "
+          f"{s['tokens_per_generation']:.2f} tok/gen | none {n['tokens_per_s']:8.1f} tok/s "
+          f"{n['requests_per_s']:6.2f} req/s | ratio {row['ratio_tokens_per_s']:.2f}x"
+          f"{'' if row['outputs_identical'] else '  OUTPUTS DIFFER'}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = bench(args)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
