@@ -48,7 +48,9 @@ def bins(tmp_path):
 
 def run(name: str, *args: str, env: dict | None = None, path: str | None = None):
     base = {k: v for k, v in os.environ.items() if k not in ("SPECULATE_MODE", wrapper.GUARD, "TGI_SPACE_SHARD")}
-    base["PATH"] = path + os.pathsep + os.environ["PATH"]
+    # the venv's own bin holds the installed shim: keep it (and any real TGI) off the search path
+    rest = [d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "text-generation-launcher").exists()]
+    base["PATH"] = os.pathsep.join([path, *rest])
     proc = subprocess.run([name, *args], env={**base, **(env or {})}, capture_output=True, text=True, timeout=60)
     return proc, (json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else None)
 
