@@ -36,7 +36,7 @@ test: setup
 bench: setup
 	$(VENV)/bin/tgi-space bench --model $(MODEL) --out benchmarks
 
-## Rebuild the bundled model from scratch (about an hour on 2 CPU cores).
+## Rebuild the bundled model from scratch (about 90 minutes of training on 2 idle CPU cores).
 tiny-model: setup
 	$(PY) scripts/build_tiny_model.py --out $(MODEL) --work build/tiny-model
 

@@ -38,7 +38,7 @@ NUM_MASK_BLOCKS = 48
 BATCH_SIZE = 4  # windows of SEQ_LEN per optimizer step (2048 real tokens)
 # Step counts calibrated on this 2-core CPU: 1.29 s per step (4 x 512 tokens, bf16 autocast,
 # 2 threads, idle machine), plus headroom for other processes sharing the CPU:
-# stage 1 ~35 min, stage 2 and the twin ~20 min each.
+# stage 1 ~35 min, the twin ~18 min, stage 2 ~30 min (48 mask blocks add ~47% rows).
 STAGE1_STEPS = 1500
 STAGE2_STEPS = 850
 STAGE1_LR, STAGE2_LR = 1e-3, 3e-4
