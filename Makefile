@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	# TGI's own Python client, for the compatibility tests: it pins huggingface-hub<1,
-	# which transformers 5 cannot share, and it only needs pydantic and aiohttp here.
+	# which transformers 5 cannot share; its other needs (pydantic, aiohttp, requests) are in dev.
 	$(PY) -m pip install --quiet --no-deps "text-generation==0.7.0"
 	touch $@
 
