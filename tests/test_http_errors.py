@@ -59,11 +59,10 @@ CASES = [
     ("/generate_stream", params(decoder_input_details=True), 422, "validation", "`decoder_input_details` == true"),
     ("/generate_stream", params(max_new_tokens=0), 422, "validation", "`max_new_tokens` must be strictly positive"),
     (GEN, {"inputs": "w5 " * 3000}, 413, "payload_too_large", "payload limit of 4096 bytes"),
-    ("/v1/completions", {"model": "gpt-9", "prompt": "w5", "max_tokens": 2}, 404, "model_not_found", "gpt-9"),
     ("/v1/completions", {"prompt": "w5", "suffix": "w6"}, 422, "suffix not supported", "Suffix is not supported"),
     ("/v1/completions", {"prompt": ["w5"] * 5, "max_tokens": 2}, 422, "batch size exceeded", "maximum allowed batch size of 4"),
     ("/v1/completions", {"prompt": [], "max_tokens": 2}, 422, "validation", "Empty array"),
-    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "w5"}]}, 404, "model_not_found", "nope"),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "w5"}], "tools": [{}]}, 422, "validation", "`tools`"),
     ("/v1/chat/completions", {"messages": "w5"}, 422, "validation", "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 2, "top_p": 1.0}, 422, "validation", "`top_p`"),
 ]
@@ -109,8 +108,9 @@ def test_clients_raise_on_errors(server):
         with pytest.raises((HubValidationError, Exception)) as err:
             InferenceClient(base_url=server.url).text_generation("w5", max_new_tokens=100)
         assert "max_new_tokens" in str(err.value)
-        with pytest.raises(openai.NotFoundError):
+        with pytest.raises(openai.UnprocessableEntityError):
             openai.OpenAI(base_url=server.url + "/v1", api_key="-").chat.completions.create(
-                model="gpt-9", messages=[{"role": "user", "content": "w5"}], max_tokens=2)
+                model="gpt-9", messages=[{"role": "user", "content": "w5"}], max_tokens=2,
+                tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
         with pytest.raises(openai.UnprocessableEntityError):
             openai.OpenAI(base_url=server.url + "/v1", api_key="-").completions.create(model="tgi", prompt="w5", max_tokens=100)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,12 @@ if TYPE_CHECKING:
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos_token"
 FINISH_STOP = "stop_sequence"
+
+# Logits are divided by temperature and by repetition_penalty (and multiplied by the latter), in
+# float32; outside [MIN_SCALE, MAX_SCALE] they overflow to inf and softmax turns them into NaN.
+MIN_SCALE = 1e-4
+MAX_SCALE = 1e4
+FLOAT_FIELDS = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
 
 
 @dataclass
@@ -38,14 +45,20 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the field and its allowed range."""
+        """Raise ValueError naming the field and its allowed range (non-finite floats included)."""
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens),
-            (self.temperature >= 0, "temperature", ">= 0 (0 means greedy)", self.temperature),
+            (self.temperature == 0 or MIN_SCALE <= self.temperature <= MAX_SCALE, "temperature",
+             f"0 (greedy) or in [{MIN_SCALE:g}, {MAX_SCALE:g}]", self.temperature),
             (0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p),
             (0 < self.typical_p <= 1, "typical_p", "in (0, 1]", self.typical_p),
             (self.top_k >= 0, "top_k", ">= 0 (0 disables)", self.top_k),
-            (self.repetition_penalty > 0, "repetition_penalty", "> 0", self.repetition_penalty),
+            (MIN_SCALE <= self.repetition_penalty <= MAX_SCALE, "repetition_penalty",
+             f"in [{MIN_SCALE:g}, {MAX_SCALE:g}]", self.repetition_penalty),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]", self.frequency_penalty),
             (0 <= self.top_n_tokens <= 20, "top_n_tokens", "in [0, 20]", self.top_n_tokens),
         ]

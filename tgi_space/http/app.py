@@ -8,18 +8,18 @@ import os
 import signal
 import threading
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tgi_space import __version__
 from tgi_space.config import EngineConfig, SpacePolicy
 from tgi_space.engine import Engine
 from tgi_space.http import routes_openai, routes_tgi
 from tgi_space.http.chat import ChatTemplate
+from tgi_space.http.encoding import JSONResponse
 from tgi_space.http.errors import ApiError
 from tgi_space.http.metrics import Metrics
 from tgi_space.http.service import ClientGone, Service
@@ -65,13 +65,6 @@ class ServerState:
         self.chat_template = ChatTemplate(engine.tokenizer)
         self.service = Service(engine, worker, self.metrics, limits, speculate, s.max_concurrent_requests)
         log.info("model %s loaded (speculate=%s, k_max=%d)", self.model_id, speculate, engine.k_max)
-
-    def model_names(self) -> set[str]:
-        """Names accepted in the OpenAI routes' `model` field: ours, and the clients' placeholders.
-
-        "tgi" is TGI's own placeholder; huggingface_hub sends "dummy" when given a base URL.
-        """
-        return {self.model_id, Path(self.model_dir).name, Path(self.model_id).name, "tgi", "dummy"}
 
     def info(self) -> dict:
         """TGI's `Info`, plus `speculate_mode` and `space_k_max`."""
@@ -126,6 +119,7 @@ def create_app(settings: ServeSettings, model_dir: str, load_in_background: bool
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
     app.add_exception_handler(ClientGone, _client_gone)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
     return app
 
@@ -136,6 +130,13 @@ async def _api_error(request: Request, err: ApiError) -> JSONResponse:
 
 async def _request_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
     return JSONResponse({"error": str(err), "error_type": "validation"}, status_code=422)
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (unknown route 404, wrong method 405) in TGI's error shape."""
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http")
+    return JSONResponse({"error": f"{err.detail}: {request.method} {request.url.path}", "error_type": kind},
+                        status_code=err.status_code, headers=getattr(err, "headers", None))
 
 
 async def _client_gone(request: Request, err: ClientGone) -> JSONResponse:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import TypeVar
 
 import pydantic
 from fastapi import Request
-from fastapi.responses import JSONResponse
+
+from tgi_space.http.encoding import JSONResponse
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
@@ -64,15 +66,59 @@ async def read_json(request: Request, model: type[Model], limit: int) -> Model:
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"Failed to parse the request body as JSON: {err}", "validation") from None
+    data = parse_json(b"".join(chunks))
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as err:
         raise ApiError(422, _describe(err), "validation") from None
+
+
+MAX_JSON_DEPTH = 128  # serde_json's recursion limit
+
+
+class _BadJson(ValueError):
+    pass
+
+
+def parse_json(raw: bytes):
+    """JSON as serde_json reads it: 400 for NaN/Infinity, out-of-range numbers, lone surrogates, depth > 128.
+
+    Python's parser accepts all of these; the walk afterwards refuses them, naming where they are.
+    """
+    try:
+        data = json.loads(raw)
+        _check_tree(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, _BadJson) as err:
+        raise ApiError(400, f"Failed to parse the request body as JSON: {err}", "validation") from None
+    except RecursionError:
+        raise ApiError(400, "Failed to parse the request body as JSON: recursion limit exceeded", "validation") from None
+    return data
+
+
+def _check_tree(data) -> None:
+    """Walk the parsed body without recursion: nesting depth, non-finite numbers, strings that are not UTF-8."""
+    stack = [(data, "body", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _BadJson(f"recursion limit exceeded (nesting deeper than {MAX_JSON_DEPTH})")
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise _BadJson(f"{path}: {value} is not a valid JSON number (numbers must be finite)")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, path)
+                stack.append((item, key if path == "body" else f"{path}.{key}", depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _BadJson(f"{path}: lone surrogate {text[err.start]!r} at character {err.start} is not valid Unicode") from None
 
 
 def _too_large(limit: int) -> ApiError:

@@ -6,9 +6,10 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from tgi_space import __version__
+from tgi_space.http.encoding import JSONResponse, dumps
 from tgi_space.http.errors import ApiError, validation_error
 from tgi_space.http.routes_tgi import parse, service_of, simple_tokens
 from tgi_space.http.schemas import ChatRequest, CompletionRequest, GenerateParameters
@@ -26,11 +27,8 @@ def openai_finish_reason(reason: str) -> str:
 
 
 def check_model(request: Request, model: str | None) -> str:
-    """The model id to echo; 404 for a name this server does not serve (TGI would treat it as a LoRA id)."""
-    state = request.app.state.tgi
-    if model is None or model in state.model_names():
-        return state.model_id
-    raise ApiError(404, f"Model `{model}` is not served here; this server serves `{state.model_id}`", "model_not_found")
+    """The model id to echo. Any `model` is accepted, as TGI does: this server serves one model."""
+    return request.app.state.tgi.model_id
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -63,7 +61,7 @@ async def completions(request: Request) -> Response:
     started = time.monotonic()
     service.acquire()
     try:
-        valids = [service.validate(p, params) for p in req.prompt]
+        valids = [await service.validate(p, params) for p in req.prompt]
     except BaseException:
         service.release()
         raise
@@ -139,10 +137,11 @@ async def chat_completions(request: Request) -> Response:
     req = await parse(request, ChatRequest)
     service.metrics.request_count.inc()
     model_id = check_model(request, req.model)
-    if req.tools or req.response_format is not None:
+    unsupported = unsupported_chat_fields(req)
+    if unsupported:
         service.fail("validation")
-        raise validation_error("grammar is not supported")
-    prompt = request.app.state.tgi.chat_template.render(req.messages)
+        raise validation_error(unsupported)
+    prompt = await asyncio.to_thread(request.app.state.tgi.chat_template.render, req.messages)
     greedy = req.temperature == 0.0
     params = GenerateParameters(
         temperature=None if greedy else req.temperature,
@@ -154,7 +153,7 @@ async def chat_completions(request: Request) -> Response:
     started = time.monotonic()
     service.acquire()
     try:
-        valid = service.validate(prompt, params, add_special_tokens=False)
+        valid = await service.validate(prompt, params, add_special_tokens=False)
     except BaseException:
         service.release()
         raise
@@ -177,6 +176,17 @@ async def chat_completions(request: Request) -> Response:
         "object": "chat.completion", "id": "", "created": int(time.time()), "model": model_id,
         "system_fingerprint": FINGERPRINT, "choices": [choice], "usage": _usage(g.input_length, len(g.tokens)),
     })
+
+
+def unsupported_chat_fields(req: ChatRequest) -> str | None:
+    """What a chat request asks that needs grammar-constrained decoding, named; None if nothing."""
+    sent = [name for name in ("tools", "tool_choice", "response_format") if getattr(req, name) not in (None, [], "none")]
+    if not sent:
+        return None
+    fields = ", ".join(f"`{name}`" for name in sent)
+    return (f"{fields} {'is' if len(sent) == 1 else 'are'} not supported by tgi-space: tool calls and response formats "
+            "need grammar-constrained decoding, which this server does not implement; send the request without "
+            f"{'it' if len(sent) == 1 else 'them'}")
 
 
 def _logprob(text: str, logprob: float, top: list[dict]) -> dict:
@@ -210,9 +220,12 @@ async def chat_tokenize(request: Request) -> Response:
     service = service_of(request)
     req = await parse(request, ChatRequest)
     service.metrics.request_count.inc()
-    text = request.app.state.tgi.chat_template.render(req.messages)
-    tokens = simple_tokens(service.engine.tokenizer, text, add_special_tokens=False)
-    return JSONResponse({"tokenize_response": tokens, "templated_text": text})
+    def work() -> bytes:
+        text = request.app.state.tgi.chat_template.render(req.messages)
+        tokens = simple_tokens(service.engine.tokenizer, text, add_special_tokens=False)
+        return dumps({"tokenize_response": tokens, "templated_text": text}).encode()
+
+    return Response(await asyncio.to_thread(work), media_type="application/json")
 
 
 # ---- /v1/models ------------------------------------------------------------------------------

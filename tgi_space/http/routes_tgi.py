@@ -9,8 +9,9 @@ import random
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 
+from tgi_space.http.encoding import JSONResponse, dumps
 from tgi_space.http.errors import ApiError, read_json, unhealthy
 from tgi_space.http.schemas import CompatGenerateRequest, GenerateRequest
 from tgi_space.http.service import Generation, Service, TokenEvent, unless_disconnected
@@ -47,7 +48,7 @@ async def _generate(request: Request, service: Service, req: GenerateRequest, re
     started = time.monotonic()
     service.metrics.request_count.inc()
     with service.permit():
-        valid = service.validate(req.inputs, req.parameters)
+        valid = await service.validate(req.inputs, req.parameters)
         if valid.best_of > 1:
             runs = asyncio.gather(*(service.generate(_reseeded(valid), started, i == 0) for i in range(valid.best_of)))
             runs = await unless_disconnected(request, runs)
@@ -125,10 +126,10 @@ async def generate_stream(request: Request) -> Response:
     """Server-sent events, one `StreamResponse` per token; the last carries `generated_text`."""
     service = service_of(request)
     req = await parse(request, GenerateRequest)
-    return _stream(service, req, return_full_text=bool(req.parameters.return_full_text))
+    return await _stream(service, req, return_full_text=bool(req.parameters.return_full_text))
 
 
-def _stream(service: Service, req: GenerateRequest, return_full_text: bool) -> Response:
+async def _stream(service: Service, req: GenerateRequest, return_full_text: bool) -> Response:
     """Validation errors are a 4xx before the stream starts; errors after it, an error event."""
     started = time.monotonic()
     service.metrics.request_count.inc()
@@ -140,7 +141,7 @@ def _stream(service: Service, req: GenerateRequest, return_full_text: bool) -> R
         except ApiError:
             service.fail("validation")
             raise
-        valid = service.validate(req.inputs, p)
+        valid = await service.validate(req.inputs, p)
     except BaseException:
         service.release()
         raise
@@ -184,7 +185,7 @@ async def compat_generate(request: Request) -> Response:
     req = await parse(request, CompatGenerateRequest)
     full = True if req.parameters.return_full_text is None else req.parameters.return_full_text  # no pipeline tag
     if req.stream:
-        return _stream(service, req, return_full_text=full)
+        return await _stream(service, req, return_full_text=full)
     return await _generate(request, service, req, return_full_text=full, as_list=True)
 
 
@@ -193,26 +194,50 @@ async def compat_generate(request: Request) -> Response:
 
 @router.post("/tokenize")
 async def tokenize(request: Request) -> Response:
-    """Token ids with their text and byte offsets in `inputs` (TGI's `TokenizeResponse`)."""
+    """Token ids with their text and byte offsets in `inputs` (TGI's `TokenizeResponse`).
+
+    Tokenizing and encoding the answer run on a worker thread: a 2 MB input must not hold the event loop.
+    """
     service = service_of(request)
     req = await parse(request, GenerateRequest)
-    tokens = simple_tokens(service.engine.tokenizer, req.inputs, add_special_tokens=True)
-    if req.parameters.truncate:
-        tokens = tokens[-req.parameters.truncate :]
-    return JSONResponse(tokens)
+    truncate = req.parameters.truncate
+
+    def work() -> bytes:
+        tokens = simple_tokens(service.engine.tokenizer, req.inputs, add_special_tokens=True)
+        return dumps(tokens[-truncate:] if truncate else tokens).encode()
+
+    return Response(await asyncio.to_thread(work), media_type="application/json")
 
 
 def simple_tokens(tok, text: str, add_special_tokens: bool) -> list[dict]:
-    """TGI's `SimpleToken`s: id, text, start and stop as byte offsets into `text`."""
+    """TGI's `SimpleToken`s: id, text, start and stop as byte offsets into `text` (linear in its length)."""
     enc = tok.hf.encode(text, add_special_tokens=add_special_tokens)
     tokens = []
     if add_special_tokens and tok.add_bos and tok.bos_token_id is not None and enc.ids[:1] != [tok.bos_token_id]:
         tokens.append({"id": tok.bos_token_id, "text": "", "start": 0, "stop": 0})
+    to_bytes = ByteOffsets(text)
     for token_id, (start, stop) in zip(enc.ids, enc.offsets):
-        piece = text[start:stop]
-        byte_start = len(text[:start].encode())
-        tokens.append({"id": token_id, "text": piece, "start": byte_start, "stop": byte_start + len(piece.encode())})
+        tokens.append({"id": token_id, "text": text[start:stop], "start": to_bytes(start), "stop": to_bytes(stop)})
     return tokens
+
+
+class ByteOffsets:
+    """Character offset -> UTF-8 byte offset into `text`; O(distance) from the previous call, so linear overall."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.is_ascii = text.isascii()
+        self.char, self.byte = 0, 0  # the last offset converted
+
+    def __call__(self, char: int) -> int:
+        if self.is_ascii:
+            return char
+        if char >= self.char:
+            self.byte += len(self.text[self.char : char].encode("utf-8", "surrogatepass"))
+        else:  # back a little (several byte-level tokens of one character share its offsets)
+            self.byte -= len(self.text[char : self.char].encode("utf-8", "surrogatepass"))
+        self.char = char
+        return self.byte
 
 
 @router.get("/info")

@@ -96,10 +96,10 @@ class Service:
         finally:
             self.release()
 
-    def validate(self, inputs: str, params: GenerateParameters, add_special_tokens: bool = True) -> ValidRequest:
-        """TGI's validation, counted as a `validation` failure when it fails."""
+    async def validate(self, inputs: str, params: GenerateParameters, add_special_tokens: bool = True) -> ValidRequest:
+        """TGI's validation, counted as a `validation` failure when it fails; tokenizes on a worker thread."""
         try:
-            valid = validate(self.engine, self.limits, inputs, params, add_special_tokens)
+            valid = await asyncio.to_thread(validate, self.engine, self.limits, inputs, params, add_special_tokens)
         except ApiError:
             self.metrics.request_failure.labels(err="validation").inc()
             raise

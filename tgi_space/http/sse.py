@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 
+from tgi_space.http.encoding import dumps
 from tgi_space.http.errors import ApiError
 
 
 def event(data: dict | str) -> bytes:
     """One SSE event; dicts are sent as compact JSON."""
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    payload = data if isinstance(data, str) else dumps(data)
     return f"data: {payload}\n\n".encode()
 
 

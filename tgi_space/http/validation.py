@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 from tgi_space.engine import Engine
 from tgi_space.http.errors import validation_error
 from tgi_space.http.schemas import GenerateParameters
-from tgi_space.sampling import SamplingParams
+from tgi_space.sampling import MAX_SCALE, MIN_SCALE, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ def validate(
         ids = ids[-p.truncate :]
     max_new = _check_lengths(len(ids), p.max_new_tokens, limits)
     _check_unsupported(p)
-    params = _sampling_params(p, max_new, top_n)
     try:
+        params = _sampling_params(p, max_new, top_n)
         engine.validate_request(ids, params, "none")
     except ValueError as err:
         raise validation_error(str(err)) from None
@@ -78,11 +79,23 @@ def _check_best_of(p: GenerateParameters, limits: Limits) -> int:
 
 
 def _check_ranges(p: GenerateParameters) -> None:
-    """The sampling parameters' ranges, with TGI's messages (note `top_p` and `typical_p` exclude 1.0)."""
+    """The sampling parameters' ranges, with TGI's messages (note `top_p` and `typical_p` exclude 1.0).
+
+    Beyond TGI: every float must be finite, and `temperature` / `repetition_penalty` must lie in
+    [MIN_SCALE, MAX_SCALE], where float32 logits divided by them cannot overflow into NaN.
+    """
+    for name in ("temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p"):
+        value = getattr(p, name)
+        if value is not None and not math.isfinite(value):
+            raise validation_error(f"`{name}` must be a finite number. Given: {value}")
     if p.temperature is not None and p.temperature <= 0:
         raise validation_error("`temperature` must be strictly positive")
     if p.repetition_penalty is not None and p.repetition_penalty <= 0:
         raise validation_error("`repetition_penalty` must be strictly positive")
+    for name in ("temperature", "repetition_penalty"):
+        value = getattr(p, name)
+        if value is not None and not MIN_SCALE <= value <= MAX_SCALE:
+            raise validation_error(f"`{name}` must be >= {MIN_SCALE:g} and <= {MAX_SCALE:g}. Given: {value:g}")
     if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
         raise validation_error("`frequency_penalty` must be >= -2.0 and <= 2.0")
     if p.top_p is not None and not 0.0 < p.top_p < 1.0:
