@@ -22,6 +22,11 @@ from tgi_space.watermark import Watermark
 LOGIT_CHUNK = 256  # prompt rows turned into logits at once for prefill logprobs
 
 
+def _head(ids: list[int], n: int = 8) -> str:
+    """A list of ids, cut after n."""
+    return str(ids[:n])[:-1] + (", ...]" if len(ids) > n else "]")
+
+
 class BatchNotFound(KeyError):
     """A batch id the cache does not hold; becomes NOT_FOUND."""
 
@@ -101,11 +106,23 @@ class Shard:
                 self.cache.pop(batch_id, None)
 
     def filter(self, batch_id: int, request_ids: list[int]) -> SpaceBatch:
-        """Keep only request_ids of a cached batch, under the same id."""
+        """Keep only request_ids of a cached batch, under the same id; every id must be in it."""
         with self.lock:
-            batch = self._pop([batch_id])[0].filter(request_ids)
-            if len(batch):
-                self.cache[batch_id] = batch
+            if batch_id not in self.cache:
+                raise BatchNotFound(f"Batch ID {batch_id} not found in cache")
+            batch = self.cache[batch_id]
+            if not request_ids:
+                raise InvalidRequest(f"request_ids: empty for batch {batch_id}; an emptied batch is dropped with ClearCache")
+            if len(set(request_ids)) != len(request_ids):
+                raise InvalidRequest(f"request_ids: duplicate ids in {_head(request_ids)}")
+            held = {r.request_id for r in batch.requests}
+            unknown = [i for i in request_ids if i not in held]
+            if unknown:
+                raise InvalidRequest(
+                    f"request_ids: {_head(unknown)} not in batch {batch_id} (it holds {_head(sorted(held))}); batch kept"
+                )
+            batch = batch.filter(request_ids)
+            self.cache[batch_id] = batch
             return batch
 
     def _pop(self, batch_ids: list[int]) -> list[SpaceBatch]:
@@ -121,6 +138,8 @@ class Shard:
 
     def warmup(self, pb_batch, max_input: int | None, max_total: int | None) -> WarmupResult:
         """A worst-case prefill of the router's warm-up batch on our own slots; nothing is kept."""
+        if not pb_batch.requests:
+            raise InvalidRequest("batch.requests: Warmup needs a batch with at least one request")
         with self.lock:
             self.cache.clear()
             batch = SpaceBatch.from_pb_self_allocated(pb_batch, self.ctx)
@@ -148,9 +167,37 @@ class Shard:
     def prefill(self, pb_batch) -> StepResult:
         """First step of a new batch: KV of the prompts, the first token, the first candidates."""
         start = time.perf_counter_ns()
+        batch = SpaceBatch.from_pb(pb_batch, self.ctx)  # tokenizing and request checks: outside the lock
         with self.lock:
-            batch = SpaceBatch.from_pb(pb_batch, self.ctx)  # all checks before anything changes
+            self._check_bookkeeping(batch)  # the router's ids and slots, before anything changes
             return self._run(batch, start, None)
+
+    def _check_bookkeeping(self, batch: SpaceBatch) -> None:
+        """A new batch must not reuse a live batch id, a live request id, or a slot a live request owns."""
+        if batch.batch_id in self.cache:
+            raise InvalidRequest(f"batch.id: batch {batch.batch_id} is still cached; batch ids must be unique")
+        owner = {r.request_id: b.batch_id for b in self.cache.values() for r in b.requests}
+        seen: set[int] = set()
+        for i, r in enumerate(batch.requests):
+            if r.request_id in seen:
+                raise InvalidRequest(f"batch.requests[{i}].id: request id {r.request_id} appears twice in the batch")
+            if r.request_id in owner:
+                raise InvalidRequest(
+                    f"batch.requests[{i}].id: request id {r.request_id} is live in batch {owner[r.request_id]}"
+                )
+            seen.add(r.request_id)
+        live = [r.slots for b in self.cache.values() for r in b.requests]
+        taken = torch.cat(live) if live else torch.empty(0, dtype=torch.long)
+        for i, r in enumerate(batch.requests):
+            if torch.unique(r.slots).numel() != r.slots.numel():
+                raise InvalidRequest(f"batch.requests[{i}].slots: request {r.request_id} lists a slot twice")
+            clash = torch.isin(r.slots, taken)
+            if bool(clash.any()):
+                slot = int(r.slots[clash][0])
+                raise InvalidRequest(
+                    f"batch.requests[{i}].slots: slot {slot} of request {r.request_id} belongs to another live request"
+                )
+            taken = torch.cat([taken, r.slots])
 
     def decode(self, batch_ids: list[int]) -> StepResult:
         """One SPACE step over the concatenation of cached batches."""
