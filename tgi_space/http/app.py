@@ -63,7 +63,9 @@ class ServerState:
         worker = EngineWorker(engine, self.metrics)
         worker.start()
         self.chat_template = ChatTemplate(engine.tokenizer)
-        self.service = Service(engine, worker, self.metrics, limits, speculate, s.max_concurrent_requests)
+        self.service = Service(
+            engine, worker, self.metrics, limits, speculate, s.max_concurrent_requests, s.validation_workers
+        )
         log.info("model %s loaded (speculate=%s, k_max=%d)", self.model_id, speculate, engine.k_max)
 
     def info(self) -> dict:
@@ -108,6 +110,7 @@ def create_app(settings: ServeSettings, model_dir: str, load_in_background: bool
             threading.Thread(target=load, name="tgi-space-load", daemon=True).start()
         yield
         if state.service is not None:
+            state.service.tokenizers.close()
             await asyncio.to_thread(state.service.worker.stop)
 
     if not load_in_background:

@@ -38,6 +38,7 @@ def serve(
     max_batch_size: Optional[int] = typer.Option(None, envvar="MAX_BATCH_SIZE", help="Sequences per step (default 64)."),
     max_client_batch_size: int = typer.Option(4, envvar="MAX_CLIENT_BATCH_SIZE"),
     payload_limit: int = typer.Option(2_000_000, envvar="PAYLOAD_LIMIT", help="Request body limit in bytes."),
+    validation_workers: int = typer.Option(2, envvar="VALIDATION_WORKERS", help="Processes that tokenize large inputs."),
     speculate_mode: Optional[str] = typer.Option(None, envvar="SPECULATE_MODE", help="space | none (default: space on a SPACE checkpoint)."),
     space_k_max: Optional[int] = typer.Option(None, envvar="SPACE_K_MAX", help="Candidates per step at most (default: the checkpoint's)."),
     max_step_query_tokens: int = typer.Option(512, envvar="SPACE_MAX_STEP_QUERY_TOKENS", help="Query-row budget that picks k per step."),
@@ -61,6 +62,7 @@ def serve(
             max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
             max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_size=max_batch_size,
             max_client_batch_size=max_client_batch_size, payload_limit=payload_limit, speculate_mode=speculate_mode,
+            validation_workers=validation_workers,
             space_k_max=space_k_max, max_step_query_tokens=max_step_query_tokens, dtype=dtype, block_size=block_size,
             kv_cache_bytes=kv_cache_bytes, num_threads=num_threads, seed=seed,
         )

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from tgi_space import __version__
 from tgi_space.http.encoding import JSONResponse, dumps
 from tgi_space.http.errors import ApiError, validation_error
-from tgi_space.http.routes_tgi import parse, service_of, simple_tokens
+from tgi_space.http.routes_tgi import parse, service_of
 from tgi_space.http.schemas import ChatRequest, CompletionRequest, GenerateParameters
 from tgi_space.http.service import Service, TokenEvent, unless_disconnected
 from tgi_space.http.sse import sse_response
@@ -220,12 +220,11 @@ async def chat_tokenize(request: Request) -> Response:
     service = service_of(request)
     req = await parse(request, ChatRequest)
     service.metrics.request_count.inc()
-    def work() -> bytes:
-        text = request.app.state.tgi.chat_template.render(req.messages)
-        tokens = simple_tokens(service.engine.tokenizer, text, add_special_tokens=False)
-        return dumps({"tokenize_response": tokens, "templated_text": text}).encode()
-
-    return Response(await asyncio.to_thread(work), media_type="application/json")
+    template = request.app.state.tgi.chat_template
+    text = await asyncio.to_thread(template.render, req.messages)
+    tokens = await asyncio.to_thread(service.tokenizers.tokenize, text, False, None)
+    body = b'{"tokenize_response":' + tokens + b',"templated_text":' + dumps(text).encode() + b"}"
+    return Response(body, media_type="application/json")
 
 
 # ---- /v1/models ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from tgi_space.http.encoding import JSONResponse, dumps
+from tgi_space.http.encoding import JSONResponse
 from tgi_space.http.errors import ApiError, read_json, unhealthy
 from tgi_space.http.schemas import CompatGenerateRequest, GenerateRequest
 from tgi_space.http.service import Generation, Service, TokenEvent, unless_disconnected
@@ -194,50 +194,11 @@ async def compat_generate(request: Request) -> Response:
 
 @router.post("/tokenize")
 async def tokenize(request: Request) -> Response:
-    """Token ids with their text and byte offsets in `inputs` (TGI's `TokenizeResponse`).
-
-    Tokenizing and encoding the answer run on a worker thread: a 2 MB input must not hold the event loop.
-    """
+    """Token ids with their text and byte offsets in `inputs` (TGI's `TokenizeResponse`), off the event loop."""
     service = service_of(request)
     req = await parse(request, GenerateRequest)
-    truncate = req.parameters.truncate
-
-    def work() -> bytes:
-        tokens = simple_tokens(service.engine.tokenizer, req.inputs, add_special_tokens=True)
-        return dumps(tokens[-truncate:] if truncate else tokens).encode()
-
-    return Response(await asyncio.to_thread(work), media_type="application/json")
-
-
-def simple_tokens(tok, text: str, add_special_tokens: bool) -> list[dict]:
-    """TGI's `SimpleToken`s: id, text, start and stop as byte offsets into `text` (linear in its length)."""
-    enc = tok.hf.encode(text, add_special_tokens=add_special_tokens)
-    tokens = []
-    if add_special_tokens and tok.add_bos and tok.bos_token_id is not None and enc.ids[:1] != [tok.bos_token_id]:
-        tokens.append({"id": tok.bos_token_id, "text": "", "start": 0, "stop": 0})
-    to_bytes = ByteOffsets(text)
-    for token_id, (start, stop) in zip(enc.ids, enc.offsets):
-        tokens.append({"id": token_id, "text": text[start:stop], "start": to_bytes(start), "stop": to_bytes(stop)})
-    return tokens
-
-
-class ByteOffsets:
-    """Character offset -> UTF-8 byte offset into `text`; O(distance) from the previous call, so linear overall."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.is_ascii = text.isascii()
-        self.char, self.byte = 0, 0  # the last offset converted
-
-    def __call__(self, char: int) -> int:
-        if self.is_ascii:
-            return char
-        if char >= self.char:
-            self.byte += len(self.text[self.char : char].encode("utf-8", "surrogatepass"))
-        else:  # back a little (several byte-level tokens of one character share its offsets)
-            self.byte -= len(self.text[char : self.char].encode("utf-8", "surrogatepass"))
-        self.char = char
-        return self.byte
+    body = await asyncio.to_thread(service.tokenizers.tokenize, req.inputs, True, req.parameters.truncate)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/info")

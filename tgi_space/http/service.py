@@ -13,6 +13,7 @@ from tgi_space.http.detok import DecodeStream
 from tgi_space.http.errors import ApiError, generation_error, overloaded, unhealthy
 from tgi_space.http.metrics import Metrics
 from tgi_space.http.schemas import GenerateParameters
+from tgi_space.http.tokenizing import TokenizerPool
 from tgi_space.http.validation import Limits, ValidRequest, validate
 from tgi_space.http.worker import EngineWorker
 from tgi_space.sequence import SeqStats
@@ -65,7 +66,8 @@ class Service:
     """Owns the worker's front side: permits, validation, token streams."""
 
     def __init__(
-        self, engine: Engine, worker: EngineWorker, metrics: Metrics, limits: Limits, speculate: str, max_concurrent_requests: int
+        self, engine: Engine, worker: EngineWorker, metrics: Metrics, limits: Limits, speculate: str, max_concurrent_requests: int,
+        validation_workers: int = 2,
     ) -> None:
         self.engine = engine
         self.worker = worker
@@ -74,6 +76,7 @@ class Service:
         self.speculate = speculate
         self.max_concurrent_requests = max_concurrent_requests
         self.in_flight = 0  # requests holding a permit; event loop only
+        self.tokenizers = TokenizerPool(engine.tokenizer, engine.config.model_dir, validation_workers)
 
     def acquire(self) -> None:
         """Take one of `max_concurrent_requests` permits, or 429 (TGI's semaphore); pair with `release`."""
@@ -99,7 +102,9 @@ class Service:
     async def validate(self, inputs: str, params: GenerateParameters, add_special_tokens: bool = True) -> ValidRequest:
         """TGI's validation, counted as a `validation` failure when it fails; tokenizes on a worker thread."""
         try:
-            valid = await asyncio.to_thread(validate, self.engine, self.limits, inputs, params, add_special_tokens)
+            valid = await asyncio.to_thread(
+                validate, self.engine, self.limits, inputs, params, add_special_tokens, self.tokenizers
+            )
         except ApiError:
             self.metrics.request_failure.labels(err="validation").inc()
             raise

@@ -25,7 +25,7 @@ class ServeSettings:
     max_batch_size: int | None = None  # default: the engine's max_num_seqs
     max_client_batch_size: int = 4
     payload_limit: int = 2_000_000
-    validation_workers: int = 2  # reported by /info only: validation runs on the event loop
+    validation_workers: int = 2  # processes that tokenize large inputs (small ones: a thread)
     # engine
     speculate_mode: str | None = None  # None: "space" if the checkpoint has a mask token, else "none"
     space_k_max: int | None = None
@@ -50,6 +50,7 @@ class ServeSettings:
             "max_batch_prefill_tokens": self.max_batch_prefill_tokens,
             "max_client_batch_size": self.max_client_batch_size,
             "payload_limit": self.payload_limit,
+            "validation_workers": self.validation_workers,
         }
         for name, value in positive.items():
             if value < 1:

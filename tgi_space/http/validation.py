@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from tgi_space.engine import Engine
 from tgi_space.http.errors import validation_error
 from tgi_space.http.schemas import GenerateParameters
+from tgi_space.http.tokenizing import TokenizerPool, encode_ids
 from tgi_space.sampling import MAX_SCALE, MIN_SCALE, SamplingParams
 
 
@@ -34,9 +35,13 @@ class ValidRequest:
 
 
 def validate(
-    engine: Engine, limits: Limits, inputs: str, p: GenerateParameters, add_special_tokens: bool = True
+    engine: Engine, limits: Limits, inputs: str, p: GenerateParameters, add_special_tokens: bool = True,
+    tokenizers: TokenizerPool | None = None,
 ) -> ValidRequest:
-    """Check `p` in TGI's order and build SamplingParams; raises ApiError(422) with TGI's message."""
+    """Check `p` in TGI's order and build SamplingParams; raises ApiError(422) with TGI's message.
+
+    Blocking (tokenizes): call it on a thread. `tokenizers` sends large inputs to worker processes.
+    """
     best_of = _check_best_of(p, limits)
     sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
     if best_of > 1 and not sampling:
@@ -55,10 +60,11 @@ def validate(
         raise validation_error(
             f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {p.truncate}"
         )
-    ids = engine.tokenizer.encode(inputs, add_special_tokens=add_special_tokens)
-    if p.truncate is not None:
-        ids = ids[-p.truncate :]
-    max_new = _check_lengths(len(ids), p.max_new_tokens, limits)
+    if tokenizers is None:
+        num_ids, ids = encode_ids(engine.tokenizer, inputs, add_special_tokens, p.truncate, limits.max_input_tokens)
+    else:
+        num_ids, ids = tokenizers.encode(inputs, add_special_tokens, p.truncate, limits.max_input_tokens)
+    max_new = _check_lengths(num_ids, p.max_new_tokens, limits)  # raises when ids is None (too many)
     _check_unsupported(p)
     try:
         params = _sampling_params(p, max_new, top_n)
