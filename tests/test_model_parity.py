@@ -34,7 +34,7 @@ def engine_logits(engine: Engine, tokens: list[int], prefill_len: int) -> torch.
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(tmp_path, family):
     hf = save_checkpoint(tmp_path, family, seed=3)
-    engine = Engine(EngineConfig(model_dir=str(tmp_path), kv_cache_bytes=2**22, block_size=4))
+    engine = Engine(EngineConfig(model_dir=str(tmp_path), dtype="float32", kv_cache_bytes=2**22, block_size=4))
     tokens = torch.randint(4, 90, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([tokens])).logits[0].float()
@@ -59,7 +59,7 @@ def test_sharded_checkpoint_loads(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "sharded" / name).write_bytes((tmp_path / "full" / name).read_bytes())
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    engine = Engine(EngineConfig(model_dir=str(tmp_path / "sharded"), kv_cache_bytes=2**22))
+    engine = Engine(EngineConfig(model_dir=str(tmp_path / "sharded"), dtype="float32", kv_cache_bytes=2**22))
     tokens = list(range(5, 20))
     with torch.no_grad():
         ref = hf(torch.tensor([tokens])).logits[0].float()

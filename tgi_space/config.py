@@ -11,7 +11,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("sdpa", "flash")
+ATTENTION_BACKENDS = ("auto", "matmul", "sdpa", "flash")
 SPECULATE_MODES = ("space", "none")
 
 
@@ -165,9 +165,9 @@ class EngineConfig:
     """Everything the engine needs to start, validated up front."""
 
     model_dir: str
-    dtype: str = "float32"
+    dtype: str = "bfloat16"  # batch-invariant on CPU with the matmul backend (docs/lossless.md)
     device: str = "cpu"
-    attention_backend: str = "sdpa"
+    attention_backend: str = "auto"  # matmul on CPU, flash on CUDA when flash-attn is installed, else sdpa
     block_size: int = 16
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float = 0.25
@@ -175,6 +175,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     space: SpacePolicy = field(default_factory=SpacePolicy)
     seed: int = 0
+    # Rows per GEMM call. None: 32 on CPU in bf16/fp16 (keeps oneDNN's GEMMs batch-invariant,
+    # docs/lossless.md), unlimited otherwise; 0: always one call.
+    gemm_row_block: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -183,6 +186,13 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
+        if self.attention_backend == "auto":
+            self.attention_backend = default_attention_backend(self.device)
+        if self.gemm_row_block is None:
+            on_cpu = not str(self.device).startswith("cuda")
+            self.gemm_row_block = 32 if on_cpu and self.dtype != "float32" else 0
+        if self.gemm_row_block < 0:
+            raise ValueError(f"gemm_row_block must be >= 0 (0 = one GEMM call), got {self.gemm_row_block}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
@@ -193,3 +203,12 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+def default_attention_backend(device: str) -> str:
+    """'matmul' on CPU (batch-invariant, one call per step); on CUDA 'flash' if flash-attn is installed, else 'sdpa'."""
+    if not str(device).startswith("cuda"):
+        return "matmul"
+    import importlib.util
+
+    return "flash" if importlib.util.find_spec("flash_attn") is not None else "sdpa"

@@ -58,7 +58,7 @@ class Engine:
         self.backend = make_backend(config.attention_backend)
         num_blocks = self._num_cache_blocks()
         self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, config.device)
-        self.model.ctx = ForwardContext(self.kv_caches, self.backend, self.rotary)
+        self.model.ctx = self._context(self.kv_caches)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.k_max = self._k_max()
         self.scheduler = Scheduler(
@@ -99,13 +99,16 @@ class Engine:
             raise ValueError(f"kv_cache_bytes: budget {budget} holds no block of {per_block} bytes")
         return num_blocks
 
+    def _context(self, kv_caches: list[torch.Tensor]) -> ForwardContext:
+        return ForwardContext(kv_caches, self.backend, self.rotary, self.config.gemm_row_block or None)
+
     @torch.inference_mode()
     def _warmup(self) -> None:
         """A worst-case prefill on a throwaway cache, so peak activation memory is taken first."""
         n = min(self.config.max_num_batched_tokens, self.model_config.max_model_len)
         blocks = -(-n // self.config.block_size)
         caches = allocate_kv_cache(self.model_config, blocks, self.config.block_size, self.dtype, self.config.device)
-        self.model.ctx = ForwardContext(caches, self.backend, self.rotary)
+        self.model.ctx = self._context(caches)
         plan = SeqPlan(chain=[0] * n, num_candidates=0, anchors=[], group_size=0, num_cached=0)
         layout = build_layout([plan], 0)
         slots = torch.arange(n, device=self.config.device)

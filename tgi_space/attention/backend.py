@@ -32,7 +32,11 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: Att
 
 
 def make_backend(name: str) -> AttentionBackend:
-    """The backend named in the engine configuration ('sdpa' or 'flash')."""
+    """The backend named in the engine configuration ('matmul', 'sdpa' or 'flash')."""
+    if name == "matmul":
+        from tgi_space.attention.matmul import MatmulBackend
+
+        return MatmulBackend()
     if name == "sdpa":
         from tgi_space.attention.sdpa import SdpaBackend
 
@@ -41,4 +45,4 @@ def make_backend(name: str) -> AttentionBackend:
         from tgi_space.attention.flash import FlashBackend
 
         return FlashBackend()
-    raise ValueError(f"attention_backend must be 'sdpa' or 'flash', got {name!r}")
+    raise ValueError(f"attention_backend must be 'matmul', 'sdpa' or 'flash', got {name!r}")

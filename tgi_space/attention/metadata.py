@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -33,3 +34,86 @@ class AttentionMetadata:
     def rows(self, i: int) -> slice:
         """Flat rows of sequence i."""
         return slice(self.cu_seqlens_q[i], self.cu_seqlens_q[i + 1])
+
+    @cached_property
+    def padded(self) -> "PaddedBatch":
+        """The batch as [B, max rows] queries against [B, max keys] keys; built on first use, shared by all layers."""
+        return PaddedBatch.build(self)
+
+
+# Keys per sequence are padded to a multiple of this. Elementwise kernels (torch.exp
+# in the softmax) finish a contiguous range that is not a multiple of their vector
+# width with scalar code, whose last bit can differ; with every row 64-aligned no
+# element ever lands in such a tail, wherever its row sits in the batch.
+KEY_ALIGN = 64
+
+
+@dataclass
+class PaddedBatch:
+    """The ragged batch laid out for batched matmul attention.
+
+    Sequence b's keys sit at [b, 0 .. ctx_b + n_b): its cached prefix in position
+    order, then its n_b new rows in row order, so a key's index depends only on the
+    sequence and never on what else is in the batch (this keeps every row's
+    arithmetic batch-invariant). Padding keys read slot 0 and are masked.
+    """
+
+    num_seqs: int  # B
+    max_rows: int  # n_max: query rows per sequence after padding
+    max_keys: int  # L_max: keys per sequence after padding
+    query_index: torch.Tensor | None  # [N] flat row -> b * n_max + r; None when no sequence is padded
+    key_slots: torch.Tensor  # [B * L_max] cache slot read for each key position
+    new_key_index: torch.Tensor  # [N] flat row -> b * L_max + ctx_b + r, where its own K/V goes
+    mask: torch.Tensor  # [B, n_max, L_max] bool: query row r of b may attend to key j
+
+    @classmethod
+    def build(cls, meta: AttentionMetadata) -> "PaddedBatch":
+        """Every index tensor and the mask, with tensor operations (no per-layer work)."""
+        device = meta.write_slots.device
+        counts = [meta.cu_seqlens_q[i + 1] - meta.cu_seqlens_q[i] for i in range(meta.num_seqs)]
+        n_max = max(counts)
+        l_max = -(-max(c + n for c, n in zip(meta.context_lens, counts)) // KEY_ALIGN) * KEY_ALIGN
+        n = torch.tensor(counts, device=device)
+        ctx = torch.tensor(meta.context_lens, device=device)
+        seq_of_row = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device), n)  # [N]
+        row_in_seq = torch.arange(seq_of_row.numel(), device=device) - (torch.cumsum(n, 0) - n)[seq_of_row]
+        ragged = any(c != n_max for c in counts)
+        return cls(
+            num_seqs=meta.num_seqs,
+            max_rows=n_max,
+            max_keys=l_max,
+            query_index=seq_of_row * n_max + row_in_seq if ragged else None,
+            key_slots=_key_slots(meta, ctx, l_max),
+            new_key_index=seq_of_row * l_max + ctx[seq_of_row] + row_in_seq,
+            mask=_mask(meta, n, ctx, n_max, l_max),
+        )
+
+
+def _key_slots(meta: AttentionMetadata, ctx: torch.Tensor, l_max: int) -> torch.Tensor:
+    """[B * L_max] cache slots: each sequence's prefix at its first ctx_b positions, 0 elsewhere."""
+    device = ctx.device
+    slots = torch.zeros(meta.num_seqs * l_max, dtype=torch.long, device=device)
+    if int(sum(meta.context_lens)):
+        seq_of_key = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device), ctx)
+        pos = torch.arange(seq_of_key.numel(), device=device) - (torch.cumsum(ctx, 0) - ctx)[seq_of_key]
+        slots[seq_of_key * l_max + pos] = torch.cat(meta.prefix_slots).to(device)
+    return slots
+
+
+def _mask(meta: AttentionMetadata, n: torch.Tensor, ctx: torch.Tensor, n_max: int, l_max: int) -> torch.Tensor:
+    """[B, n_max, L_max]: the whole prefix, then the new rows allowed by each visibility matrix."""
+    device = ctx.device
+    vis = torch.stack([_pad_square(v.to(device), n_max) for v in meta.visibility])  # [B, n_max, n_max]
+    col = torch.arange(l_max, device=device)[None, :] - ctx[:, None]  # [B, L_max]: index among new rows
+    is_new = (col >= 0) & (col < n[:, None])
+    index = col.clamp(0, n_max - 1)[:, None, :].expand(-1, n_max, -1)  # [B, n_max, L_max]
+    mask = vis.gather(2, index) & is_new[:, None, :]
+    mask |= (col < 0)[:, None, :]
+    mask[:, :, 0] |= torch.arange(n_max, device=device)[None, :] >= n[:, None]  # padding rows see key 0
+    return mask
+
+
+def _pad_square(v: torch.Tensor, size: int) -> torch.Tensor:
+    """v [n, n] zero-padded to [size, size]."""
+    pad = size - v.shape[0]
+    return torch.nn.functional.pad(v, (0, pad, 0, pad)) if pad else v

@@ -9,7 +9,7 @@ from torch import nn
 from tgi_space.attention.backend import AttentionBackend
 from tgi_space.attention.metadata import AttentionMetadata
 from tgi_space.config import ModelConfig
-from tgi_space.model.rotary import RotaryEmbedding
+from tgi_space.model.rotary import RopeTables, RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -40,14 +40,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: "ForwardContext", layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: "RopeTables", ctx: "ForwardContext", layer: int) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = ctx.rotary.apply(q.view(n, self.num_heads, self.head_dim), positions)
-        k = ctx.rotary.apply(k.view(n, self.num_kv_heads, self.head_dim), positions)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+        qkv = ctx.linear(self.qkv_proj, x)  # [N, (h + 2 kvh) * d]
+        qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = rope.rotate(qk)  # q and k heads rotated in one pass
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         out = ctx.backend.forward(q, k, v, ctx.kv_caches[layer], ctx.meta, self.scale)
-        return self.o_proj(out.reshape(n, self.q_size))
+        return ctx.linear(self.o_proj, out.reshape(n, self.q_size))
 
 
 class MLP(nn.Module):
@@ -58,9 +59,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        gate, up = ctx.linear(self.gate_up_proj, x).chunk(2, dim=-1)
+        return ctx.linear(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -73,19 +74,38 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: "ForwardContext", layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, ctx, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, rope: "RopeTables", ctx: "ForwardContext", layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, ctx, layer)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
 class ForwardContext:
     """What a forward pass reads besides its inputs: cache tensors, backend, rotary tables, metadata."""
 
-    def __init__(self, kv_caches: list[torch.Tensor], backend: AttentionBackend, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self,
+        kv_caches: list[torch.Tensor],
+        backend: AttentionBackend,
+        rotary: RotaryEmbedding,
+        gemm_row_block: int | None = None,
+    ) -> None:
         self.kv_caches = kv_caches  # num_layers x [2, num_slots, num_kv_heads, head_dim], set at engine start
         self.backend = backend
         self.rotary = rotary
+        self.gemm_row_block = gemm_row_block  # rows per GEMM call (batch invariance), None = one call
         self.meta: AttentionMetadata | None = None  # set before each forward
+
+    def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """layer(x) [N, out], in calls of at most `gemm_row_block` rows.
+
+        oneDNN's bf16 GEMM switches to a K-blocked kernel above 32 rows (for K >= 512
+        on the CPUs measured), which rounds some rows differently; calls of <= 32 rows
+        give every row the bits it gets alone, whatever else is in the batch.
+        """
+        block = self.gemm_row_block
+        if block is None or x.shape[0] <= block:
+            return layer(x)
+        return torch.cat([layer(rows) for rows in x.split(block)])
 
 
 class LlamaForCausalLM(nn.Module):
@@ -114,8 +134,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] of the flat batch input_ids [N] at positions [N]."""
         x = self.embed_tokens(input_ids)
+        rope = self.ctx.rotary.tables(positions)  # once per step, shared by every layer
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.ctx, i)
+            x = layer(x, rope, self.ctx, i)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

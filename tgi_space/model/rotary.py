@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -47,9 +48,23 @@ class RotaryEmbedding:
         self.cos = angles.cos().to(device=device, dtype=dtype)  # [max_pos, head_dim // 2]
         self.sin = angles.sin().to(device=device, dtype=dtype)
 
+    def tables(self, positions: torch.Tensor) -> "RopeTables":
+        """The step's cos/sin rows for positions [N], looked up once and reused by every layer."""
+        return RopeTables(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x [N, heads, head_dim] (halves layout, as HF Llama) by positions [N]."""
-        cos = self.cos[positions].unsqueeze(1)  # [N, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
+        return self.tables(positions).rotate(x)
+
+
+@dataclass
+class RopeTables:
+    """cos/sin of one step's positions: [N, 1, head_dim // 2] each."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [N, heads, head_dim] (halves layout, as HF Llama)."""
         x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return torch.cat((x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin), dim=-1)

@@ -1,0 +1,60 @@
+"""Batched matmul attention for the whole ragged batch: the CPU default, batch-invariant in bf16.
+
+All sequences go through one pair of batched matmuls, padded to [B, n_max] query
+rows and [B, L_max] keys (`PaddedBatch`). Every op is chosen so that a row gets
+the same bits whatever else is in the batch, for bf16 on CPU (oneDNN):
+
+- scores: a bf16 matmul, reduced over head_dim only; oneDNN's bf16 matmul gives
+  each output element the same bits whatever M and N are;
+- softmax numerators exp(s - max) in float32, elementwise (max is exact in any order);
+- the denominator is not a float32 `sum` (whose reduction order depends on the
+  padded length) but comes out of the same bf16 matmul as the numerators: V gets
+  a column of ones, so column d of P @ [V | 1] is sum(P). Masked keys contribute
+  exact zeros, and a key's index never depends on the batch, so the K-reduction
+  sees the same nonzero terms in the same places.
+
+In float32 the same code runs through MKL, whose results vary in the last bits
+with the matrix shapes; greedy equality there holds up to float non-associativity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tgi_space.attention.backend import write_kv
+from tgi_space.attention.metadata import AttentionMetadata
+
+
+class MatmulBackend:
+    """One batched attention for every sequence of the step (no per-sequence loop)."""
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention output [N, num_heads, head_dim]; stores kept rows' K/V first."""
+        write_kv(k, v, kv_cache, meta)
+        pb = meta.padded
+        keys = kv_cache.index_select(1, pb.key_slots)  # [2, B * L_max, kvh, d]
+        keys.index_copy_(1, pb.new_key_index, torch.stack((k, v)))
+        return padded_attention(q, keys, pb, scale)
+
+
+def padded_attention(q: torch.Tensor, kv: torch.Tensor, pb, scale: float) -> torch.Tensor:
+    """q [N, h, d] against padded kv [2, B * L_max, kvh, d] under pb.mask; out [N, h, d]."""
+    n, h, d = q.shape
+    kvh = kv.shape[2]
+    b, rows, length, group = pb.num_seqs, pb.max_rows, pb.max_keys, h // kvh
+    if pb.query_index is not None:
+        q = q.new_zeros(b * rows, h, d).index_copy_(0, pb.query_index, q)
+    q = q.view(b, rows, kvh, group, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, rows * group, d)
+    keys = kv[0].view(b, length, kvh, d).permute(0, 2, 3, 1)  # [B, kvh, d, L]
+    values = torch.cat((kv[1], kv.new_ones(b * length, kvh, 1)), dim=-1)
+    values = values.view(b, length, kvh, d + 1).transpose(1, 2)  # [B, kvh, L, d + 1]
+    scores = torch.matmul(q, keys).float().mul_(scale).view(b, kvh, rows, group, length)
+    scores.masked_fill_(~pb.mask[:, None, :, None, :], float("-inf"))
+    probs = torch.exp(scores - scores.amax(-1, keepdim=True)).to(q.dtype).view(b, kvh, rows * group, length)
+    out = torch.matmul(probs, values).float()  # [B, kvh, rows * group, d + 1]
+    out = (out[..., :d] / out[..., d:]).to(q.dtype)
+    out = out.view(b, kvh, rows, group, d).permute(0, 2, 1, 3, 4).reshape(b * rows, h, d)
+    return out if pb.query_index is None else out.index_select(0, pb.query_index)
