@@ -16,7 +16,8 @@ class InProcessServer:
     """The app loaded before start (so tests may reach its engine), served on 127.0.0.1:<free port>."""
 
     def __init__(self, model_dir, **settings) -> None:
-        options = {"kv_cache_bytes": ENGINE_ARGS["kv_cache_bytes"], "block_size": ENGINE_ARGS["block_size"], **settings}
+        options = {"kv_cache_bytes": ENGINE_ARGS["kv_cache_bytes"], "block_size": ENGINE_ARGS["block_size"],
+                   "num_threads": 1, "device": "cpu", **settings}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(ServeSettings(model_id=str(model_dir), port=self.port, **options), str(model_dir),

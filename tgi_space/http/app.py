@@ -45,17 +45,21 @@ class ServerState:
     def load(self) -> None:
         """Build the engine, start its thread, then publish the service (so /health turns 200)."""
         s = self.settings
-        if s.num_threads:
-            torch.set_num_threads(s.num_threads)
+        device = s.resolve_device(torch.cuda.is_available())
+        if device == "cpu":
+            torch.set_num_threads(s.resolve_num_threads())
         engine_options = dict(
-            model_dir=self.model_dir, dtype=s.dtype, block_size=s.block_size, kv_cache_bytes=s.kv_cache_bytes,
+            model_dir=self.model_dir, dtype=s.dtype, device=device, block_size=s.block_size, kv_cache_bytes=s.kv_cache_bytes,
             max_num_batched_tokens=s.max_batch_prefill_tokens, seed=s.seed,
             space=SpacePolicy(k_max=s.space_k_max, max_step_query_tokens=s.max_step_query_tokens),
         )
         if s.max_batch_size:
             engine_options["max_num_seqs"] = s.max_batch_size
+        if s.attention_backend is not None:
+            engine_options["attention_backend"] = s.attention_backend
         engine = Engine(EngineConfig(**engine_options))
-        max_input, max_total = s.resolve_limits(engine.model_config.max_model_len)
+        kv_tokens = engine.block_manager.num_blocks * engine.config.block_size - engine.k_max
+        max_input, max_total = s.resolve_limits(engine.model_config.max_model_len, kv_tokens)
         limits = Limits(s.max_best_of, s.max_stop_sequences, s.max_top_n_tokens, max_input, max_total)
         speculate = s.speculate_mode or ("space" if engine.mask_token_id is not None else "none")
         if speculate == "space" and engine.mask_token_id is None:

@@ -16,12 +16,33 @@ from tgi_space.http.settings import ServeSettings
 
 
 def resolve_model_dir(model_id: str) -> str:
-    """A local checkpoint folder as is; anything else is taken as a Hub repository and downloaded."""
-    if Path(model_id).is_dir():
-        return model_id
+    """A local checkpoint folder as is; a Hub repository id is downloaded. Errors are one clear line."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise typer.BadParameter(f"{model_id} is a file; give the checkpoint's folder", param_hint="--model")
+    if looks_local(model_id):
+        raise typer.BadParameter(f"no such folder: {model_id} (and it is not a Hub repository id)", param_hint="--model")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    try:
+        return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as err:  # noqa: BLE001 - any Hub failure: one line, not a 360-line traceback
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise typer.BadParameter(
+            f"{model_id!r} is not a local folder, and downloading it from the Hub failed: {type(err).__name__}: {reason}",
+            param_hint="--model",
+        ) from None
+
+
+def looks_local(model_id: str) -> bool:
+    """Whether `model_id` can only mean a path: absolute, relative with ./ ../ ~, more than one `/`, an existing file,
+    or a first component that is a local folder (`models/tiny-space-pi`)."""
+    if model_id.startswith(("/", "./", "../", "~", ".\\")) or "\\" in model_id or model_id.count("/") > 1:
+        return True
+    path = Path(model_id)
+    return path.exists() or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
 
 
 def serve(
@@ -42,10 +63,16 @@ def serve(
     speculate_mode: Optional[str] = typer.Option(None, envvar="SPECULATE_MODE", help="space | none (default: space on a SPACE checkpoint)."),
     space_k_max: Optional[int] = typer.Option(None, envvar="SPACE_K_MAX", help="Candidates per step at most (default: the checkpoint's)."),
     max_step_query_tokens: int = typer.Option(512, envvar="SPACE_MAX_STEP_QUERY_TOKENS", help="Query-row budget that picks k per step."),
-    dtype: str = typer.Option("float32", envvar="DTYPE"),
+    dtype: str = typer.Option("float32", envvar="DTYPE", help="float32 | bfloat16 | float16."),
+    device: str = typer.Option("auto", envvar="DEVICE", help="auto (cuda if torch sees a GPU, else cpu) | cpu | cuda | cuda:N."),
+    attention_backend: Optional[str] = typer.Option(
+        None, envvar="ATTENTION_BACKEND", help="Attention kernels (default: the engine's choice for the device)."
+    ),
     block_size: int = typer.Option(16, envvar="BLOCK_SIZE"),
     kv_cache_bytes: Optional[int] = typer.Option(None, envvar="KV_CACHE_BYTES", help="Default: a fraction of free memory."),
-    num_threads: Optional[int] = typer.Option(None, envvar="NUM_THREADS", help="torch CPU threads."),
+    num_threads: Optional[int] = typer.Option(
+        None, envvar="NUM_THREADS", help="torch CPU threads (default: the physical cores this process may use)."
+    ),
     seed: int = typer.Option(0, envvar="SEED", help="Seeds the engine's own random numbers."),
     log_level: str = typer.Option("info", envvar="LOG_LEVEL"),
 ) -> None:
@@ -63,9 +90,13 @@ def serve(
             max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_size=max_batch_size,
             max_client_batch_size=max_client_batch_size, payload_limit=payload_limit, speculate_mode=speculate_mode,
             validation_workers=validation_workers,
-            space_k_max=space_k_max, max_step_query_tokens=max_step_query_tokens, dtype=dtype, block_size=block_size,
+            space_k_max=space_k_max, max_step_query_tokens=max_step_query_tokens, dtype=dtype, device=device,
+            attention_backend=attention_backend, block_size=block_size,
             kv_cache_bytes=kv_cache_bytes, num_threads=num_threads, seed=seed,
         )
+        import torch
+
+        settings.resolve_device(torch.cuda.is_available())  # --device cuda without a GPU: say so now
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     app = create_app(settings, resolve_model_dir(model))

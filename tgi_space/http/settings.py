@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from tgi_space.config import DTYPES, SPECULATE_MODES
+from tgi_space.config import ATTENTION_BACKENDS, DTYPES, SPECULATE_MODES
+from tgi_space.http.threads import default_num_threads
 
 
 @dataclass
@@ -31,9 +33,11 @@ class ServeSettings:
     space_k_max: int | None = None
     max_step_query_tokens: int = 512
     dtype: str = "float32"
+    device: str = "auto"  # auto: cuda if torch sees a GPU, else cpu (TGI always uses the GPU)
+    attention_backend: str | None = None  # None: the engine's default for the device
     block_size: int = 16
     kv_cache_bytes: int | None = None
-    num_threads: int | None = None
+    num_threads: int | None = None  # None: the physical cores this process may use
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -43,6 +47,14 @@ class ServeSettings:
             raise ValueError(f"speculate_mode must be one of {', '.join(SPECULATE_MODES)}, got {self.speculate_mode!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         positive = {
             "max_concurrent_requests": self.max_concurrent_requests,
             "max_best_of": self.max_best_of,
@@ -63,11 +75,36 @@ class ServeSettings:
         if max_input is not None and max_total is not None and max_input >= max_total:
             raise ValueError(f"`max_input_tokens`({max_input}) must be < `max_total_tokens`({max_total})")
 
-    def resolve_limits(self, max_model_len: int) -> tuple[int, int]:
-        """(max_input_tokens, max_total_tokens) with defaults from the model's context length."""
+    def resolve_device(self, cuda_available: bool) -> str:
+        """The torch device: `auto` is cuda when a GPU is visible; cuda without one is an error, not a silent CPU."""
+        if self.device == "auto":
+            return "cuda" if cuda_available else "cpu"
+        if self.device.startswith("cuda") and not cuda_available:
+            raise ValueError(f"device {self.device}: torch sees no CUDA device (is a CUDA build of torch installed?)")
+        return self.device
+
+    def resolve_num_threads(self) -> int:
+        """torch CPU threads: --num-threads, else the physical cores this process may use."""
+        return self.num_threads if self.num_threads is not None else default_num_threads()
+
+    def resolve_limits(self, max_model_len: int, kv_cache_tokens: int | None = None) -> tuple[int, int]:
+        """(max_input_tokens, max_total_tokens): defaults from the context length and what the KV cache holds.
+
+        `kv_cache_tokens`: the longest request the cache can hold (slots minus the k candidate slots).
+        A max_total_tokens given explicitly beyond it is an error, as in TGI's warm-up; left unset, it is capped.
+        """
         max_total = self.max_total_tokens or max_model_len
         if max_total > max_model_len:
             raise ValueError(f"max_total_tokens ({max_total}) must be <= the model's context length ({max_model_len})")
+        if kv_cache_tokens is not None and max_total > kv_cache_tokens:
+            if self.max_total_tokens is not None:
+                raise ValueError(
+                    f"max_total_tokens ({max_total}) does not fit the KV cache, which holds requests of at most "
+                    f"{kv_cache_tokens} tokens; raise --kv-cache-bytes or lower --max-total-tokens"
+                )
+            max_total = kv_cache_tokens
+        if max_total < 2:
+            raise ValueError(f"kv_cache_bytes: the KV cache holds requests of {kv_cache_tokens} tokens, too few to serve")
         max_input = self.max_input_tokens if self.max_input_tokens is not None else max_total - 1
         self.check_token_limits(max_input, max_total)
         return max_input, max_total
