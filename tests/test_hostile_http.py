@@ -154,3 +154,28 @@ def test_minus_infinity_logprobs_stream_as_null(client):
     with client.stream("POST", "/generate_stream", json=gen(top_k=1, top_n_tokens=5, seed=1)) as r:
         text = "".join(r.iter_text())
     assert "Infinity" not in text and '"logprob":null' in text
+
+
+def test_openapi_has_request_and_response_schemas_at_tgis_path_too(client):
+    doc = client.get("/openapi.json").json()
+    assert client.get("/api-doc/openapi.json").json() == doc
+    components = doc["components"]["schemas"]
+    assert {"GenerateRequest", "GenerateParameters", "ChatRequest", "GenerateResponse", "ErrorResponse"} <= set(components)
+    generate = doc["paths"]["/generate"]["post"]
+    assert generate["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/GenerateRequest"}
+    assert generate["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/GenerateResponse")
+    assert generate["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "temperature" in components["GenerateParameters"]["properties"]
+    refs = {v for v in _walk(doc) if isinstance(v, str) and v.startswith("#/components/schemas/")}
+    assert {ref.rsplit("/", 1)[1] for ref in refs} <= set(components)  # every $ref resolves
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+    else:
+        yield node

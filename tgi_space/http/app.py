@@ -22,6 +22,7 @@ from tgi_space.http.chat import ChatTemplate
 from tgi_space.http.encoding import JSONResponse
 from tgi_space.http.errors import ApiError
 from tgi_space.http.metrics import Metrics
+from tgi_space.http.openapi import openapi_schema
 from tgi_space.http.service import ClientGone, Service
 from tgi_space.http.settings import ServeSettings
 from tgi_space.http.validation import Limits
@@ -123,6 +124,8 @@ def create_app(settings: ServeSettings, model_dir: str, load_in_background: bool
     app.state.tgi = state
     app.include_router(routes_openai.router)
     app.include_router(routes_tgi.router)
+    app.openapi = lambda: openapi_schema(app)
+    app.add_api_route("/api-doc/openapi.json", lambda: JSONResponse(app.openapi()), include_in_schema=False)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
     app.add_exception_handler(ClientGone, _client_gone)
