@@ -1,0 +1,24 @@
+"""What a user reads matches what is there (issue 11, item 16)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_empty_log_files_at_the_repository_root():
+    assert [p.name for p in ROOT.glob("*.log") if p.stat().st_size == 0] == []
+
+
+def test_serving_doc_does_not_call_the_quoted_load_benchmark_unrun():
+    readme, serving = (ROOT / "README.md").read_text(), (ROOT / "docs" / "serving.md").read_text()
+    if "Serving under load (measured here)" in readme:
+        load_section = serving[serving.index("### Load benchmark"):]
+        assert "Not run yet" not in load_section.split("\n## ")[0]
+        assert "13.2" in load_section  # the same figures as the README
+
+
+def test_patches_readme_warns_that_the_server_script_is_replaced():
+    text = (ROOT / "patches" / "README.md").read_text()
+    assert "replaces TGI's `text-generation-server` script" in text
