@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL ?= models/tiny-space-py
 EXTRAS ?= dev,train,bench,server
 
-.PHONY: setup serve run test bench tiny-model clean
+.PHONY: setup serve run test bench tiny-model clean gpu-check
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,16 @@ run: setup
 ## Tests; pytest's exit code 5 (nothing collected) fails like any other.
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests integration-tests
+
+## On a GPU machine: the CUDA tests (flash backend, parity, SPACE == plain decoding) and a short
+## speed table. Without a GPU it says so and succeeds, so it is safe to call anywhere.
+gpu-check: setup
+	@if ! $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  echo "gpu-check: SKIPPED: torch $$($(PY) -c 'import torch; print(torch.__version__)') sees no CUDA device."; \
+	  echo "gpu-check: on a GPU machine, install a CUDA build of torch (and optionally flash-attn) into $(VENV), then run it again."; \
+	else \
+	  $(PY) -m pytest -q -p no:cacheprovider -m cuda -rs -s tests; \
+	fi
 
 bench: setup
 	$(VENV)/bin/tgi-space bench --model $(MODEL) --out benchmarks

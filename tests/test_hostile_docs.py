@@ -22,3 +22,14 @@ def test_serving_doc_does_not_call_the_quoted_load_benchmark_unrun():
 def test_patches_readme_warns_that_the_server_script_is_replaced():
     text = (ROOT / "patches" / "README.md").read_text()
     assert "replaces TGI's `text-generation-server` script" in text
+
+
+def test_make_gpu_check_skips_cleanly_without_a_gpu():
+    import os
+    import subprocess
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, whatever the machine has
+    result = subprocess.run(["make", "-s", "-o", ".venv/.installed", "gpu-check"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "gpu-check: SKIPPED" in result.stdout and "sees no CUDA device" in result.stdout
