@@ -18,6 +18,7 @@ from tgi_space import __version__
 from tgi_space.config import EngineConfig, SpacePolicy
 from tgi_space.engine import Engine
 from tgi_space.http import routes_openai, routes_tgi
+from tgi_space.http.access import add_access_control
 from tgi_space.http.chat import ChatTemplate
 from tgi_space.http.encoding import JSONResponse
 from tgi_space.http.errors import ApiError
@@ -124,6 +125,7 @@ def create_app(settings: ServeSettings, model_dir: str, load_in_background: bool
     app.state.tgi = state
     app.include_router(routes_openai.router)
     app.include_router(routes_tgi.router)
+    add_access_control(app, settings.api_key, settings.cors_allow_origin)
     app.openapi = lambda: openapi_schema(app)
     app.add_api_route("/api-doc/openapi.json", lambda: JSONResponse(app.openapi()), include_in_schema=False)
     app.add_exception_handler(ApiError, _api_error)

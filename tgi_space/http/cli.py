@@ -6,9 +6,8 @@ HOSTNAME, PORT, MAX_INPUT_TOKENS, ...), so the same settings work for both.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -75,13 +74,19 @@ def serve(
     ),
     seed: int = typer.Option(0, envvar="SEED", help="Seeds the engine's own random numbers."),
     log_level: str = typer.Option("info", envvar="LOG_LEVEL"),
+    json_output: bool = typer.Option(False, "--json-output", envvar="JSON_OUTPUT", help="Logs as one JSON object per line."),
+    api_key: Optional[str] = typer.Option(None, envvar="API_KEY", help="Require `Authorization: Bearer <key>`."),
+    cors_allow_origin: Optional[List[str]] = typer.Option(
+        None, envvar="CORS_ALLOW_ORIGIN", help="Allowed CORS origins (repeat the option); default: any."
+    ),
 ) -> None:
     """Serve a checkpoint with TGI's HTTP API (`/generate`, `/generate_stream`, ...) and OpenAI's routes."""
     import uvicorn
 
+    from tgi_space.http.access import configure_logging
     from tgi_space.http.app import create_app
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = configure_logging(log_level, json_output)
     try:
         settings = ServeSettings(
             model_id=model, hostname=hostname, port=port, max_concurrent_requests=max_concurrent_requests,
@@ -92,7 +97,8 @@ def serve(
             validation_workers=validation_workers,
             space_k_max=space_k_max, max_step_query_tokens=max_step_query_tokens, dtype=dtype, device=device,
             attention_backend=attention_backend, block_size=block_size,
-            kv_cache_bytes=kv_cache_bytes, num_threads=num_threads, seed=seed,
+            kv_cache_bytes=kv_cache_bytes, num_threads=num_threads, seed=seed, api_key=api_key,
+            cors_allow_origin=list(cors_allow_origin) if cors_allow_origin else None,
         )
         import torch
 
@@ -100,7 +106,8 @@ def serve(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     app = create_app(settings, resolve_model_dir(model))
-    uvicorn.run(app, host=hostname, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+    extra = {"log_config": log_config} if log_config else {}
+    uvicorn.run(app, host=hostname, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5, **extra)
 
 
 def register(app: typer.Typer) -> None:

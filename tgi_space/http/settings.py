@@ -27,6 +27,8 @@ class ServeSettings:
     max_batch_size: int | None = None  # default: the engine's max_num_seqs
     max_client_batch_size: int = 4
     payload_limit: int = 2_000_000
+    api_key: str | None = None  # Bearer token required on every route but health, info, metrics, docs
+    cors_allow_origin: list[str] | None = None  # None: any origin (as TGI)
     validation_workers: int = 2  # processes that tokenize large inputs (small ones: a thread)
     # engine
     speculate_mode: str | None = None  # None: "space" if the checkpoint has a mask token, else "none"
