@@ -174,3 +174,33 @@ def test_a_poisoned_request_among_eight_streams_fails_alone(server, monkeypatch)
     assert [r[0] for r in results] == alone
     assert engine.block_manager.num_free_blocks == free_at_start
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_worker_reports_an_engine_isolated_failure_to_its_request_only():
+    """The contract with the engine: a sequence that failed alone comes back with `error` set."""
+    import asyncio
+
+    from tgi_space.http.metrics import Metrics
+    from tgi_space.http.worker import EngineWorker, RequestHandle
+    from tgi_space.sampling import SamplingParams
+    from tgi_space.sequence import Sequence, TokenInfo
+
+    class FakeEngine:
+        class block_manager:  # noqa: N801 - stands in for the attribute
+            num_blocks = num_free_blocks = 8
+
+    async def run():
+        worker = EngineWorker(FakeEngine(), Metrics())
+        loop = asyncio.get_running_loop()
+        failed, healthy = (Sequence(i, [1, 2], SamplingParams(), False, None) for i in range(2))
+        failed.error, failed.finish_reason = "FloatingPointError: poisoned request", "error"
+        handles = {s.seq_id: RequestHandle([1, 2], s.params, "none", loop) for s in (failed, healthy)}
+        worker.handles = dict(handles)
+        worker._publish(failed, [], ([], []))
+        worker._publish(healthy, [TokenInfo(5, -0.1, [], 0)], ([], []))
+        bad, good = await handles[0].outputs.get(), await handles[1].outputs.get()
+        return bad, good, worker.handles
+
+    bad, good, left = asyncio.run(run())
+    assert bad.error == "FloatingPointError: poisoned request" and good.error is None and good.tokens[0].token_id == 5
+    assert list(left) == [1]  # the healthy request is still in flight

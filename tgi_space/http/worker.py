@@ -169,6 +169,12 @@ class EngineWorker:
         self.metrics.record_step(len(tokens), _diff(drafted, before[0]), _diff(accepted, before[1]))
         if handle is None:
             return
+        error = getattr(seq, "error", None)  # set by the engine when this request alone failed in the step
+        if error:
+            del self.handles[seq.seq_id]
+            self.metrics.record_request_stats(seq.stats)
+            handle.push(StepOutput(tokens, error=error))
+            return
         finished = seq.finish_reason if seq.is_finished else None
         if finished:
             del self.handles[seq.seq_id]
