@@ -157,6 +157,12 @@ def _expand(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def check_data_paths(paths: Sequence[str | Path]) -> None:
+    """Every data path exists and together they hold at least one file (DataError naming what is wrong)."""
+    if not _expand(paths):
+        raise DataError(f"no data files found in {list(map(str, paths))}")
+
+
 def load_examples(
     paths: Sequence[str | Path], tokenizer: Any, seq_len: int, k: int, skips: SkipCounter | None = None
 ) -> list[Example]:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from tgi_space.train.collator import IGNORE, SpaceCollator
@@ -216,11 +216,39 @@ def run_training(
     trainer = SpaceTrainer(
         model=model, args=args, train_dataset=ExampleDataset(examples), data_collator=collator, callbacks=callbacks
     )
+    trainer.add_callback(ScheduleResync())
     resume = last_checkpoint(cfg.output) if cfg.resume else None
     if resume:
         log.info("resuming from %s", resume)
-    per_step = cfg.batch_size * cfg.grad_accum * args.world_size
-    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(examples) / per_step * cfg.epochs)
+    steps = optimizer_steps(len(examples), cfg, args.world_size)
     log.info("training %d examples for %d optimizer steps (k=%d, p_ar=%.2f)", len(examples), steps, cfg.k, cfg.p_ar)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
+
+
+def optimizer_steps(num_examples: int, cfg: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps of the run, counted as the Trainer counts them (partial batches and GA windows count)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    batches = math.ceil(math.ceil(num_examples / world_size) / cfg.batch_size)  # per process, last batch partial
+    per_epoch = max(batches // cfg.grad_accum + int(batches % cfg.grad_accum > 0), 1)
+    return math.ceil(cfg.epochs * per_epoch)
+
+
+class ScheduleResync(TrainerCallback):
+    """After resuming, put the learning rate where the *current* schedule has it.
+
+    The checkpoint restores the optimizer's and the scheduler's last learning rate; when the run was
+    resumed with a larger --max-steps, that is the end of the old cosine (0), and the first step
+    would train at 0 and log 0. The schedule's function already knows the new length: apply it.
+    """
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+        if optimizer is None or not lambdas or state.global_step == 0:
+            return
+        step = lr_scheduler.last_epoch
+        lrs = [base * fn(step) for base, fn in zip(lr_scheduler.base_lrs, lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        lr_scheduler._last_lr = lrs
