@@ -22,7 +22,8 @@ class InProcessServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(ServeSettings(model_id=str(model_dir), port=self.port, **options), str(model_dir),
                               load_in_background=False)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+                                **self.state.settings.uvicorn_options())
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
 

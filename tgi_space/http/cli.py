@@ -107,6 +107,7 @@ def serve(
         raise typer.BadParameter(str(err)) from None
     app = create_app(settings, resolve_model_dir(model))
     extra = {"log_config": log_config} if log_config else {}
+    extra.update(settings.uvicorn_options())
     uvicorn.run(app, host=hostname, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5, **extra)
 
 

@@ -29,6 +29,7 @@ class ServeSettings:
     payload_limit: int = 2_000_000
     api_key: str | None = None  # Bearer token required on every route but health, info, metrics, docs
     cors_allow_origin: list[str] | None = None  # None: any origin (as TGI)
+    head_timeout_s: float = 10.0  # a request head must arrive within this (408 and close otherwise)
     validation_workers: int = 2  # processes that tokenize large inputs (small ones: a thread)
     # engine
     speculate_mode: str | None = None  # None: "space" if the checkpoint has a mask token, else "none"
@@ -55,6 +56,8 @@ class ServeSettings:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
+        if not self.head_timeout_s > 0:
+            raise ValueError(f"head_timeout_s must be > 0, got {self.head_timeout_s}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         positive = {
@@ -76,6 +79,12 @@ class ServeSettings:
         """TGI's launcher rule: `max_input_tokens` < `max_total_tokens`."""
         if max_input is not None and max_total is not None and max_input >= max_total:
             raise ValueError(f"`max_input_tokens`({max_input}) must be < `max_total_tokens`({max_total})")
+
+    def uvicorn_options(self) -> dict:
+        """uvicorn's HTTP protocol with head-size and head-time limits (tgi_space/http/protocol.py)."""
+        from tgi_space.http.protocol import MAX_HEAD_BYTES, guarded_protocol
+
+        return {"http": guarded_protocol(self.head_timeout_s), "h11_max_incomplete_event_size": MAX_HEAD_BYTES}
 
     def resolve_device(self, cuda_available: bool) -> str:
         """The torch device: `auto` is cuda when a GPU is visible; cuda without one is an error, not a silent CPU."""
