@@ -218,6 +218,7 @@ class Engine:
             visibility=[v.to(device) for v in layout.visibility],
             write_rows=write_rows.to(device),
             write_slots=write_slots.to(device),
+            num_kv_heads=self.model_config.num_key_value_heads,
         )
         hidden = self.model(layout.input_ids.to(device), layout.positions.to(device))
         self.last_step = (layout, hidden) if keep_hidden else None  # prompt logprobs (TGI prefill_logprobs)

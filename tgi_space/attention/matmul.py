@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from tgi_space.attention.backend import write_kv
-from tgi_space.attention.metadata import AttentionMetadata
+from tgi_space.attention.metadata import AttentionMetadata, PaddedBatch
 
 
 class MatmulBackend:
@@ -33,28 +32,28 @@ class MatmulBackend:
         scale: float,
     ) -> torch.Tensor:
         """Attention output [N, num_heads, head_dim]; stores kept rows' K/V first."""
-        write_kv(k, v, kv_cache, meta)
         pb = meta.padded
-        keys = kv_cache.index_select(1, pb.key_slots)  # [2, B * L_max, kvh, d]
-        keys.index_copy_(1, pb.new_key_index, torch.stack((k, v)))
-        return padded_attention(q, keys, pb, scale)
+        new = torch.stack((k, v))  # [2, N, kvh, d]
+        kept = new if pb.writes_all_rows else new.index_select(1, meta.write_rows)
+        kv_cache.index_copy_(1, meta.write_slots, kept)
+        num_slots, kvh, d = kv_cache.shape[1:]
+        keys = kv_cache.view(2, num_slots * kvh, d).index_select(1, pb.key_index)  # [2, B * kvh * L, d]
+        keys.index_copy_(1, pb.new_key_index, new.view(2, -1, d))
+        return padded_attention(q, keys.view(2, pb.num_seqs, kvh, pb.max_keys, d), pb, scale)
 
 
-def padded_attention(q: torch.Tensor, kv: torch.Tensor, pb, scale: float) -> torch.Tensor:
-    """q [N, h, d] against padded kv [2, B * L_max, kvh, d] under pb.mask; out [N, h, d]."""
-    n, h, d = q.shape
-    kvh = kv.shape[2]
-    b, rows, length, group = pb.num_seqs, pb.max_rows, pb.max_keys, h // kvh
+def padded_attention(q: torch.Tensor, kv: torch.Tensor, pb: PaddedBatch, scale: float) -> torch.Tensor:
+    """q [N, h, d] against padded kv [2, B, kvh, L, d] where not pb.hidden; out [N, h, d]."""
+    h, d = q.shape[1:]
+    b, kvh, length = kv.shape[1:4]
+    rows, group = pb.max_rows, h // kvh
     if pb.query_index is not None:
         q = q.new_zeros(b * rows, h, d).index_copy_(0, pb.query_index, q)
     q = q.view(b, rows, kvh, group, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, rows * group, d)
-    keys = kv[0].view(b, length, kvh, d).permute(0, 2, 3, 1)  # [B, kvh, d, L]
-    values = torch.cat((kv[1], kv.new_ones(b * length, kvh, 1)), dim=-1)
-    values = values.view(b, length, kvh, d + 1).transpose(1, 2)  # [B, kvh, L, d + 1]
-    scores = torch.matmul(q, keys).float().mul_(scale).view(b, kvh, rows, group, length)
-    scores.masked_fill_(~pb.mask[:, None, :, None, :], float("-inf"))
-    probs = torch.exp(scores - scores.amax(-1, keepdim=True)).to(q.dtype).view(b, kvh, rows * group, length)
-    out = torch.matmul(probs, values).float()  # [B, kvh, rows * group, d + 1]
-    out = (out[..., :d] / out[..., d:]).to(q.dtype)
-    out = out.view(b, kvh, rows, group, d).permute(0, 2, 1, 3, 4).reshape(b * rows, h, d)
+    values = torch.cat((kv[1], kv.new_ones(b, kvh, length, 1)), dim=-1)  # [B, kvh, L, d + 1]
+    scores = torch.matmul(q, kv[0].transpose(-1, -2)).float().mul_(scale).view(b, kvh, rows, group, length)
+    scores.masked_fill_(pb.hidden, float("-inf"))
+    probs = scores.sub_(scores.amax(-1, keepdim=True)).exp_().to(q.dtype).view(b, kvh, rows * group, length)
+    out = torch.matmul(probs, values)  # [B, kvh, rows * group, d + 1]: numerators, then the denominator
+    out = (out[..., :d] / out[..., d:]).view(b, kvh, rows, group, d).permute(0, 2, 1, 3, 4).reshape(b * rows, h, d)
     return out if pb.query_index is None else out.index_select(0, pb.query_index)

@@ -25,6 +25,7 @@ class AttentionMetadata:
     write_rows: torch.Tensor  # [W] flat rows whose K/V are stored in the cache
     write_slots: torch.Tensor  # [W] cache slot of each stored row
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, -1 padded (paged kernels)
+    num_kv_heads: int = 1  # for the per-head key index of the padded layout
 
     @property
     def num_seqs(self) -> int:
@@ -62,9 +63,10 @@ class PaddedBatch:
     max_rows: int  # n_max: query rows per sequence after padding
     max_keys: int  # L_max: keys per sequence after padding
     query_index: torch.Tensor | None  # [N] flat row -> b * n_max + r; None when no sequence is padded
-    key_slots: torch.Tensor  # [B * L_max] cache slot read for each key position
-    new_key_index: torch.Tensor  # [N] flat row -> b * L_max + ctx_b + r, where its own K/V goes
-    mask: torch.Tensor  # [B, n_max, L_max] bool: query row r of b may attend to key j
+    key_index: torch.Tensor  # [B * kvh * L_max] row of the cache viewed as [slots * kvh, d], per (b, head, key)
+    new_key_index: torch.Tensor  # [N * kvh] (row, head) -> (b * kvh + head) * L_max + ctx_b + r
+    hidden: torch.Tensor  # [B, 1, n_max, 1, L_max] bool: key j is NOT visible to query row r of b
+    writes_all_rows: bool  # every new row's K/V is kept (no index_select before the cache write)
 
     @classmethod
     def build(cls, meta: AttentionMetadata) -> "PaddedBatch":
@@ -78,26 +80,30 @@ class PaddedBatch:
         seq_of_row = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device), n)  # [N]
         row_in_seq = torch.arange(seq_of_row.numel(), device=device) - (torch.cumsum(n, 0) - n)[seq_of_row]
         ragged = any(c != n_max for c in counts)
+        heads = torch.arange(meta.num_kv_heads, device=device)
+        new_key = (seq_of_row[:, None] * meta.num_kv_heads + heads) * l_max + (ctx[seq_of_row] + row_in_seq)[:, None]
         return cls(
             num_seqs=meta.num_seqs,
             max_rows=n_max,
             max_keys=l_max,
             query_index=seq_of_row * n_max + row_in_seq if ragged else None,
-            key_slots=_key_slots(meta, ctx, l_max),
-            new_key_index=seq_of_row * l_max + ctx[seq_of_row] + row_in_seq,
-            mask=_mask(meta, n, ctx, n_max, l_max),
+            key_index=_key_index(meta, ctx, l_max),
+            new_key_index=new_key.flatten(),
+            hidden=~_mask(meta, n, ctx, n_max, l_max)[:, None, :, None, :],
+            writes_all_rows=meta.write_rows.numel() == seq_of_row.numel(),
         )
 
 
-def _key_slots(meta: AttentionMetadata, ctx: torch.Tensor, l_max: int) -> torch.Tensor:
-    """[B * L_max] cache slots: each sequence's prefix at its first ctx_b positions, 0 elsewhere."""
+def _key_index(meta: AttentionMetadata, ctx: torch.Tensor, l_max: int) -> torch.Tensor:
+    """[B * kvh * L_max]: (b, head, j) -> slot * kvh + head, with sequence b's prefix at j < ctx_b, slot 0 elsewhere."""
     device = ctx.device
-    slots = torch.zeros(meta.num_seqs * l_max, dtype=torch.long, device=device)
-    if int(sum(meta.context_lens)):
+    slots = torch.zeros(meta.num_seqs, l_max, dtype=torch.long, device=device)
+    if sum(meta.context_lens):
         seq_of_key = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device), ctx)
         pos = torch.arange(seq_of_key.numel(), device=device) - (torch.cumsum(ctx, 0) - ctx)[seq_of_key]
-        slots[seq_of_key * l_max + pos] = torch.cat(meta.prefix_slots).to(device)
-    return slots
+        slots[seq_of_key, pos] = torch.cat(meta.prefix_slots).to(device)
+    heads = torch.arange(meta.num_kv_heads, device=device)
+    return (slots[:, None, :] * meta.num_kv_heads + heads[None, :, None]).flatten()
 
 
 def _mask(meta: AttentionMetadata, n: torch.Tensor, ctx: torch.Tensor, n_max: int, l_max: int) -> torch.Tensor:

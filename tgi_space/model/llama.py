@@ -12,6 +12,9 @@ from tgi_space.config import ModelConfig
 from tgi_space.model.rotary import RopeTables, RotaryEmbedding
 
 
+GEMM_BLOCKED_MIN_K = 512  # smallest reduction length at which oneDNN's bf16 GEMM was seen to block K
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 as the reference does."""
 
@@ -96,14 +99,14 @@ class ForwardContext:
         self.meta: AttentionMetadata | None = None  # set before each forward
 
     def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """layer(x) [N, out], in calls of at most `gemm_row_block` rows.
+        """layer(x) [N, out]; for K >= 512, in calls of at most `gemm_row_block` rows.
 
-        oneDNN's bf16 GEMM switches to a K-blocked kernel above 32 rows (for K >= 512
-        on the CPUs measured), which rounds some rows differently; calls of <= 32 rows
-        give every row the bits it gets alone, whatever else is in the batch.
+        oneDNN's bf16 GEMM switches to a K-blocked kernel above 32 rows when K >= 512
+        (measured on AMX CPUs; K = 384 never does), which rounds some rows differently;
+        calls of <= 32 rows give every row the bits it gets alone, whatever else is in the batch.
         """
         block = self.gemm_row_block
-        if block is None or x.shape[0] <= block:
+        if block is None or x.shape[0] <= block or layer.in_features < GEMM_BLOCKED_MIN_K:
             return layer(x)
         return torch.cat([layer(rows) for rows in x.split(block)])
 
