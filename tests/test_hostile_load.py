@@ -142,7 +142,6 @@ def bodies() -> list[dict]:
     return out
 
 
-@pytest.mark.xfail(strict=False, reason="needs engine isolation (Engine.step must fail one request alone)")
 def test_a_poisoned_request_among_eight_streams_fails_alone(server, monkeypatch):
     import tgi_space.engine
 

@@ -74,10 +74,10 @@ def test_blocks_in_use_equal_live_needs_after_generate_and_cancel(llama_dir):
 def test_preemption_under_a_tiny_cache_keeps_outputs(llama_dir):
     prompts = [[1] + list(range(5 + i, 25 + i)) for i in range(6)]
     params = SamplingParams(max_new_tokens=24)
-    roomy = LLM(str(llama_dir), kv_cache_bytes=2**22, block_size=4)
+    roomy = LLM(str(llama_dir), dtype="float32", kv_cache_bytes=2**22, block_size=4)
     ref = [o.token_ids for o in roomy.generate(prompts, params, speculate="none")]
     # 8 KiB per token here is 2 layers * 2 * 2 heads * 16 dims * 4 bytes = 512 bytes: 40 blocks of 4
-    tight = LLM(str(llama_dir), kv_cache_bytes=512 * 4 * 40, block_size=4, space=SpacePolicy(k_max=3))
+    tight = LLM(str(llama_dir), dtype="float32", kv_cache_bytes=512 * 4 * 40, block_size=4, space=SpacePolicy(k_max=3))
     assert tight.engine.block_manager.num_blocks == 40
     outs = tight.generate(prompts, params, speculate="space")
     assert [o.token_ids for o in outs] == ref

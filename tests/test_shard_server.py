@@ -29,7 +29,7 @@ def words(start: int, n: int) -> str:
 
 
 def options(model_dir, socket_base, mode: str = "space") -> ServeOptions:
-    return ServeOptions(model_dir=str(model_dir), uds_path=str(socket_base), block_size=4, kv_cache_bytes=2**20,
+    return ServeOptions(model_dir=str(model_dir), uds_path=str(socket_base), block_size=4, kv_cache_bytes=2**20, dtype="float32",
                         k=K, speculate_mode=mode)
 
 
@@ -49,7 +49,7 @@ def plain_shard(llama_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(llama_dir):
-    return LLM(str(llama_dir), kv_cache_bytes=2**22, block_size=4, space=SpacePolicy(k_max=K))
+    return LLM(str(llama_dir), dtype="float32", kv_cache_bytes=2**22, block_size=4, space=SpacePolicy(k_max=K))
 
 
 def offline(llm, emu, requests, extra=None):
@@ -93,7 +93,7 @@ def test_router_start_up_sequence_and_info(shard):
     info = emu.info
     assert (info.speculate, info.block_size, info.requires_padding) == (K, 4, False)
     assert (info.support_chunking, info.use_prefix_caching, info.HasField("window_size")) == (False, False, False)
-    assert (info.dtype, info.device_type, info.attention_impl) == ("torch.float32", "cpu", "sdpa")
+    assert (info.dtype, info.device_type, info.attention_impl) == ("torch.float32", "cpu", "matmul")
     assert emu.warmup.max_supported_total_tokens == 2**20 // 512  # 512 bytes of KV per token
     urls = emu.stub.ServiceDiscovery(pb2.ServiceDiscoveryRequest()).urls
     assert list(urls) == [f"unix://{shard.options.uds_path}-0"]

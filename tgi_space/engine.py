@@ -31,6 +31,7 @@ from tgi_space.space import SeqPlan, StepLayout, build_layout, split_logits
 from tgi_space.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+FINISH_ERROR = "error"  # the request failed alone inside a step; Sequence.error says why
 
 
 class SlotSource(Protocol):
@@ -193,8 +194,19 @@ class Engine:
         results = []
         for i, (seq, plan) in enumerate(planned):
             seq_logits = logits[layout.logit_offsets[i] : layout.logit_offsets[i + 1]]
-            results.append((seq, self._advance(seq, plan, seq_logits)))
+            results.append((seq, self._advance_alone(seq, plan, seq_logits)))
         return results
+
+    def _advance_alone(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor) -> list[TokenInfo]:
+        """`_advance`, but a failure ends this request only (finish reason "error", `seq.error` set)."""
+        try:
+            return self._advance(seq, plan, logits)
+        except Exception as err:  # one request's failure must not fail the others in the step
+            log.warning("request %d failed in step %d: %s", seq.seq_id, self.num_steps, err)
+            seq.error = f"{type(err).__name__}: {err}"
+            seq.finish_reason = FINISH_ERROR
+            seq.candidates, seq.draft_probs = [], None
+            return []
 
     @staticmethod
     def _chain_rows(layout: StepLayout, plans: list[SeqPlan]) -> torch.Tensor:

@@ -68,6 +68,7 @@ class Sequence:
         self.draft_probs: torch.Tensor | None = None  # [len(candidates), V] when sampling
         self.outputs: list[TokenInfo] = []
         self.finish_reason: str | None = None
+        self.error: str | None = None  # set when this request alone failed inside a step
         self.stats = SeqStats()
 
     @property

@@ -62,7 +62,7 @@ def serve(
     speculate_mode: Optional[str] = typer.Option(None, envvar="SPECULATE_MODE", help="space | none (default: space on a SPACE checkpoint)."),
     space_k_max: Optional[int] = typer.Option(None, envvar="SPACE_K_MAX", help="Candidates per step at most (default: the checkpoint's)."),
     max_step_query_tokens: int = typer.Option(512, envvar="SPACE_MAX_STEP_QUERY_TOKENS", help="Query-row budget that picks k per step."),
-    dtype: str = typer.Option("float32", envvar="DTYPE", help="float32 | bfloat16 | float16."),
+    dtype: str = typer.Option("bfloat16", envvar="DTYPE", help="bfloat16 (CPU default: batch-invariant, docs/lossless.md) | float32 | float16."),
     device: str = typer.Option("auto", envvar="DEVICE", help="auto (cuda if torch sees a GPU, else cpu) | cpu | cuda | cuda:N."),
     attention_backend: Optional[str] = typer.Option(
         None, envvar="ATTENTION_BACKEND", help="Attention kernels (default: the engine's choice for the device)."

@@ -35,7 +35,7 @@ class ServeSettings:
     speculate_mode: str | None = None  # None: "space" if the checkpoint has a mask token, else "none"
     space_k_max: int | None = None
     max_step_query_tokens: int = 512
-    dtype: str = "float32"
+    dtype: str = "bfloat16"
     device: str = "auto"  # auto: cuda if torch sees a GPU, else cpu (TGI always uses the GPU)
     attention_backend: str | None = None  # None: the engine's default for the device
     block_size: int = 16

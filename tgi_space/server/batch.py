@@ -161,6 +161,8 @@ class ShardRequest:
         seq = self.seq
         if not seq.is_finished:
             return None
+        if seq.error:  # TGI's Generation has no error field: the RPC fails, as TGI's own server does
+            raise RuntimeError(f"request {seq.seq_id} failed in the engine: {seq.error}")
         decode = self.seq_tokenizer.decode
         context = seq.tokens[seq.num_prompt - 1 :]
         text = decode(context)[len(decode(context[:1])) :]
