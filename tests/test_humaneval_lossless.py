@@ -15,10 +15,11 @@ MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
 NUM_PROMPTS = 30
 
 
-@pytest.fixture(scope="module")
-def llm():
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def llm(request):
+    """fp32 (exact up to float non-associativity) and bf16 (batch-invariant bit for bit, the CPU default)."""
     assert (MODEL / "config.json").is_file(), "the bundled model is part of the repository (make tiny-model)"
-    return LLM(str(MODEL), dtype="float32", max_num_seqs=8, space=SpacePolicy(k_max=4))
+    return LLM(str(MODEL), dtype=request.param, max_num_seqs=8, space=SpacePolicy(k_max=4))
 
 
 def mixed_params(i: int) -> SamplingParams:
