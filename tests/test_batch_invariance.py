@@ -20,44 +20,10 @@ from tgi_space.bench import humaneval_prompts
 from tgi_space.config import SpacePolicy
 from tgi_space.llm import LLM
 from tgi_space.sampling import SamplingParams
-from tgi_space.space import SeqPlan, build_layout
+from tgi_space.invariance import gemm_mismatches, step_mismatches
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
 FAMILIES = ["llama", "llama3", "mistral", "qwen2"]
-
-
-def step_logits(llm: LLM, plans: list[SeqPlan], seq_ids: list[int]) -> list[torch.Tensor]:
-    """Run one step of `plans` (sequences already allocated and prefilled); each sequence's logit rows."""
-    engine, bm = llm.engine, llm.engine.block_manager
-    layout = build_layout(plans, engine.mask_token_id or 0)
-    prefix = [bm.slots(s, 0, p.num_cached) for s, p in zip(seq_ids, plans)]
-    writes = torch.cat([bm.slots(s, p.num_cached, p.num_cached + len(p.chain)) for s, p in zip(seq_ids, plans)])
-    rows = torch.cat([torch.arange(len(p.chain)) + layout.cu_seqlens[i] for i, p in enumerate(plans)])
-    with torch.inference_mode():
-        logits = engine._forward(layout, prefix, writes, rows)
-    return [logits[layout.logit_offsets[i] : layout.logit_offsets[i + 1]] for i in range(len(plans))]
-
-
-def count_mismatches(llm: LLM, prompts: list[list[int]]) -> int:
-    """Logit rows that differ (bitwise) between a one-row plain step and the same row inside a
-    SPACE-shaped step (3-token chain + mask groups) batched with the other prompts' steps."""
-    bm = llm.engine.block_manager
-    cut = [len(p) - 3 for p in prompts]
-    for i, (p, t) in enumerate(zip(prompts, cut)):
-        bm.allocate(i, len(p) + 8)
-        step_logits(llm, [SeqPlan(p[:t], 0, [], 0, 0)], [i])  # prefill
-    alone = []
-    for i, (p, t) in enumerate(zip(prompts, cut)):
-        first = step_logits(llm, [SeqPlan([p[t]], 0, [], 0, t)], [i])[0][0]
-        second = step_logits(llm, [SeqPlan([p[t + 1]], 0, [], 0, t + 1)], [i])[0][0]
-        alone.append((first, second))
-    ids = list(range(len(prompts)))
-    batched = step_logits(llm, [SeqPlan(p[t : t + 3], 2, [0, 1, 2], 2, t) for p, t in zip(prompts, cut)], ids)
-    for i in ids:
-        bm.free(i)
-    return sum(
-        int(not torch.equal(a[0], b[0])) + int(not torch.equal(a[1], b[1])) for a, b in zip(alone, batched)
-    )
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +35,10 @@ def prompts() -> list[str]:
 def test_rows_get_the_same_bits_whatever_the_batch(prompts, backend, invariant):
     llm = LLM(str(MODEL), dtype="bfloat16", attention_backend=backend, space=SpacePolicy(k_max=2))
     ids = [llm.tokenizer.encode(p) for p in prompts]
-    mismatches = count_mismatches(llm, ids)
+    mismatches = step_mismatches(llm, ids)
     if invariant:
         assert mismatches == 0
+        assert not any(gemm_mismatches(llm).values())
     else:  # negative control: the per-sequence SDPA path rounds rows differently inside a batch
         assert mismatches > 0
 

@@ -11,10 +11,12 @@ def _register_subcommands() -> None:
     """Attach the commands that live with their own modules."""
     from tgi_space.bench import register as register_bench
     from tgi_space.generate_cli import register as register_generate
+    from tgi_space.invariance import register as register_invariance
     from tgi_space.train.cli import register as register_train
 
     register_bench(app)
     register_generate(app)
+    register_invariance(app)
     register_train(app)
     from tgi_space.http.cli import register as register_serve
 
