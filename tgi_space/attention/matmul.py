@@ -32,14 +32,27 @@ class MatmulBackend:
         scale: float,
     ) -> torch.Tensor:
         """Attention output [N, num_heads, head_dim]; stores kept rows' K/V first."""
-        pb = meta.padded
         new = torch.stack((k, v))  # [2, N, kvh, d]
-        kept = new if pb.writes_all_rows else new.index_select(1, meta.write_rows)
+        kept = new if meta.write_rows.numel() == new.shape[1] else new.index_select(1, meta.write_rows)
         kv_cache.index_copy_(1, meta.write_slots, kept)
-        num_slots, kvh, d = kv_cache.shape[1:]
-        keys = kv_cache.view(2, num_slots * kvh, d).index_select(1, pb.key_index)  # [2, B * kvh * L, d]
-        keys.index_copy_(1, pb.new_key_index, new.view(2, -1, d))
-        return padded_attention(q, keys.view(2, pb.num_seqs, kvh, pb.max_keys, d), pb, scale)
+        groups = meta.padded
+        if len(groups) == 1:
+            return group_attention(q, new, kv_cache, groups[0], scale)
+        out = torch.empty_like(q)
+        for group in groups:
+            group_q, group_new = q.index_select(0, group.rows), new.index_select(1, group.rows)
+            out.index_copy_(0, group.rows, group_attention(group_q, group_new, kv_cache, group, scale))
+        return out
+
+
+def group_attention(
+    q: torch.Tensor, new: torch.Tensor, kv_cache: torch.Tensor, pb: PaddedBatch, scale: float
+) -> torch.Tensor:
+    """One padded group: gather its keys (cached prefix, then its new rows), then attend."""
+    num_slots, kvh, d = kv_cache.shape[1:]
+    keys = kv_cache.view(2, num_slots * kvh, d).index_select(1, pb.key_index)  # [2, B * kvh * L, d]
+    keys.index_copy_(1, pb.new_key_index, new.reshape(2, -1, d))
+    return padded_attention(q, keys.view(2, pb.num_seqs, kvh, pb.max_keys, d), pb, scale)
 
 
 def padded_attention(q: torch.Tensor, kv: torch.Tensor, pb: PaddedBatch, scale: float) -> torch.Tensor:

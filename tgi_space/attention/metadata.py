@@ -37,9 +37,39 @@ class AttentionMetadata:
         return slice(self.cu_seqlens_q[i], self.cu_seqlens_q[i + 1])
 
     @cached_property
-    def padded(self) -> "PaddedBatch":
-        """The batch as [B, max rows] queries against [B, max keys] keys; built on first use, shared by all layers."""
-        return PaddedBatch.build(self)
+    def padded(self) -> list["PaddedBatch"]:
+        """The batch as padded groups for matmul attention; built on first use, shared by all layers.
+
+        Sequences of at most `SMALL_ROWS` new rows (decodes, speculative steps) share one
+        group; each longer one (a prefill) gets its own, so nobody is padded to a prompt's length.
+        """
+        counts = [self.cu_seqlens_q[i + 1] - self.cu_seqlens_q[i] for i in range(self.num_seqs)]
+        small = [i for i, n in enumerate(counts) if n <= SMALL_ROWS]
+        groups = ([small] if small else []) + [[i] for i, n in enumerate(counts) if n > SMALL_ROWS]
+        if len(groups) == 1:
+            return [PaddedBatch.build(self, None)]
+        return [PaddedBatch.build(self.subset(g), self._flat_rows(g)) for g in groups]
+
+    def subset(self, seqs: list[int]) -> "AttentionMetadata":
+        """The metadata of some sequences only (their rows renumbered from 0; no writes)."""
+        cu = [0]
+        for i in seqs:
+            cu.append(cu[-1] + self.cu_seqlens_q[i + 1] - self.cu_seqlens_q[i])
+        empty = self.write_rows[:0]
+        return AttentionMetadata(
+            cu_seqlens_q=cu,
+            context_lens=[self.context_lens[i] for i in seqs],
+            prefix_slots=[self.prefix_slots[i] for i in seqs],
+            visibility=[self.visibility[i] for i in seqs],
+            write_rows=empty,
+            write_slots=self.write_slots[:0],
+            num_kv_heads=self.num_kv_heads,
+        )
+
+    def _flat_rows(self, seqs: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(self.cu_seqlens_q[i], self.cu_seqlens_q[i + 1]) for i in seqs]).to(
+            self.write_slots.device
+        )
 
 
 # Keys per sequence are padded to a multiple of this. Elementwise kernels (torch.exp
@@ -47,6 +77,7 @@ class AttentionMetadata:
 # width with scalar code, whose last bit can differ; with every row 64-aligned no
 # element ever lands in such a tail, wherever its row sits in the batch.
 KEY_ALIGN = 64
+SMALL_ROWS = 64  # sequences with more new rows than this get their own attention group
 
 
 @dataclass
@@ -66,10 +97,10 @@ class PaddedBatch:
     key_index: torch.Tensor  # [B * kvh * L_max] row of the cache viewed as [slots * kvh, d], per (b, head, key)
     new_key_index: torch.Tensor  # [N * kvh] (row, head) -> (b * kvh + head) * L_max + ctx_b + r
     hidden: torch.Tensor  # [B, 1, n_max, 1, L_max] bool: key j is NOT visible to query row r of b
-    writes_all_rows: bool  # every new row's K/V is kept (no index_select before the cache write)
+    rows: torch.Tensor | None  # [N_g] flat rows of the whole step in this group; None: the group is the step
 
     @classmethod
-    def build(cls, meta: AttentionMetadata) -> "PaddedBatch":
+    def build(cls, meta: AttentionMetadata, rows: torch.Tensor | None) -> "PaddedBatch":
         """Every index tensor and the mask, with tensor operations (no per-layer work)."""
         device = meta.write_slots.device
         counts = [meta.cu_seqlens_q[i + 1] - meta.cu_seqlens_q[i] for i in range(meta.num_seqs)]
@@ -90,7 +121,7 @@ class PaddedBatch:
             key_index=_key_index(meta, ctx, l_max),
             new_key_index=new_key.flatten(),
             hidden=~_mask(meta, n, ctx, n_max, l_max)[:, None, :, None, :],
-            writes_all_rows=meta.write_rows.numel() == seq_of_row.numel(),
+            rows=rows,
         )
 
 
