@@ -13,6 +13,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "matmul", "sdpa", "flash")
 SPECULATE_MODES = ("space", "none")
+DRAFTERS = ("masks", "suffix")
 
 
 class CheckpointError(ValueError):
@@ -138,6 +139,16 @@ class SpacePolicy:
     k_max: int | None = None
     max_step_query_tokens: int = 512
     prune_groups: int | None = None
+    # The planned step (default): candidate trees from `drafters`, rows chosen by the measured cost
+    # model. planner=False is the paper's fixed layout (k candidates, a mask group after each).
+    planner: bool = True
+    drafters: tuple[str, ...] = ("masks", "suffix")
+    max_tree_nodes: int = 24  # candidates per sequence and step at most
+    max_tree_depth: int = 8  # longest path one step can accept (Info.speculate)
+    mask_top_m: int = 2  # mask drafts: top-1 chain plus the next m - 1 tokens at depth 1
+    suffix_min_match: int = 2  # suffix drafts: shortest repeated suffix that counts as a match
+    suffix_max_match: int = 8  # longest suffix looked up
+    latency_curve: dict[int, float] | None = None  # t(N) seconds by rows; None: measured at first use
 
     def __post_init__(self) -> None:
         if self.k_max is not None and not 0 <= self.k_max <= 16:
@@ -146,6 +157,18 @@ class SpacePolicy:
             raise ValueError(f"max_step_query_tokens must be >= 1, got {self.max_step_query_tokens}")
         if self.prune_groups is not None and self.prune_groups < 1:
             raise ValueError(f"prune_groups must be >= 1 or None, got {self.prune_groups}")
+        self.drafters = tuple(self.drafters)
+        unknown = [d for d in self.drafters if d not in DRAFTERS]
+        if unknown:
+            raise ValueError(f"drafters: unknown {unknown}; allowed: {', '.join(DRAFTERS)}")
+        for name in ("max_tree_nodes", "max_tree_depth", "mask_top_m", "suffix_min_match", "suffix_max_match"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.suffix_min_match > self.suffix_max_match:
+            raise ValueError(f"suffix_min_match ({self.suffix_min_match}) must be <= suffix_max_match "
+                             f"({self.suffix_max_match})")
+        if self.latency_curve is not None and (not self.latency_curve or min(self.latency_curve.values()) <= 0):
+            raise ValueError("latency_curve must map row counts to positive seconds")
 
     def choose_k(self, num_space_seqs: int, other_rows: int, k_max: int) -> int:
         """Largest k <= k_max such that the step stays within the query-token budget."""

@@ -28,6 +28,7 @@ from tgi_space.sampling import (
 from tgi_space.scheduler import Scheduler
 from tgi_space.sequence import Sequence, TokenInfo
 from tgi_space.space import SeqPlan, StepLayout, build_layout, split_logits
+from tgi_space.speculation import Speculator, measure_forward
 from tgi_space.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,21 @@ class Engine:
         self.rotary = RotaryEmbedding(self.model_config, config.device, self.dtype)
         self.backend = make_backend(config.attention_backend)
         num_blocks = self._num_cache_blocks()
-        self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, config.device)
+        self.num_slots = num_blocks * config.block_size  # sequence slots; scratch slots follow them
+        num_scratch = config.max_num_seqs * config.space.max_tree_nodes
+        self.scratch_slots = torch.arange(self.num_slots, self.num_slots + num_scratch, device=config.device)
+        self.kv_caches = allocate_kv_cache(
+            self.model_config, num_blocks, config.block_size, self.dtype, config.device, extra_slots=num_scratch
+        )
         self.model.ctx = self._context(self.kv_caches)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.k_max = self._k_max()
+        self.planned = config.space.planner and (self.k_max > 0 or "suffix" in config.space.drafters)
         self.scheduler = Scheduler(
-            self.block_manager, config.space, self.k_max, config.max_num_seqs, config.max_num_batched_tokens
+            self.block_manager, config.space, 0 if self.planned else self.k_max, config.max_num_seqs,
+            config.max_num_batched_tokens, reserve=config.space.max_tree_depth if self.planned else 0,
         )
+        self.speculator = Speculator(config.space, self.k_max, self._measure_rows)
         self.eos_ids = set(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
@@ -100,6 +109,18 @@ class Engine:
             raise ValueError(f"kv_cache_bytes: budget {budget} holds no block of {per_block} bytes")
         return num_blocks
 
+    @torch.inference_mode()
+    def _measure_rows(self, rows: int, context: int = 128) -> float:
+        """Seconds of one forward of `rows` query rows (one sequence) after `context` cached tokens."""
+        plan = SeqPlan(chain=[0] * rows, num_candidates=rows - 1, anchors=[], group_size=0, num_cached=context)
+        layout = build_layout([plan], 0)
+        slots = torch.arange(context + rows) % self.num_slots
+
+        def run(_: int) -> None:
+            self._forward(layout, [slots[:context]], slots[context:], torch.arange(rows))
+
+        return measure_forward(run, rows)
+
     def _context(self, kv_caches: list[torch.Tensor]) -> ForwardContext:
         return ForwardContext(kv_caches, self.backend, self.rotary, self.config.gemm_row_block or None)
 
@@ -125,7 +146,8 @@ class Engine:
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
             generator = torch.Generator(device="cpu").manual_seed(seed)
-        seq = Sequence(next(self._ids), prompt_ids, params, speculate == "space" and self.k_max > 0, generator)
+        speculating = speculate == "space" and (self.planned or self.k_max > 0)
+        seq = Sequence(next(self._ids), prompt_ids, params, speculating, generator)
         self.scheduler.add(seq)
         return seq
 
@@ -134,8 +156,11 @@ class Engine:
         params.validate()
         if speculate not in ("space", "none"):
             raise ValueError(f"speculate must be 'space' or 'none', got {speculate!r}")
-        if speculate == "space" and self.mask_token_id is None:
-            raise SpaceUnavailable("speculate='space' needs a SPACE checkpoint (config.json space_mask_token_id)")
+        if speculate == "space" and self.mask_token_id is None and not self.planned:
+            raise SpaceUnavailable(
+                "speculate='space' needs a SPACE checkpoint (config.json space_mask_token_id) "
+                "or the planner with suffix drafts (SpacePolicy(planner=True, drafters=('suffix',)))"
+            )
         if not prompt_ids:
             raise ValueError("prompt must contain at least one token")
         vocab = self.model_config.vocab_size
@@ -148,7 +173,8 @@ class Engine:
                 f"prompt length ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) "
                 f"must be <= {limit}, the model's context length"
             )
-        if self.block_manager.blocks_for(len(prompt_ids) + params.max_new_tokens + self.k_max) > self.block_manager.num_blocks:
+        reserve = max(self.k_max, self.config.space.max_tree_depth)
+        if self.block_manager.blocks_for(len(prompt_ids) + params.max_new_tokens + reserve) > self.block_manager.num_blocks:
             raise ValueError("prompt length + max_new_tokens exceeds the whole KV cache")
 
     def abort(self, seq: Sequence) -> None:
@@ -167,6 +193,8 @@ class Engine:
     def step(self) -> list[tuple[Sequence, list[TokenInfo]]]:
         """Schedule, then one forward pass for every scheduled sequence; what each emitted."""
         planned = self.scheduler.schedule()
+        if self.planned:
+            planned = self.speculator.plan(planned)
         results = self.execute(planned, self.block_manager)
         for seq, _ in results:
             if seq.is_finished:
@@ -186,20 +214,42 @@ class Engine:
         plans = [plan for _, plan in planned]
         layout = build_layout(plans, self.mask_token_id or 0)
         prefix_slots = [slots.slots(seq.seq_id, 0, plan.num_cached) for seq, plan in planned]
-        write_slots = torch.cat(
-            [slots.slots(seq.seq_id, plan.num_cached, plan.num_cached + len(plan.chain)) for seq, plan in planned]
-        )
+        write_slots = self._write_slots(planned, slots)
         logits = self._forward(layout, prefix_slots, write_slots, self._chain_rows(layout, plans), keep_hidden)
         self.num_steps += 1
-        results = []
+        results, self._moves = [], []
         for i, (seq, plan) in enumerate(planned):
             seq_logits = logits[layout.logit_offsets[i] : layout.logit_offsets[i + 1]]
-            results.append((seq, self._advance_alone(seq, plan, seq_logits)))
+            results.append((seq, self._advance_alone(seq, plan, seq_logits, slots)))
+        self._move_accepted_kv()
         return results
 
-    def _advance_alone(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor) -> list[TokenInfo]:
+    def _write_slots(self, planned: list[tuple[Sequence, SeqPlan]], slots: SlotSource) -> torch.Tensor:
+        """Cache slot of every chain row: the sequence's own slots, but scratch slots for tree candidates."""
+        out, scratch, self._scratch_offsets = [], 0, {}
+        for seq, plan in planned:
+            own = plan.num_uncached if plan.is_tree else len(plan.chain)
+            out.append(slots.slots(seq.seq_id, plan.num_cached, plan.num_cached + own))
+            if plan.is_tree:
+                self._scratch_offsets[seq.seq_id] = scratch
+                out.append(self.scratch_slots[scratch : scratch + plan.num_candidates].cpu())
+                scratch += plan.num_candidates
+        return torch.cat(out)
+
+    def _move_accepted_kv(self) -> None:
+        """Copy the accepted tree nodes' K/V from scratch into their sequences' own slots, every layer."""
+        if not self._moves:
+            return
+        src = torch.cat([m[0] for m in self._moves]).to(self.config.device)
+        dst = torch.cat([m[1] for m in self._moves]).to(self.config.device)
+        for cache in self.kv_caches:
+            cache.index_copy_(1, dst, cache.index_select(1, src))
+
+    def _advance_alone(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource) -> list[TokenInfo]:
         """`_advance`, but a failure ends this request only (finish reason "error", `seq.error` set)."""
         try:
+            if plan.is_tree:
+                return self._advance_tree(seq, plan, logits, slots)
             return self._advance(seq, plan, logits)
         except Exception as err:  # one request's failure must not fail the others in the step
             log.warning("request %d failed in step %d: %s", seq.seq_id, self.num_steps, err)
@@ -253,6 +303,25 @@ class Engine:
         self.scheduler.observe(plan.num_candidates, accepted)
         self._draft_next(seq, plan, groups, accepted)
         return emitted
+
+    def _advance_tree(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource) -> list[TokenInfo]:
+        """Walk seq's candidate tree, emit, move the accepted path's K/V out of scratch, draft the next tree."""
+        verify_logits, groups = split_logits(plan, logits)  # [n + 1, V], [G, g, V]
+        path, bonus, target = self.speculator.verify(seq, plan, verify_logits)
+        seq.num_cached += plan.num_uncached
+        if path:
+            scratch = self._scratch_of(plan, seq, path)
+            self._moves.append((scratch, slots.slots(seq.seq_id, seq.num_cached, seq.num_cached + len(path))))
+            seq.num_cached += len(path)
+        emitted = self._emit(seq, [plan.tree.tokens[i] for i in path] + [bonus], target)
+        seq.stats.record(plan.tree.max_depth, len(path), len(emitted))
+        self.speculator.draft_next(seq, plan, groups, path)
+        return emitted
+
+    def _scratch_of(self, plan: SeqPlan, seq: Sequence, path: list[int]) -> torch.Tensor:
+        """Scratch slots this step gave to the path's nodes (slots follow the step's tree order)."""
+        offset = self._scratch_offsets[seq.seq_id]
+        return self.scratch_slots[[offset + i for i in path]].cpu()
 
     def _emit(self, seq: Sequence, new_tokens: list[int], target: torch.Tensor) -> list[TokenInfo]:
         """Append tokens one at a time, stopping exactly where plain decoding would."""

@@ -77,10 +77,10 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def allocate_kv_cache(
-    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str
+    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str, extra_slots: int = 0
 ) -> list[torch.Tensor]:
-    """One [2, num_blocks * block_size, kv_heads, head_dim] tensor per layer."""
-    shape = (2, num_blocks * block_size, config.num_key_value_heads, config.head_dim)
+    """One [2, num_blocks * block_size + extra_slots, kv_heads, head_dim] tensor per layer (extra: scratch)."""
+    shape = (2, num_blocks * block_size + extra_slots, config.num_key_value_heads, config.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
 
 

@@ -20,8 +20,10 @@ class Scheduler:
         k_max: int,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        reserve: int = 0,
     ) -> None:
         self.blocks = block_manager
+        self.reserve = reserve  # slots a speculating sequence keeps free for a step's accepted tree path
         self.policy = policy
         self.k_max = k_max
         self.max_num_seqs = max_num_seqs
@@ -64,7 +66,7 @@ class Scheduler:
                 continue
             plan = self._fit(seq, k if seq.speculate else 0)
             if plan is not None:
-                self.blocks.append(seq.seq_id, plan.num_cached + len(plan.chain))
+                self.blocks.append(seq.seq_id, self._needed(seq, plan))
                 planned.append((seq, plan))
         return planned
 
@@ -84,7 +86,13 @@ class Scheduler:
         return plan
 
     def _fits(self, seq: Sequence, plan: SeqPlan) -> bool:
-        return self.blocks.can_append(seq.seq_id, plan.num_cached + len(plan.chain))
+        return self.blocks.can_append(seq.seq_id, self._needed(seq, plan))
+
+    def _needed(self, seq: Sequence, plan: SeqPlan) -> int:
+        """Tokens seq's blocks must hold after this step: its chain, plus the tree reserve when speculating."""
+        remaining = seq.params.max_new_tokens - len(seq.output_ids)
+        reserve = min(self.reserve, max(0, remaining - 1)) if seq.speculate else 0
+        return plan.num_cached + len(plan.chain) + reserve
 
     def _admit(self, k: int, num_running: int) -> list[tuple[Sequence, SeqPlan]]:
         """Prefill waiting sequences while tokens, sequence slots and blocks allow."""
@@ -93,10 +101,10 @@ class Scheduler:
             seq = self.waiting[0]
             plan = self._plan(seq, k if seq.speculate else 0)
             fits_budget = len(plan.chain) <= budget or not planned and num_running == 0
-            if not fits_budget or not self.blocks.can_allocate(len(plan.chain)):
+            if not fits_budget or not self.blocks.can_allocate(self._needed(seq, plan)):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq.seq_id, len(plan.chain))
+            self.blocks.allocate(seq.seq_id, self._needed(seq, plan))
             self.running.append(seq)
             planned.append((seq, plan))
             budget -= len(plan.chain)

@@ -69,6 +69,8 @@ class Sequence:
         self.outputs: list[TokenInfo] = []
         self.finish_reason: str | None = None
         self.error: str | None = None  # set when this request alone failed inside a step
+        self.draft_tree = None  # DraftTree for the next step (planned speculation), None until first drafted
+        self.suffix_index = None  # SuffixIndex over self.tokens, built by the suffix drafter
         self.stats = SeqStats()
 
     @property
@@ -86,3 +88,4 @@ class Sequence:
         self.num_cached = 0
         self.candidates = []
         self.draft_probs = None
+        self.draft_tree = None

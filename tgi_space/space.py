@@ -10,20 +10,26 @@ Every row's position is its number of visible keys minus one.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+
+from tgi_space.tree import DraftTree
 
 
 @dataclass(frozen=True)
 class SeqPlan:
     """One sequence's rows in a step."""
 
-    chain: list[int]  # uncached tokens then candidates; KV of all of them is written
+    chain: list[int]  # uncached tokens then candidates
     num_candidates: int  # n: the last n chain tokens are candidates to verify
-    anchors: list[int]  # candidate counts a (0..n) after which a mask group is attached
+    anchors: list[int]  # a in 0..n: a mask group follows candidate a - 1 (0: the last uncached token)
     group_size: int  # g: masks per group (the next step's candidate count)
     num_cached: int  # tokens already in the KV cache
+    parents: tuple[int, ...] | None = None  # candidate tree: parent of each candidate (-1: the last
+    # uncached token); None: the candidates form a chain and their K/V go straight to the sequence's slots
+    tree: DraftTree | None = None  # the candidates' drafters and scores, when planned as a tree
 
     @property
     def num_rows(self) -> int:
@@ -31,9 +37,23 @@ class SeqPlan:
         return len(self.chain) + len(self.anchors) * self.group_size
 
     @property
+    def num_uncached(self) -> int:
+        """Rows that are not candidates (the tokens whose K/V the sequence keeps for sure)."""
+        return len(self.chain) - self.num_candidates
+
+    @property
     def first_verify_row(self) -> int:
         """Chain row whose logits predict the first candidate (the last uncached token)."""
-        return len(self.chain) - self.num_candidates - 1
+        return self.num_uncached - 1
+
+    @property
+    def is_tree(self) -> bool:
+        """Candidates carry explicit parents (their K/V goes to scratch slots, the accepted path is moved)."""
+        return self.parents is not None
+
+    def candidate_parents(self) -> tuple[int, ...]:
+        """Parent of each candidate, -1 for the root; a chain when no tree was given."""
+        return self.parents if self.parents is not None else tuple(range(-1, self.num_candidates - 1))
 
     def group_rows(self, j: int) -> range:
         """Rows of the j-th group (anchored at `anchors[j]`)."""
@@ -43,19 +63,37 @@ class SeqPlan:
 
 def seq_layout(plan: SeqPlan, mask_token_id: int) -> tuple[list[int], list[int], torch.Tensor]:
     """(input ids [R], positions [R], visibility [R, R] bool) for one sequence."""
-    chain_len, g, t = len(plan.chain), plan.group_size, plan.num_cached
-    ids = list(plan.chain) + [mask_token_id] * (len(plan.anchors) * g)
-    positions = list(range(t, t + chain_len))
-    vis = torch.zeros(plan.num_rows, plan.num_rows, dtype=torch.bool)
-    vis[:chain_len, :chain_len] = torch.ones(chain_len, chain_len, dtype=torch.bool).tril()
+    key = (plan.num_uncached, plan.candidate_parents(), tuple(plan.anchors), plan.group_size)
+    rel_positions, vis = _shape(*key)
+    ids = list(plan.chain) + [mask_token_id] * (len(plan.anchors) * plan.group_size)
+    return ids, [plan.num_cached + p for p in rel_positions], vis
+
+
+@functools.lru_cache(maxsize=4096)
+def _shape(num_uncached: int, parents: tuple[int, ...], anchors: tuple[int, ...], g: int):
+    """Positions relative to the cache length, and the visibility matrix, of one plan shape."""
+    u, n = num_uncached, len(parents)
+    rows = u + n + len(anchors) * g
+    vis = torch.zeros(rows, rows, dtype=torch.bool)
+    vis[:u, :u] = torch.ones(u, u, dtype=torch.bool).tril()
+    positions = list(range(u))
+    depth = []
+    for j, parent in enumerate(parents):  # a candidate sees the uncached tokens, its ancestors and itself
+        r = u + j
+        vis[r, :u] = True
+        if parent >= 0:
+            vis[r] |= vis[u + parent]
+        vis[r, r] = True
+        depth.append(1 if parent < 0 else depth[parent] + 1)
+        positions.append(u - 1 + depth[-1])
     own = torch.ones(g, g, dtype=torch.bool).tril()
-    for j, a in enumerate(plan.anchors):
-        anchor = plan.first_verify_row + a  # chain index of the token the group follows
-        rows = plan.group_rows(j)
-        vis[rows.start : rows.stop, : anchor + 1] = True
-        vis[rows.start : rows.stop, rows.start : rows.stop] = own
-        positions.extend(range(t + anchor + 1, t + anchor + 1 + g))
-    return ids, positions, vis
+    for j, a in enumerate(anchors):  # a group sees its anchor's row and all that row sees
+        anchor_row = u - 1 if a == 0 else u + a - 1
+        start = u + n + j * g
+        vis[start : start + g] = vis[anchor_row]
+        vis[start : start + g, start : start + g] = own
+        positions.extend(range(positions[anchor_row] + 1, positions[anchor_row] + 1 + g))
+    return positions, vis
 
 
 @dataclass
@@ -79,7 +117,7 @@ def build_layout(plans: list[SeqPlan], mask_token_id: int) -> StepLayout:
     for plan in plans:
         seq_ids, seq_pos, vis = seq_layout(plan, mask_token_id)
         base = cu[-1]
-        verify = range(plan.first_verify_row, len(plan.chain))  # n + 1 rows
+        verify = range(plan.first_verify_row, len(plan.chain))  # n + 1 rows: the root, then each candidate
         logit_rows.extend(base + r for r in verify)
         logit_rows.extend(range(base + len(plan.chain), base + plan.num_rows))
         ids += seq_ids

@@ -42,7 +42,7 @@ class BatchContext:
     @property
     def num_slots(self) -> int:
         """Flat KV slots in the cache (router block ids * block_size + offset must stay below)."""
-        return self.engine.kv_caches[0].shape[1]
+        return self.engine.num_slots  # scratch slots after these are the engine's own
 
 
 def prompt_text(pb) -> str:

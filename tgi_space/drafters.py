@@ -1,0 +1,136 @@
+"""Drafters: each proposes a scored candidate tree for a sequence, with no forward pass of its own.
+
+- masks: the mask group anchored at the last accepted token gives, per depth, a
+  distribution over the next tokens; its top-1 chain plus the runner-up at depth 1.
+- suffix: the longest suffix of the sequence's own tokens (prompt and output) that
+  occurred before; the tokens that followed its occurrences, as a trie scored by counts.
+
+A node's survival score is the product, along its path, of calibrated per-edge
+acceptance probabilities (`Calibration`), learnt online from what verification
+really accepted, per drafter, depth and confidence bucket.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from tgi_space.tree import ROOT, DraftTree
+
+NUM_BUCKETS = 5
+MAX_DEPTH = 16
+
+
+class Calibration:
+    """P(node accepted | parent reached), per (drafter, depth, confidence bucket): counts with a prior."""
+
+    def __init__(self, prior_weight: float = 4.0) -> None:
+        self.prior_weight = prior_weight
+        self.hits: dict[tuple[str, int, int], float] = defaultdict(float)
+        self.trials: dict[tuple[str, int, int], float] = defaultdict(float)
+
+    @staticmethod
+    def key(source: str, depth: int, confidence: float) -> tuple[str, int, int]:
+        return source, min(depth, MAX_DEPTH), min(NUM_BUCKETS - 1, int(confidence * NUM_BUCKETS))
+
+    def estimate(self, source: str, depth: int, confidence: float) -> float:
+        """Calibrated acceptance probability of one edge; the drafter's confidence is the prior."""
+        k = self.key(source, depth, confidence)
+        return (self.hits[k] + self.prior_weight * confidence) / (self.trials[k] + self.prior_weight)
+
+    def observe(self, tree: DraftTree, reached: set[int], accepted: set[int]) -> None:
+        """Count every node whose parent verification reached: a trial, and a hit if accepted."""
+        for i in range(len(tree)):
+            if tree.parents[i] in reached:
+                k = self.key(tree.sources[i], tree.depth(i), tree.confidences[i])
+                self.trials[k] += 1
+                self.hits[k] += float(i in accepted)
+
+    def table(self) -> list[dict]:
+        """The calibration as rows (drafter, depth, bucket, trials, acceptance), for /info and logs."""
+        return [
+            {"drafter": k[0], "depth": k[1], "bucket": k[2], "trials": int(self.trials[k]),
+             "acceptance": self.hits[k] / self.trials[k]}
+            for k in sorted(self.trials) if self.trials[k]
+        ]
+
+
+def mask_tree(group_logits: torch.Tensor, calibration: Calibration, top_m: int) -> DraftTree:
+    """From a mask group's logits [g, V]: the top-1 chain, plus the next `top_m - 1` tokens at depth 1."""
+    tree = DraftTree()
+    if group_logits.shape[0] == 0:
+        return tree
+    probs = group_logits.float().softmax(-1)
+    top_p, top_ids = probs.topk(max(1, top_m), dim=-1)  # [g, m]
+    top_p, top_ids = top_p.tolist(), top_ids.tolist()
+    parent, score = ROOT, 1.0
+    for depth, (p, token) in enumerate(zip(top_p, top_ids), start=1):
+        score *= calibration.estimate("masks", depth, p[0])
+        parent = tree.add(token[0], parent, score, "masks", p[0])
+    for p, token in zip(top_p[0][1:], top_ids[0][1:]):
+        tree.add(token, ROOT, calibration.estimate("masks", 1, p), "masks", p)
+    return tree
+
+
+class SuffixIndex:
+    """Where each n-gram (n <= max_n) of a growing token list ended: updated as tokens are appended."""
+
+    def __init__(self, max_n: int) -> None:
+        self.max_n = max_n
+        self.tokens: list[int] = []
+        self.ends: dict[tuple[int, ...], list[int]] = defaultdict(list)
+
+    def extend(self, tokens: list[int]) -> None:
+        """Index the new tokens (the list only grows; call with everything after the indexed part)."""
+        for token in tokens:
+            self.tokens.append(token)
+            end = len(self.tokens) - 1
+            for n in range(1, min(self.max_n, end + 1) + 1):
+                self.ends[tuple(self.tokens[end - n + 1 : end + 1])].append(end)
+
+    def continuations(self, min_n: int, max_depth: int, max_matches: int) -> tuple[int, list[list[int]]]:
+        """(match length, the tokens that followed the most recent earlier occurrences of the longest suffix)."""
+        last = len(self.tokens) - 1
+        for n in range(min(self.max_n, len(self.tokens) - 1), min_n - 1, -1):
+            ends = [e for e in self.ends.get(tuple(self.tokens[last - n + 1 :]), ()) if e < last]
+            if ends:
+                recent = ends[-max_matches:]
+                return n, [self.tokens[e + 1 : e + 1 + max_depth] for e in recent]
+        return 0, []
+
+
+def suffix_tree(index: SuffixIndex, calibration: Calibration, min_n: int, max_depth: int,
+                max_matches: int = 16) -> DraftTree:
+    """A trie of what followed the longest repeated suffix; node confidence = its share of the matches."""
+    tree = DraftTree()
+    _, conts = index.continuations(min_n, max_depth, max_matches)
+    if not conts:
+        return tree
+    counts: dict[tuple[int, ...], int] = defaultdict(int)
+    for cont in conts:
+        for d in range(1, len(cont) + 1):
+            counts[tuple(cont[:d])] += 1
+    nodes: dict[tuple[int, ...], int] = {(): ROOT}
+    scores: dict[tuple[int, ...], float] = {(): 1.0}
+    for prefix in sorted(counts, key=lambda p: (len(p), -counts[p])):
+        parent = prefix[:-1]
+        if parent not in nodes:
+            continue
+        parent_count = counts[parent] if parent else len(conts)
+        confidence = counts[prefix] / parent_count
+        score = scores[parent] * calibration.estimate("suffix", len(prefix), confidence)
+        nodes[prefix] = tree.add(prefix[-1], nodes[parent], score, "suffix", confidence)
+        scores[prefix] = score
+    return tree
+
+
+def merge(trees: list[DraftTree]) -> DraftTree:
+    """Union of trees: nodes with the same token path are one node (highest score kept)."""
+    out = DraftTree()
+    for tree in trees:
+        index = {ROOT: ROOT}
+        for i in range(len(tree)):
+            index[i] = out.add(tree.tokens[i], index[tree.parents[i]], tree.scores[i], tree.sources[i],
+                               tree.confidences[i])
+    return out  # `add` appends children after their parents: still topological

@@ -1,0 +1,104 @@
+"""The planner: which tree nodes and mask groups each sequence sends, from the measured cost of rows.
+
+Per step the engine pays t(N) for N query rows in all. A node is worth its survival
+score (the chance verification reaches it, i.e. one more emitted token); a mask group
+anchored at node u is worth P(u is the last accepted node) times what mask drafts
+add next step. The planner takes items best-worth-per-row first and keeps the
+prefix that maximises expected tokens per second, (num_sequences + sum of values) /
+t(rows). When nothing pays for its rows the step is exactly plain decoding.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from tgi_space.tree import ROOT, DraftTree
+
+
+class LatencyCurve:
+    """t(N) in seconds from a few measured points: made monotone, interpolated, extrapolated linearly."""
+
+    def __init__(self, points: dict[int, float]) -> None:
+        if not points or min(points) < 1:
+            raise ValueError("latency curve: need measured points for N >= 1")
+        self.rows = sorted(points)
+        running, self.seconds = 0.0, []
+        for n in self.rows:  # monotone: more rows never cost less
+            running = max(running, points[n])
+            self.seconds.append(running)
+
+    def __call__(self, rows: int) -> float:
+        rs, ts = self.rows, self.seconds
+        if rows <= rs[0]:
+            return ts[0]
+        i = bisect.bisect_left(rs, rows)
+        if i == len(rs):
+            i -= 1
+        n0, n1, t0, t1 = rs[i - 1], rs[i], ts[i - 1], ts[i]
+        return t0 + (t1 - t0) * (rows - n0) / (n1 - n0)
+
+    def as_dict(self) -> dict[int, float]:
+        """The monotone points, milliseconds."""
+        return {n: 1000 * t for n, t in zip(self.rows, self.seconds)}
+
+
+@dataclass
+class Proposal:
+    """What one sequence could send this step."""
+
+    base_rows: int  # its uncached tokens: always sent
+    tree: DraftTree  # scored candidates (may be empty)
+    group_size: int  # rows of a mask group (0: this sequence gets none)
+    mask_value: float  # expected extra tokens next step from mask drafts
+
+
+@dataclass
+class Choice:
+    """What one sequence sends: tree nodes kept and mask-group anchors (ROOT or node indices)."""
+
+    nodes: list[int]
+    anchors: list[int]
+
+
+def plan(proposals: list[Proposal], curve: LatencyCurve, max_rows: int) -> list[Choice]:
+    """Maximise (num_sequences + chosen value) / t(rows) over best-first prefixes of the items."""
+    base = sum(p.base_rows for p in proposals)
+    nodes = _best_prefix(_node_items(proposals), len(proposals), base, curve, max_rows)
+    chosen = [[i for s, i in nodes if s == seq] for seq in range(len(proposals))]
+    value = len(proposals) + sum(proposals[s].tree.scores[i] for s, i in nodes)
+    groups = _best_prefix(_group_items(proposals, chosen), value, base + len(nodes), curve, max_rows)
+    return [Choice(chosen[s], sorted(a for g, a in groups if g == s)) for s in range(len(proposals))]
+
+
+def _node_items(proposals: list[Proposal]) -> list[tuple[float, int, int, int]]:
+    """(value, cost, sequence, node), best first; a node's score never exceeds its parent's, and
+    ties go to the shallower node, so every prefix of this order is closed under parents."""
+    items = [(p.tree.scores[i], 1, s, i) for s, p in enumerate(proposals) for i in range(len(p.tree))]
+    return sorted(items, key=lambda it: (-it[0], proposals[it[2]].tree.depth(it[3])))
+
+
+def _group_items(proposals: list[Proposal], chosen: list[list[int]]) -> list[tuple[float, int, int, int]]:
+    """(value, cost, sequence, anchor): P(anchor is the last accepted node) * mask value, per group row."""
+    items = []
+    for s, p in enumerate(proposals):
+        if not p.group_size:
+            continue
+        kept = set(chosen[s])
+        for anchor in [ROOT] + chosen[s]:
+            reach = 1.0 if anchor == ROOT else p.tree.scores[anchor]
+            onward = sum(p.tree.scores[c] for c in p.tree.children(anchor) if c in kept)
+            items.append((max(0.0, reach - onward) * p.mask_value, p.group_size, s, anchor))
+    return sorted(items, key=lambda it: -it[0] / it[1])
+
+
+def _best_prefix(items, value: float, rows: int, curve: LatencyCurve, max_rows: int) -> list[tuple[int, int]]:
+    """The (sequence, index) pairs of the best prefix of `items` by (value / t(rows))."""
+    best_k, best = 0, value / curve(rows)
+    for k, (v, cost, _, _) in enumerate(items, start=1):
+        value, rows = value + v, rows + cost
+        if rows > max_rows:
+            break
+        if value / curve(rows) > best:
+            best_k, best = k, value / curve(rows)
+    return [(s, i) for _, _, s, i in items[:best_k]]
