@@ -64,8 +64,9 @@ def test_unknown_speculate_mode(llm):
 
 
 def test_space_on_a_model_without_mask_token(tmp_path):
+    """The paper's fixed layout needs masks (suffix drafts serve such checkpoints: tests/test_tree.py)."""
     save_checkpoint(tmp_path, "llama", space=False)
-    llm = LLM(str(tmp_path), kv_cache_bytes=2**22)
+    llm = LLM(str(tmp_path), kv_cache_bytes=2**22, space=SpacePolicy(planner=False))
     with pytest.raises(SpaceUnavailable, match="space_mask_token_id"):
         llm.generate([[1, 2]], SamplingParams(), speculate="space")
     assert llm.generate([[1, 2]], SamplingParams(max_new_tokens=3), speculate="none")[0].finish_reason

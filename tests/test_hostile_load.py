@@ -152,7 +152,10 @@ def test_a_poisoned_request_among_eight_streams_fails_alone(server, monkeypatch)
             raise FloatingPointError("poisoned request")
         return original(logits, params, *args, **kwargs)
 
-    monkeypatch.setattr(tgi_space.engine, "process", poisoned)
+    import tgi_space.speculation
+
+    monkeypatch.setattr(tgi_space.engine, "process", poisoned)  # the paper's fixed layout
+    monkeypatch.setattr(tgi_space.speculation, "process", poisoned)  # the planned tree step
     engine = server.state.service.engine
     free_at_start = engine.block_manager.num_free_blocks
     healthy = [b for i, b in enumerate(bodies()) if i != 3]

@@ -143,7 +143,7 @@ def test_shard_warmup_and_prefill_without_grpc(engine, ctx):
     filler.ClearField("slots")
     result = shard.warmup(pb2.Batch(id=0, requests=[filler, filler]), max_input=None, max_total=None)
     assert (result.max_total_tokens, result.max_input_tokens) == (40, 39) and shard.cache == {}
-    assert result.max_supported_total_tokens == engine.kv_caches[0].shape[1]
+    assert result.max_supported_total_tokens == engine.num_slots  # scratch slots are not the router's
     step = shard.prefill(pb2.Batch(id=5, requests=[request(0), request(1, slots_from=40)]))
     assert step.batch is not None and set(shard.cache) == {5} and len(step.generations) == 2
     step = shard.decode([5])

@@ -17,7 +17,7 @@ PROMPTS = [[1] + list(range(5 + i, 5 + i + 3 + 5 * i)) for i in range(8)]  # len
 
 @pytest.fixture(scope="module")
 def llm(llama_dir):
-    return LLM(str(llama_dir), kv_cache_bytes=2**24, block_size=4, space=SpacePolicy(k_max=3))
+    return LLM(str(llama_dir), kv_cache_bytes=2**24, block_size=4, space=SpacePolicy(k_max=3, planner=False))
 
 
 def reference(llm, prompts, params):
@@ -105,7 +105,7 @@ def test_logprobs_and_top_tokens_match_ar(llm, monkeypatch):
 
 
 def test_group_pruning_keeps_output(llama_dir, monkeypatch):
-    llm = LLM(str(llama_dir), kv_cache_bytes=2**24, space=SpacePolicy(k_max=3, prune_groups=2))
+    llm = LLM(str(llama_dir), kv_cache_bytes=2**24, space=SpacePolicy(k_max=3, prune_groups=2, planner=False))
     params = SamplingParams(max_new_tokens=20)
     ref = reference(llm, PROMPTS[:4], params)
     oracle_drafts(monkeypatch, {tuple(p): r for p, r in zip(PROMPTS[:4], ref)}, 0.3, seed=9)

@@ -105,10 +105,13 @@ def two_sample_pvalue(a: list[tuple], b: list[tuple]) -> float:
     return stats.chi2_contingency(table).pvalue
 
 
-@pytest.fixture(scope="module")
-def sampling_llm(llama_dir):
+@pytest.fixture(scope="module", params=[False, True], ids=["fixed-layout", "planned-trees"])
+def sampling_llm(llama_dir, request):
+    """The paper's layout (masks sampled from q, residual rule) and the planned trees (draw-then-match);
+    the planned step gets a flat latency curve so that it really sends trees and groups."""
+    flat = {1: 0.01, 10**6: 0.01}
     return LLM(str(llama_dir), kv_cache_bytes=2**26, max_num_seqs=2048,
-               space=SpacePolicy(k_max=3, max_step_query_tokens=10**6))
+               space=SpacePolicy(k_max=3, max_step_query_tokens=10**6, planner=request.param, latency_curve=flat))
 
 
 @pytest.mark.parametrize(

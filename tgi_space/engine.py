@@ -73,7 +73,8 @@ class Engine:
             self.block_manager, config.space, 0 if self.planned else self.k_max, config.max_num_seqs,
             config.max_num_batched_tokens, reserve=config.space.max_tree_depth if self.planned else 0,
         )
-        self.speculator = Speculator(config.space, self.k_max, self._measure_rows)
+        probe_rows = self.model_config.max_model_len - self._probe_context
+        self.speculator = Speculator(config.space, self.k_max, self._measure_rows, probe_rows)
         self.eos_ids = set(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
@@ -110,8 +111,9 @@ class Engine:
         return num_blocks
 
     @torch.inference_mode()
-    def _measure_rows(self, rows: int, context: int = 128) -> float:
-        """Seconds of one forward of `rows` query rows (one sequence) after `context` cached tokens."""
+    def _measure_rows(self, rows: int) -> float:
+        """Seconds of one forward of `rows` query rows (one sequence) after `_probe_context` cached tokens."""
+        context = self._probe_context
         plan = SeqPlan(chain=[0] * rows, num_candidates=rows - 1, anchors=[], group_size=0, num_cached=context)
         layout = build_layout([plan], 0)
         slots = torch.arange(context + rows) % self.num_slots
@@ -120,6 +122,11 @@ class Engine:
             self._forward(layout, [slots[:context]], slots[context:], torch.arange(rows))
 
         return measure_forward(run, rows)
+
+    @property
+    def _probe_context(self) -> int:
+        """Cached tokens behind the latency probes: a typical prompt, leaving room for the rows."""
+        return min(128, self.model_config.max_model_len // 4)
 
     def _context(self, kv_caches: list[torch.Tensor]) -> ForwardContext:
         return ForwardContext(kv_caches, self.backend, self.rotary, self.config.gemm_row_block or None)

@@ -44,8 +44,11 @@ class SpeculationStats:
 class Speculator:
     """Holds the calibration, the latency curve and the mask gain; plans, verifies and drafts."""
 
-    def __init__(self, policy: SpacePolicy, mask_group_size: int, measure: Callable[[int], float]) -> None:
+    def __init__(
+        self, policy: SpacePolicy, mask_group_size: int, measure: Callable[[int], float], max_probe_rows: int
+    ) -> None:
         self.policy = policy
+        self.max_probe_rows = max_probe_rows  # the measured curve stops here; beyond it is extrapolated
         self.group_size = mask_group_size if "masks" in policy.drafters else 0
         self.measure = measure  # rows -> seconds of one forward (measured once, on first use)
         self.curve: LatencyCurve | None = LatencyCurve(policy.latency_curve) if policy.latency_curve else None
@@ -58,7 +61,7 @@ class Speculator:
     def latency(self) -> LatencyCurve:
         """The measured t(N), taken on first use (a few forwards per point, medians)."""
         if self.curve is None:
-            self.curve = LatencyCurve({n: self.measure(n) for n in CURVE_POINTS})
+            self.curve = LatencyCurve({n: self.measure(n) for n in CURVE_POINTS if n <= self.max_probe_rows})
         return self.curve
 
     def plan(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:

@@ -1,0 +1,232 @@
+"""Token trees: layout, exact verification (greedy and sampled, with a negative control), planner, engine."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from scipy.stats import chisquare
+
+from tgi_space.config import SpacePolicy
+from tgi_space.llm import LLM
+from tgi_space.planner import LatencyCurve, Proposal, plan
+from tgi_space.sampling import SamplingParams, sample
+from tgi_space.space import SeqPlan, seq_layout
+from tgi_space.speculation import Speculator
+from tgi_space.tree import ROOT, DraftTree, verify_tree_greedy, verify_tree_sampled
+
+MASK = 999
+
+
+@st.composite
+def tree_plans(draw):
+    n = draw(st.integers(0, 8))
+    parents = tuple(draw(st.integers(-1, j - 1)) for j in range(n))
+    uncached = draw(st.integers(1, 4))
+    g = draw(st.integers(0, 4))
+    anchors = sorted(draw(st.sets(st.integers(0, n), min_size=1))) if g else []
+    chain = draw(st.lists(st.integers(0, 500), min_size=uncached + n, max_size=uncached + n))
+    return SeqPlan(chain, n, anchors, g, draw(st.integers(0, 40)), parents=parents)
+
+
+def ancestors(parents: tuple[int, ...], j: int) -> set[int]:
+    out = set()
+    while j >= 0:
+        out.add(j)
+        j = parents[j]
+    return out
+
+
+def expected_visible(plan: SeqPlan, row: int) -> set[int]:
+    """Independent statement of SPACE.md section 5: uncached tokens, ancestors and self; groups see their anchor's path."""
+    u, n = plan.num_uncached, plan.num_candidates
+    if row < u:
+        return set(range(row + 1))
+    if row < u + n:
+        return set(range(u)) | {u + a for a in ancestors(plan.parents, row - u)}
+    j, m = divmod(row - u - n, plan.group_size)
+    anchor = plan.anchors[j]
+    path = set(range(u)) if anchor == 0 else set(range(u)) | {u + a for a in ancestors(plan.parents, anchor - 1)}
+    start = u + n + j * plan.group_size
+    return path | set(range(start, start + m + 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(tree_plans())
+def test_tree_visibility_and_positions(plan):
+    ids, positions, vis = seq_layout(plan, MASK)
+    for row in range(plan.num_rows):
+        seen = set(vis[row].nonzero().flatten().tolist())
+        assert seen == expected_visible(plan, row)
+        assert positions[row] == plan.num_cached + len(seen) - 1  # visible keys - 1
+
+
+def random_tree(rng: random.Random, size: int, vocab: int) -> DraftTree:
+    tree = DraftTree()
+    for _ in range(size):
+        parent = rng.randrange(-1, len(tree))
+        tree.add(rng.randrange(vocab), parent, 0.5, "test", 0.5)
+    return tree
+
+
+def test_greedy_walk_equals_the_deepest_matching_path():
+    rng = random.Random(0)
+    for _ in range(500):
+        tree = random_tree(rng, rng.randrange(0, 12), 4)
+        targets = [rng.randrange(4) for _ in range(len(tree) + 1)]
+        path, bonus = verify_tree_greedy(targets, tree)
+        # reference: all nodes whose every edge matches the argmax of its parent; the deepest one
+        matching = [i for i in range(len(tree))
+                    if all(tree.tokens[j] == targets[tree.parents[j] + 1] for j in tree.path(i))]
+        deepest = max(matching, key=tree.depth, default=ROOT)
+        assert path == tree.path(deepest)
+        assert bonus == targets[deepest + 1]
+
+
+# ---- sampling: a Markov chain over 4 tokens is the "model" ---------------------------------------
+
+P = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]])
+
+
+def draft_tree(last: int) -> DraftTree:
+    """A deterministic tree: the two likeliest next tokens, then the likeliest after the first."""
+    tree = DraftTree()
+    first, second = P[last].topk(2).indices.tolist()
+    a = tree.add(first, ROOT, 0.5, "test", 0.5)
+    tree.add(second, ROOT, 0.3, "test", 0.3)
+    tree.add(int(P[first].argmax()), a, 0.3, "test", 0.3)
+    return tree
+
+
+def biased_rule(target_logits, tree, generator):
+    """The SPACE/SDSAT reference's style: accept a draft with probability p(draft), else resample from p."""
+    probs = target_logits.softmax(-1)
+    path, node = [], ROOT
+    while True:
+        kids = tree.children(node)
+        if kids and torch.rand(1, generator=generator).item() < probs[node + 1, tree.tokens[kids[0]]].item():
+            path.append(kids[0])
+            node = kids[0]
+            continue
+        return path, sample(probs[node + 1], generator)
+
+
+def generate(rule, length: int, seed: int) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    out = [0]
+    while len(out) < length + 1:
+        tree = draft_tree(out[-1])
+        rows = [out[-1]] + [tree.tokens[i] for i in range(len(tree))]
+        logits = P[rows].log()
+        path, bonus = rule(logits, tree, gen)
+        out += [tree.tokens[i] for i in path] + [bonus]
+    return tuple(out[1 : length + 1])
+
+
+def exact_probability(seq: tuple[int, ...]) -> float:
+    p, last = 1.0, 0
+    for t in seq:
+        p, last = p * P[last, t].item(), t
+    return p
+
+
+@pytest.mark.parametrize("rule, preserved", [(verify_tree_sampled, True), (biased_rule, False)])
+def test_tree_sampling_keeps_the_distribution(rule, preserved):
+    n, length = 12000, 3
+    counts = {s: 0 for s in itertools.product(range(4), repeat=length)}
+    for seed in range(n):
+        counts[generate(rule, length, seed)] += 1
+    observed = list(counts.values())
+    probs = [exact_probability(s) for s in counts]
+    expected = [n * p / sum(probs) for p in probs]  # renormalised: float32 rounding of P
+    p_value = chisquare(observed, expected).pvalue
+    if preserved:
+        assert p_value > 1e-3
+    else:  # negative control: the test does catch a rule that is not distribution-preserving
+        assert p_value < 1e-6
+
+
+# ---- planner --------------------------------------------------------------------------------------
+
+def chain_tree(scores: list[float]) -> DraftTree:
+    tree, parent = DraftTree(), ROOT
+    for i, s in enumerate(scores):
+        parent = tree.add(10 + i, parent, s, "test", s)
+    return tree
+
+
+def test_planner_sends_everything_worth_it_on_a_flat_curve_and_nothing_on_a_steep_one():
+    proposals = [Proposal(1, chain_tree([0.9, 0.8, 0.5, 0.01]), 0, 0.0) for _ in range(2)]
+    flat = LatencyCurve({1: 1.0, 64: 1.0})
+    assert [c.nodes for c in plan(proposals, flat, 512)] == [[0, 1, 2, 3]] * 2
+    steep = LatencyCurve({1: 1.0, 2: 2.0, 64: 64.0})  # every row costs as much as a whole step
+    assert [c.nodes for c in plan(proposals, steep, 512)] == [[], []]
+    knee = LatencyCurve({1: 1.0, 6: 1.0, 7: 1.6, 64: 20.0})  # 2 x (1 + 2) rows fit under the knee
+    assert [c.nodes for c in plan(proposals, knee, 512)] == [[0, 1], [0, 1]]
+
+
+def test_planner_attaches_a_mask_group_where_the_walk_likely_ends():
+    proposal = Proposal(1, chain_tree([0.9, 0.1]), 3, 2.0)
+    (choice,) = plan([proposal], LatencyCurve({1: 1.0, 64: 1.0}), 512)
+    assert choice.nodes == [0, 1]
+    assert 0 in choice.anchors  # P(last accepted = node 0) = 0.9 - 0.1: the best anchor
+
+
+@pytest.mark.parametrize("bad", [dict(drafters=("masks", "ngram")), dict(max_tree_nodes=0), dict(max_tree_depth=-1),
+                                 dict(suffix_min_match=5, suffix_max_match=3), dict(latency_curve={1: -1.0})])
+def test_bad_settings_fail_at_start_naming_the_setting(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name.split("_match")[0] if "match" in name else name):
+        SpacePolicy(**bad)
+
+
+# ---- engine: greedy equality with oracle trees corrupted at random --------------------------------
+
+def oracle_trees(monkeypatch, truth: dict[tuple[int, ...], list[int]], error_rate: float, seed: int) -> None:
+    """Next trees = the true continuation as a chain, corrupted at random, plus random wrong branches."""
+    rng = random.Random(seed)
+
+    def draft_next(self, seq, plan, groups, path):
+        ref = truth[tuple(seq.tokens[: seq.num_prompt])]
+        start = len(seq.output_ids)
+        tree, parent = DraftTree(), ROOT
+        for token in ref[start : start + rng.randrange(1, 7)]:
+            token = token if rng.random() > error_rate else (token + 1) % 90 + 4
+            rng.random() < 0.5 and tree.add(rng.randrange(4, 94), parent, 0.4, "test", 0.4)
+            parent = tree.add(token, parent, 0.9, "test", 0.9)
+        seq.draft_tree = tree
+
+    monkeypatch.setattr(Speculator, "draft_next", draft_next)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8])
+@pytest.mark.parametrize("error_rate", [0.0, 0.3, 1.0])
+def test_tree_steps_equal_plain_decoding(llama_dir, monkeypatch, batch, error_rate):
+    flat = {1: 0.01, 512: 0.01}  # every row free: the planner sends whole trees
+    llm = LLM(str(llama_dir), kv_cache_bytes=2**24, block_size=4, space=SpacePolicy(latency_curve=flat))
+    gen = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(4, 90, (int(n),), generator=gen).tolist() for n in torch.randint(2, 30, (batch,), generator=gen)]
+    params = [SamplingParams(max_new_tokens=10 + 4 * i, stop_token_ids=[7] if i % 3 == 2 else []) for i in range(batch)]
+    reference = [o.token_ids for o in llm.generate(prompts, params, speculate="none")]
+    oracle_trees(monkeypatch, {tuple(p): r for p, r in zip(prompts, reference)}, error_rate, seed=batch)
+    outs = llm.generate(prompts, params, speculate="space")
+    assert [o.token_ids for o in outs] == reference
+    if error_rate == 0.0:
+        assert sum(o.stats.num_steps for o in outs) < sum(len(r) for r in reference)
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks  # blocks come back; scratch slots hold no state
+
+
+def test_suffix_drafts_serve_a_checkpoint_without_mask_token(tmp_path):
+    from tests.checkpoints import save_checkpoint
+
+    save_checkpoint(tmp_path, "llama", seed=2, space=False)
+    llm = LLM(str(tmp_path), kv_cache_bytes=2**22, space=SpacePolicy(drafters=("suffix",)))
+    prompt = [5, 6, 7, 8, 9] * 6
+    params = SamplingParams(max_new_tokens=30)
+    plain = llm.generate([prompt], params, speculate="none")[0]
+    spec = llm.generate([prompt], params, speculate="space")[0]
+    assert spec.token_ids == plain.token_ids
