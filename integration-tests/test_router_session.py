@@ -28,6 +28,11 @@ CANCEL_AFTER = 4
 START_UP = ["ServiceDiscovery", "ClearCache", "Info", "Warmup"]
 
 
+# A fixed t(N) (a flat 6 ms up to 32 rows, then linear) so the planner, and with it the snapshots'
+# tokens_per_generation, do not depend on how busy the machine is while the test runs.
+CURVE = json.dumps({1: 6.0, 32: 6.5, 64: 12.0, 512: 96.0})
+
+
 @dataclass
 class Case:
     """One model under test: its folder, requests, router limits and shard environment."""
@@ -69,7 +74,7 @@ def mixed(prompts: list[str], stop: list[str], max_new: int) -> list[EmuRequest]
 
 def random_case(folder: Path) -> Case:
     prompts = [words(7 * i, 3 + (i * 11) % 37) for i in range(18)]
-    env = {"TGI_SPACE_KV_CACHE_BYTES": str(2**20), "TGI_SPACE_BLOCK_SIZE": "4"}
+    env = {"TGI_SPACE_KV_CACHE_BYTES": str(2**20), "TGI_SPACE_BLOCK_SIZE": "4", "TGI_SPACE_LATENCY_CURVE": CURVE}
     return Case("random-llama", folder, mixed(prompts, ["w8"], 24), {}, env, expect_acceptance=False,
                 expect_reasons=frozenset({"length", "eos_token", "stop_sequence"}))  # fixed by seed 0
 
@@ -82,7 +87,8 @@ def bundled_case() -> Case:
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * 4
     limits = dict(max_input_tokens=128, max_total_tokens=224, max_prefill_tokens=512)
-    env = {"TGI_SPACE_KV_CACHE_BYTES": str(per_token * 8192), "TGI_SPACE_BLOCK_SIZE": "16"}
+    env = {"TGI_SPACE_KV_CACHE_BYTES": str(per_token * 8192), "TGI_SPACE_BLOCK_SIZE": "16",
+           "TGI_SPACE_LATENCY_CURVE": CURVE}
     requests = mixed(humaneval_prompts(18), ["\n\n\n"], 40)
     return Case("tiny-space-py", BUNDLED_MODEL, requests, limits, env, expect_acceptance=True)
 

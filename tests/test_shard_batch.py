@@ -18,7 +18,7 @@ pb2, _ = load_pb()
 
 @pytest.fixture(scope="module")
 def engine(llama_dir):
-    config = EngineConfig(model_dir=str(llama_dir), kv_cache_bytes=2**18, block_size=4, space=SpacePolicy(k_max=3))
+    config = EngineConfig(model_dir=str(llama_dir), kv_cache_bytes=2**18, block_size=4, space=SpacePolicy(k_max=3, planner=False))
     return Engine(config)
 
 

@@ -29,8 +29,9 @@ def words(start: int, n: int) -> str:
 
 
 def options(model_dir, socket_base, mode: str = "space") -> ServeOptions:
-    return ServeOptions(model_dir=str(model_dir), uds_path=str(socket_base), block_size=4, kv_cache_bytes=2**20, dtype="float32",
-                        k=K, speculate_mode=mode)
+    """The paper's fixed layout (oracle candidates below); the planned step is tested in integration-tests."""
+    return ServeOptions(model_dir=str(model_dir), uds_path=str(socket_base), block_size=4, kv_cache_bytes=2**20,
+                        dtype="float32", k=K, speculate_mode=mode, planner=False)
 
 
 @pytest.fixture(scope="module")

@@ -143,10 +143,10 @@ class SpacePolicy:
     # model. planner=False is the paper's fixed layout (k candidates, a mask group after each).
     planner: bool = True
     drafters: tuple[str, ...] = ("masks", "suffix")
-    max_tree_nodes: int = 24  # candidates per sequence and step at most
-    max_tree_depth: int = 8  # longest path one step can accept (Info.speculate)
+    max_tree_nodes: int = 32  # candidates per sequence and step at most
+    max_tree_depth: int = 16  # longest path one step can accept (Info.speculate)
     mask_top_m: int = 2  # mask drafts: top-1 chain plus the next m - 1 tokens at depth 1
-    suffix_min_match: int = 2  # suffix drafts: shortest repeated suffix that counts as a match
+    suffix_min_match: int = 1  # suffix drafts: shortest repeated suffix that counts as a match
     suffix_max_match: int = 8  # longest suffix looked up
     latency_curve: dict[int, float] | None = None  # t(N) seconds by rows; None: measured at first use
 

@@ -44,6 +44,8 @@ class ServeOptions:
     max_step_query_tokens: int = 512
     watermark: Watermark = field(default_factory=Watermark)
     max_input_tokens: int | None = None
+    planner: bool = True  # the planned tree step; False (TGI_SPACE_FIXED_LAYOUT=1): the paper's fixed layout
+    latency_curve: dict[int, float] | None = None  # TGI_SPACE_LATENCY_CURVE='{"1": 6.1, "32": 8.0}' (ms): pins the planner
 
     def __post_init__(self) -> None:
         if self.speculate_mode not in SPECULATE_MODES:
@@ -74,7 +76,11 @@ class ServeOptions:
             kv_cache_bytes=self.kv_cache_bytes,
             kv_cache_memory_fraction=self.kv_cache_memory_fraction,
             max_num_seqs=self.max_batch_size,
-            space=SpacePolicy(k_max=self.k, max_step_query_tokens=self.max_step_query_tokens),
+            # --speculate N: the router reserves N extra slots per request, so N bounds the accepted
+            # path (the planned step's tree depth) as well as the mask group size.
+            space=SpacePolicy(k_max=self.k, max_step_query_tokens=self.max_step_query_tokens, planner=self.planner,
+                              latency_curve=self.latency_curve,
+                              **({"max_tree_depth": self.k} if self.k else {})),
         )
 
 
@@ -133,6 +139,8 @@ def from_launcher(
         speculate_mode=_speculate_mode(config, speculate, env),
         k=speculate if speculate else None,
         block_size=int(env.get("TGI_SPACE_BLOCK_SIZE", 16)),
+        planner=env.get("TGI_SPACE_FIXED_LAYOUT", "0") != "1",
+        latency_curve=_latency_curve(env.get("TGI_SPACE_LATENCY_CURVE")),
         kv_cache_bytes=int(env["TGI_SPACE_KV_CACHE_BYTES"]) if env.get("TGI_SPACE_KV_CACHE_BYTES") else None,
         kv_cache_memory_fraction=_memory_fraction(env, cuda_available),
         max_batch_size=int(env.get("MAX_BATCH_SIZE") or 64),
@@ -195,3 +203,13 @@ def check_weights(model_dir: str, extension: str = ".safetensors") -> list[str]:
     if not any(folder.glob(f"*{extension}")):
         missing.append(f"*{extension}")
     return missing
+
+
+def _latency_curve(raw: str | None) -> dict[int, float] | None:
+    """TGI_SPACE_LATENCY_CURVE: JSON {rows: milliseconds}; seconds by rows for the planner."""
+    if not raw:
+        return None
+    try:
+        return {int(n): float(ms) / 1000 for n, ms in json.loads(raw).items()}
+    except (ValueError, AttributeError, TypeError) as err:
+        raise UnsupportedOption(f"TGI_SPACE_LATENCY_CURVE must be JSON like {{\"1\": 6.0, \"32\": 8.0}}: {err}") from err

@@ -75,14 +75,16 @@ class Shard:
 
     def __init__(self, engine: Engine, speculate: bool, watermark: Watermark) -> None:
         self.engine = engine
-        self.ctx = BatchContext(engine, speculate and engine.k_max > 0, watermark)
+        self.ctx = BatchContext(engine, speculate and (engine.planned or engine.k_max > 0), watermark)
         self.cache: dict[int, SpaceBatch] = {}  # batch id -> batch; emptied by ClearCache
         self.lock = threading.Lock()
 
     @property
     def speculate(self) -> int:
-        """k reported to the router (it reserves k extra slots per request)."""
-        return self.engine.k_max if self.ctx.speculate else 0
+        """Info.speculate: the longest path one step can accept (the router reserves that many extra slots)."""
+        if not self.ctx.speculate:
+            return 0
+        return self.engine.config.space.max_tree_depth if self.engine.planned else self.engine.k_max
 
     def info(self) -> ShardInfo:
         """Static facts for the router."""
@@ -223,8 +225,11 @@ class Shard:
     def _step(self, batch: SpaceBatch) -> tuple[list[Generation], int]:
         """Verify, emit and draft for every request; finished requests leave the batch."""
         live = batch.requests
-        k = self.engine.config.space.choose_k(sum(r.seq.speculate for r in live), 0, self.engine.k_max)
-        planned = [(r.seq, plan_sequence(r.seq, k if r.seq.speculate else 0)) for r in live]
+        if self.engine.planned:  # uncached tokens, then what the planner finds worth sending
+            planned = self.engine.speculator.plan([(r.seq, plan_sequence(r.seq, 0)) for r in live])
+        else:  # the paper's fixed layout
+            k = self.engine.config.space.choose_k(sum(r.seq.speculate for r in live), 0, self.engine.k_max)
+            planned = [(r.seq, plan_sequence(r.seq, k if r.seq.speculate else 0)) for r in live]
         wants_prompt = [r.prefill_logprobs and r.seq.num_cached == 0 for r in live]
         start = time.perf_counter_ns()
         results = self.engine.execute(planned, SlotTable(live), keep_hidden=any(wants_prompt))
