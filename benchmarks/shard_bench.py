@@ -1,11 +1,13 @@
-"""Shard server benchmark through the router emulation: SPACE vs SPECULATE_MODE=none, per concurrency.
+"""Shard server benchmark through the router emulation: every speculation setting vs plain, per concurrency.
 
-Two `text-generation-server` processes start with the launcher's argv and environment, one in SPACE
-mode and one with SPECULATE_MODE=none. For each concurrency c, both serve the same N HumanEval prompts
-(greedy, EOS ignored, so both generate exactly N * M tokens). All requests are queued at once, and the
-router keeps at most c in flight (continuous batching). The two modes run back to back, and the order
-alternates between concurrencies, so slow drift on a shared machine does not favour one mode. Reported
-per mode: requests/s, generated tokens/s, tokens per Decode call, and SPACE/none ratios.
+One `text-generation-server` process per setting starts with the launcher's argv and environment:
+plain (SPECULATE_MODE=none), the paper's fixed layout at k = 3 and 5 (TGI_SPACE_FIXED_LAYOUT=1,
+--speculate k), and the planned step with masks and suffix drafts, masks only and suffix only. For each
+concurrency c, all serve the same N HumanEval prompts (greedy, EOS ignored, so all generate exactly N * M
+tokens). All requests are queued at once, and the router keeps at most c in flight (continuous batching).
+The settings run back to back, in an order that rotates between concurrencies, so slow drift on a shared
+machine does not favour one. Reported per setting: requests/s, generated tokens/s, tokens per
+Generation, and the ratio to plain.
 
     python benchmarks/shard_bench.py --model models/tiny-space-py --requests 64 --max-new-tokens 128
 """
@@ -26,7 +28,14 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: tests.router_emu
 from tests.router_emulation import EmuRequest, ShardProcess  # noqa: E402
 from tgi_space.bench import humaneval_prompts  # noqa: E402
 
-MODES = ("space", "none")
+MODES = {  # name -> (extra environment, extra argv)
+    "none": ({"SPECULATE_MODE": "none"}, ()),
+    "fixed-k3": ({"TGI_SPACE_FIXED_LAYOUT": "1"}, ("--speculate", "3")),
+    "fixed-k5": ({"TGI_SPACE_FIXED_LAYOUT": "1"}, ("--speculate", "5")),
+    "planned-hybrid": ({}, ()),
+    "planned-masks": ({"TGI_SPACE_DRAFTERS": "masks"}, ()),
+    "planned-suffix": ({"TGI_SPACE_DRAFTERS": "suffix"}, ()),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,13 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="model folder (config.json, tokenizer.json, *.safetensors)")
     p.add_argument("--requests", type=int, default=64, help="requests per mode and concurrency")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated in-flight request limits")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="comma-separated in-flight request limits")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated settings to run (none is always run)")
     p.add_argument("--max-input-tokens", type=int, default=512, help="router truncation of the prompts")
-    p.add_argument("--speculate", type=int, default=None, help="--speculate for the SPACE shard (default: checkpoint)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--out", default=str(Path(__file__).with_name("shard_bench.json")))
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.modes = ["none"] + [m for m in args.modes.split(",") if m and m != "none"]
     context = json.loads((Path(args.model) / "config.json").read_text()).get("max_position_embeddings")
     if context and args.max_input_tokens + args.max_new_tokens > context:  # Warmup would refuse it
         args.max_input_tokens = context - args.max_new_tokens
@@ -63,8 +73,8 @@ def start_shards(args: argparse.Namespace, socket_dir: Path) -> dict[str, ShardP
     per_request = args.max_input_tokens + args.max_new_tokens + 8 + 2 * args.block_size
     env = {"TGI_SPACE_KV_CACHE_BYTES": str(kv_cache_bytes(model, per_request * (max(args.concurrency) + 2))),
            "TGI_SPACE_BLOCK_SIZE": str(args.block_size), "MAX_BATCH_SIZE": str(max(args.concurrency))}
-    argv = ("--speculate", str(args.speculate)) if args.speculate is not None else ()
-    shards = {mode: ShardProcess(model, socket_dir / mode, argv, {**env, "SPECULATE_MODE": mode}) for mode in MODES}
+    shards = {mode: ShardProcess(model, socket_dir / mode, MODES[mode][1], {**env, **MODES[mode][0]})
+              for mode in args.modes}
     for shard in shards.values():
         shard.wait_ready()
     return shards
@@ -101,7 +111,7 @@ def bench(args: argparse.Namespace) -> dict:
         shards = start_shards(args, Path(socket_dir))
         try:
             for i, c in enumerate(args.concurrency):
-                order = MODES if i % 2 == 0 else MODES[::-1]
+                order = args.modes[i % len(args.modes) :] + args.modes[: i % len(args.modes)]
                 runs = {mode: run_once(shards[mode], prompts, args, c) for mode in order}
                 report["by_concurrency"][str(c)] = {"max_in_flight": min(c, args.requests), **summarize(runs, order)}
                 print_row(c, report["by_concurrency"][str(c)])
@@ -111,20 +121,21 @@ def bench(args: argparse.Namespace) -> dict:
     return report
 
 
-def summarize(runs: dict[str, dict], order: tuple[str, ...]) -> dict:
-    """Drop the outputs, keep whether the two modes agreed token for token (greedy is lossless)."""
-    identical = runs["space"].pop("outputs") == runs["none"].pop("outputs")
-    return {"order": list(order), **runs, "outputs_identical": identical,
-            "ratio_tokens_per_s": runs["space"]["tokens_per_s"] / runs["none"]["tokens_per_s"],
-            "ratio_requests_per_s": runs["space"]["requests_per_s"] / runs["none"]["requests_per_s"]}
+def summarize(runs: dict[str, dict], order: list[str]) -> dict:
+    """Drop the outputs, keep whether each setting agreed with plain token for token (greedy is lossless)."""
+    plain = runs["none"]
+    outputs = {mode: run.pop("outputs") for mode, run in runs.items()}
+    for mode, run in runs.items():
+        run["identical_to_none"] = outputs[mode] == outputs["none"]
+        run["ratio_tokens_per_s"] = run["tokens_per_s"] / plain["tokens_per_s"]
+    return {"order": order, **runs}
 
 
 def print_row(c: int, row: dict) -> None:
-    s, n = row["space"], row["none"]
-    print(f"c={c:>3}  space {s['tokens_per_s']:8.1f} tok/s {s['requests_per_s']:6.2f} req/s "
-          f"{s['tokens_per_generation']:.2f} tok/gen | none {n['tokens_per_s']:8.1f} tok/s "
-          f"{n['requests_per_s']:6.2f} req/s | ratio {row['ratio_tokens_per_s']:.2f}x"
-          f"{'' if row['outputs_identical'] else '  OUTPUTS DIFFER'}", flush=True)
+    cells = [f"{m} {r['tokens_per_s']:7.1f} tok/s {r['ratio_tokens_per_s']:.2f}x {r['tokens_per_generation']:.2f}/gen"
+             + ("" if r["identical_to_none"] else " OUTPUTS DIFFER")
+             for m, r in row.items() if isinstance(r, dict)]
+    print(f"c={c:>3}  " + " | ".join(cells), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

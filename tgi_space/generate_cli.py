@@ -21,7 +21,9 @@ def generate(
     top_k: int = typer.Option(0, "--top-k"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(None),
-    dtype: str = typer.Option("float32"),
+    dtype: str = typer.Option("bfloat16"),
+    fixed_layout: bool = typer.Option(False, "--fixed-layout", help="The paper's fixed layout (k candidates, all groups)."),
+    drafters: str = typer.Option("masks,suffix", "--drafters", help="Drafters of the planned step: masks, suffix."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
 ) -> None:
     """Generate for each prompt and print the text with SPACE statistics."""
@@ -32,7 +34,8 @@ def generate(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed,
         )
-        llm = LLM(model, dtype=dtype, space=SpacePolicy(k_max=k))
+        policy = SpacePolicy(k_max=k, planner=not fixed_layout, drafters=tuple(d for d in drafters.split(",") if d))
+        llm = LLM(model, dtype=dtype, space=policy)
         texts = [p.encode().decode("unicode_escape") for p in prompts]
         outputs = llm.generate(texts, params, speculate=speculate)
     except ValueError as err:

@@ -53,19 +53,25 @@ class ServerState:
         engine_options = dict(
             model_dir=self.model_dir, dtype=s.dtype, device=device, block_size=s.block_size, kv_cache_bytes=s.kv_cache_bytes,
             max_num_batched_tokens=s.max_batch_prefill_tokens, seed=s.seed,
-            space=SpacePolicy(k_max=s.space_k_max, max_step_query_tokens=s.max_step_query_tokens),
+            space=SpacePolicy(
+                k_max=s.space_k_max, max_step_query_tokens=s.max_step_query_tokens, planner=not s.fixed_layout,
+                drafters=s.drafters, max_tree_nodes=s.max_tree_nodes, max_tree_depth=s.max_tree_depth,
+                mask_top_m=s.mask_top_m, suffix_min_match=s.suffix_min_match, suffix_max_match=s.suffix_max_match,
+            ),
         )
         if s.max_batch_size:
             engine_options["max_num_seqs"] = s.max_batch_size
         if s.attention_backend is not None:
             engine_options["attention_backend"] = s.attention_backend
         engine = Engine(EngineConfig(**engine_options))
-        kv_tokens = engine.block_manager.num_blocks * engine.config.block_size - engine.k_max
+        kv_tokens = engine.num_slots - max(engine.k_max, engine.config.space.max_tree_depth if engine.planned else 0)
         max_input, max_total = s.resolve_limits(engine.model_config.max_model_len, kv_tokens)
         limits = Limits(s.max_best_of, s.max_stop_sequences, s.max_top_n_tokens, max_input, max_total)
-        speculate = s.speculate_mode or ("space" if engine.mask_token_id is not None else "none")
-        if speculate == "space" and engine.mask_token_id is None:
-            raise ValueError("--speculate-mode space needs a SPACE checkpoint (config.json space_mask_token_id)")
+        can_speculate = engine.planned or engine.mask_token_id is not None  # suffix drafts need no mask token
+        speculate = s.speculate_mode or ("space" if can_speculate else "none")
+        if speculate == "space" and not can_speculate:
+            raise ValueError("--speculate-mode space needs a SPACE checkpoint (config.json space_mask_token_id) "
+                             "or the planned step with suffix drafts (--drafters suffix, no --fixed-layout)")
         worker = EngineWorker(engine, self.metrics)
         worker.start()
         self.chat_template = ChatTemplate(engine.tokenizer)
@@ -95,6 +101,7 @@ class ServerState:
             "docker_label": None,
             "speculate_mode": service.speculate if service else s.speculate_mode,
             "space_k_max": service.engine.k_max if service else s.space_k_max,
+            "speculation": service.engine.speculator.info() if service and service.engine.planned else None,
         }
 
 

@@ -54,6 +54,14 @@ class Metrics:
         self.current_k = Gauge("tgi_space_current_k", "Candidates per sequence (k) chosen for the last step", registry=r)
         self.kv_free_blocks = Gauge("tgi_space_kv_cache_free_blocks", "KV-cache blocks owned by no request", registry=r)
         self.kv_total_blocks = Gauge("tgi_space_kv_cache_blocks", "KV-cache blocks in total", registry=r)
+        # the planned step (docs/speculation.md)
+        self.planner_rows = Gauge("tgi_space_planner_rows_per_step", "Query rows per step, mean since start", registry=r)
+        self.planner_predicted = Gauge("tgi_space_planner_predicted_tokens_per_step", "Tokens per step the planner expected (sequences + chosen survival scores), mean", registry=r)
+        self.planner_realised = Gauge("tgi_space_planner_realised_tokens_per_step", "Tokens per step verification emitted, mean", registry=r)
+        self.planner_plain = Gauge("tgi_space_planner_plain_fallback_rate", "Share of steps that sent no candidate and no mask (plain decoding)", registry=r)
+        self.drafter_drafted = Counter("tgi_space_drafter_drafted", "Tree nodes sent for verification, by drafter", ["drafter"], registry=r)
+        self.drafter_accepted = Counter("tgi_space_drafter_accepted", "Tree nodes accepted, by drafter", ["drafter"], registry=r)
+        self._drafter_seen: dict[tuple[str, str], int] = {}
         self._steps = 0
         self._tokens = 0
 
@@ -73,6 +81,21 @@ class Metrics:
                 self.drafted_by_position.labels(position=str(i)).inc(d)
             if a:
                 self.accepted_by_position.labels(position=str(i)).inc(a)
+
+    def record_speculation(self, stats) -> None:
+        """The planned step's running figures (a `speculation.SpeculationStats`), after each engine step."""
+        steps = max(1, stats.steps)
+        self.planner_rows.set(stats.rows / steps)
+        self.planner_predicted.set(stats.predicted_tokens / steps)
+        self.planner_realised.set(stats.realised_tokens / steps)
+        self.planner_plain.set(stats.plain_steps / steps)
+        for kind, totals, counter in (("drafted", stats.drafted_by_drafter, self.drafter_drafted),
+                                      ("accepted", stats.accepted_by_drafter, self.drafter_accepted)):
+            for drafter, total in totals.items():
+                seen = self._drafter_seen.get((kind, drafter), 0)
+                if total > seen:
+                    counter.labels(drafter=drafter).inc(total - seen)
+                    self._drafter_seen[(kind, drafter)] = total
 
     def record_request_stats(self, stats: SeqStats) -> None:
         """A finished request: the tokens speculation saved it (TGI's `skipped_tokens`)."""

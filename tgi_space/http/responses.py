@@ -115,3 +115,4 @@ class Info(BaseModel):
     docker_label: str | None = None
     speculate_mode: str | None = None
     space_k_max: int | None = None
+    speculation: dict | None = None  # the planned step: measured t(N) (ms), calibration, rows and tokens per step

@@ -35,6 +35,13 @@ class ServeSettings:
     speculate_mode: str | None = None  # None: "space" if the checkpoint has a mask token, else "none"
     space_k_max: int | None = None
     max_step_query_tokens: int = 512
+    fixed_layout: bool = False  # the paper's fixed layout instead of the planned tree step
+    drafters: tuple[str, ...] = ("masks", "suffix")
+    max_tree_nodes: int = 32
+    max_tree_depth: int = 16
+    mask_top_m: int = 2
+    suffix_min_match: int = 1
+    suffix_max_match: int = 8
     dtype: str = "bfloat16"
     device: str = "auto"  # auto: cuda if torch sees a GPU, else cpu (TGI always uses the GPU)
     attention_backend: str | None = None  # None: the engine's default for the device

@@ -158,6 +158,8 @@ class EngineWorker:
         self.metrics.batch_inference_duration.labels(method=method).observe(time.perf_counter() - start)
         self.metrics.batch_inference_success.labels(method=method).inc()
         self.metrics.current_k.set(scheduler.last_k)
+        if self.engine.planned:
+            self.metrics.record_speculation(self.engine.speculator.stats)
         self.metrics.batch_next_size.observe(len(results))
         for seq, tokens in results:
             self._publish(seq, tokens, before.get(seq.seq_id, ([], [])))

@@ -46,6 +46,7 @@ class ServeOptions:
     max_input_tokens: int | None = None
     planner: bool = True  # the planned tree step; False (TGI_SPACE_FIXED_LAYOUT=1): the paper's fixed layout
     latency_curve: dict[int, float] | None = None  # TGI_SPACE_LATENCY_CURVE='{"1": 6.1, "32": 8.0}' (ms): pins the planner
+    drafters: tuple[str, ...] = ("masks", "suffix")  # TGI_SPACE_DRAFTERS=masks,suffix
 
     def __post_init__(self) -> None:
         if self.speculate_mode not in SPECULATE_MODES:
@@ -79,7 +80,7 @@ class ServeOptions:
             # --speculate N: the router reserves N extra slots per request, so N bounds the accepted
             # path (the planned step's tree depth) as well as the mask group size.
             space=SpacePolicy(k_max=self.k, max_step_query_tokens=self.max_step_query_tokens, planner=self.planner,
-                              latency_curve=self.latency_curve,
+                              latency_curve=self.latency_curve, drafters=self.drafters,
                               **({"max_tree_depth": self.k} if self.k else {})),
         )
 
@@ -141,6 +142,7 @@ def from_launcher(
         block_size=int(env.get("TGI_SPACE_BLOCK_SIZE", 16)),
         planner=env.get("TGI_SPACE_FIXED_LAYOUT", "0") != "1",
         latency_curve=_latency_curve(env.get("TGI_SPACE_LATENCY_CURVE")),
+        drafters=tuple(d for d in env.get("TGI_SPACE_DRAFTERS", "masks,suffix").split(",") if d),
         kv_cache_bytes=int(env["TGI_SPACE_KV_CACHE_BYTES"]) if env.get("TGI_SPACE_KV_CACHE_BYTES") else None,
         kv_cache_memory_fraction=_memory_fraction(env, cuda_available),
         max_batch_size=int(env.get("MAX_BATCH_SIZE") or 64),
