@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 from tgi_space.tree import ROOT, DraftTree
@@ -74,34 +75,43 @@ def mask_tree(group_logits: torch.Tensor, calibration: Calibration, top_m: int) 
 
 
 class SuffixIndex:
-    """Where each n-gram (n <= max_n) of a growing token list ended: updated as tokens are appended."""
+    """A growing token list, searched for earlier occurrences of its own suffix (numpy, no per-token index)."""
 
     def __init__(self, max_n: int) -> None:
         self.max_n = max_n
-        self.tokens: list[int] = []
-        self.ends: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        self.array = np.zeros(0, dtype=np.int64)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.array
 
     def extend(self, tokens: list[int]) -> None:
-        """Index the new tokens (the list only grows; call with everything after the indexed part)."""
-        for token in tokens:
-            self.tokens.append(token)
-            end = len(self.tokens) - 1
-            for n in range(1, min(self.max_n, end + 1) + 1):
-                self.ends[tuple(self.tokens[end - n + 1 : end + 1])].append(end)
+        """Append the new tokens (call with everything after the part already held)."""
+        if tokens:
+            self.array = np.concatenate((self.array, np.asarray(tokens, dtype=np.int64)))
 
     def continuations(self, min_n: int, max_depth: int, max_matches: int) -> tuple[int, list[list[int]]]:
         """(match length, the tokens that followed the most recent earlier occurrences of the longest suffix)."""
-        last = len(self.tokens) - 1
-        for n in range(min(self.max_n, len(self.tokens) - 1), min_n - 1, -1):
-            ends = [e for e in self.ends.get(tuple(self.tokens[last - n + 1 :]), ()) if e < last]
-            if ends:
-                recent = ends[-max_matches:]
-                return n, [self.tokens[e + 1 : e + 1 + max_depth] for e in recent]
-        return 0, []
+        a = self.array
+        last = len(a) - 1
+        if last < 1:
+            return 0, []
+        ends = np.flatnonzero(a[:last] == a[last])  # earlier positions holding the last token
+        length = 1
+        while ends.size and length < self.max_n:
+            ok = ends >= length
+            ok[ok] = a[ends[ok] - length] == a[last - length]
+            if not ok.any():
+                break
+            ends, length = ends[ok], length + 1
+        if not ends.size or length < min_n:
+            return 0, []
+        recent = ends[-max_matches:]
+        return length, [a[e + 1 : e + 1 + max_depth].tolist() for e in recent]
 
 
 def suffix_tree(index: SuffixIndex, calibration: Calibration, min_n: int, max_depth: int,
-                max_matches: int = 16) -> DraftTree:
+                max_matches: int = 8) -> DraftTree:
     """A trie of what followed the longest repeated suffix; node confidence = its share of the matches."""
     tree = DraftTree()
     _, conts = index.continuations(min_n, max_depth, max_matches)

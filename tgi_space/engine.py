@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 import logging
 from typing import Protocol
 
@@ -28,7 +29,7 @@ from tgi_space.sampling import (
 from tgi_space.scheduler import Scheduler
 from tgi_space.sequence import Sequence, TokenInfo
 from tgi_space.space import SeqPlan, StepLayout, build_layout, split_logits
-from tgi_space.speculation import Speculator, measure_forward
+from tgi_space.speculation import Speculator, measure_forward, probe_row_counts
 from tgi_space.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class Engine:
             config.max_num_batched_tokens, reserve=config.space.max_tree_depth if self.planned else 0,
         )
         probe_rows = self.model_config.max_model_len - self._probe_context
-        self.speculator = Speculator(config.space, self.k_max, self._measure_rows, probe_rows)
+        self.speculator = Speculator(config.space, self.k_max, self._measure_rows, config.max_num_seqs, probe_rows)
         self.eos_ids = set(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
@@ -111,17 +112,23 @@ class Engine:
         return num_blocks
 
     @torch.inference_mode()
-    def _measure_rows(self, rows: int) -> float:
-        """Seconds of one forward of `rows` query rows (one sequence) after `_probe_context` cached tokens."""
+    def _measure_rows(self, num_seqs: int, rows: int) -> float:
+        """Seconds of one forward of `rows` query rows over `num_seqs` sequences, laid out as a planned
+        step would (`probe_row_counts`), each after `_probe_context` cached tokens (slots wrap around
+        the cache: timing only)."""
         context = self._probe_context
-        plan = SeqPlan(chain=[0] * rows, num_candidates=rows - 1, anchors=[], group_size=0, num_cached=context)
-        layout = build_layout([plan], 0)
-        slots = torch.arange(context + rows) % self.num_slots
+        counts = probe_row_counts(num_seqs, rows)
+        plans = [SeqPlan(chain=[0] * n, num_candidates=n - 1, anchors=[], group_size=0, num_cached=context)
+                 for n in counts]
+        layout = build_layout(plans, 0)
+        span = context + max(counts)
+        slots = [torch.arange(i * span, i * span + context + n) % self.num_slots for i, n in enumerate(counts)]
+        write = torch.cat([s[context:] for s in slots])
 
-        def run(_: int) -> None:
-            self._forward(layout, [slots[:context]], slots[context:], torch.arange(rows))
+        def run() -> None:
+            self._forward(layout, [s[:context] for s in slots], write, torch.arange(rows))
 
-        return measure_forward(run, rows)
+        return measure_forward(run)
 
     @property
     def _probe_context(self) -> int:
@@ -218,6 +225,7 @@ class Engine:
         """
         if not planned:
             return []
+        start = time.perf_counter()
         plans = [plan for _, plan in planned]
         layout = build_layout(plans, self.mask_token_id or 0)
         prefix_slots = [slots.slots(seq.seq_id, 0, plan.num_cached) for seq, plan in planned]
@@ -229,6 +237,14 @@ class Engine:
             seq_logits = logits[layout.logit_offsets[i] : layout.logit_offsets[i + 1]]
             results.append((seq, self._advance_alone(seq, plan, seq_logits, slots)))
         self._move_accepted_kv()
+        if self.planned:
+            trees = [p.tree for _, p in planned if p.is_tree]
+            accepted = sum(len(e) - 1 for (_, p), (_, e) in zip(planned, results) if p.is_tree and e)
+            self.speculator.end_step(len(trees), sum(len(t) for t in trees), accepted)
+            base = sum(p.num_uncached for p in plans)
+            if self.speculator.curve is not None and base == len(plans):  # decode steps: wall time vs surface
+                rows = sum(p.num_rows for p in plans)
+                self.speculator.observe_step(base, rows, len(plans), time.perf_counter() - start)
         return results
 
     def _write_slots(self, planned: list[tuple[Sequence, SeqPlan]], slots: SlotSource) -> torch.Tensor:

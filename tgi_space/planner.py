@@ -28,7 +28,8 @@ class LatencyCurve:
             running = max(running, points[n])
             self.seconds.append(running)
 
-    def __call__(self, rows: int) -> float:
+    def __call__(self, rows: int, num_seqs: int = 1) -> float:
+        """t(rows); the batch size is ignored (see LatencySurface)."""
         rs, ts = self.rows, self.seconds
         if rows <= rs[0]:
             return ts[0]
@@ -41,6 +42,33 @@ class LatencyCurve:
     def as_dict(self) -> dict[int, float]:
         """The monotone points, milliseconds."""
         return {n: 1000 * t for n, t in zip(self.rows, self.seconds)}
+
+
+class LatencySurface:
+    """t(rows, num_seqs): a monotone curve per measured batch size, linear in the batch size between them.
+
+    One sequence's 20 extra rows cost more inside a batch of 16 than alone (attention over 16
+    prefixes, padding within a group), so the cost of a row is read at the step's own batch size.
+    """
+
+    def __init__(self, curves: dict[int, LatencyCurve]) -> None:
+        self.sizes = sorted(curves)
+        self.curves = curves
+
+    def __call__(self, rows: int, num_seqs: int = 1) -> float:
+        sizes = self.sizes
+        if num_seqs <= sizes[0] or len(sizes) == 1:
+            return self.curves[sizes[0]](rows)
+        if num_seqs >= sizes[-1]:
+            return self.curves[sizes[-1]](rows)
+        i = bisect.bisect_left(sizes, num_seqs)
+        b0, b1 = sizes[i - 1], sizes[i]
+        t0, t1 = self.curves[b0](rows), self.curves[b1](rows)
+        return t0 + (t1 - t0) * (num_seqs - b0) / (b1 - b0)
+
+    def as_dict(self) -> dict[int, dict[int, float]]:
+        """{batch size: {rows: ms}}."""
+        return {b: c.as_dict() for b, c in self.curves.items()}
 
 
 @dataclass
@@ -61,12 +89,23 @@ class Choice:
     anchors: list[int]
 
 
-def plan(proposals: list[Proposal], curve: LatencyCurve, max_rows: int) -> list[Choice]:
-    """Maximise (num_sequences + chosen value) / t(rows) over best-first prefixes of the items."""
-    base = sum(p.base_rows for p in proposals)
-    nodes = _best_prefix(_node_items(proposals), len(proposals), base, curve, max_rows)
+def plan(
+    proposals: list[Proposal], cost, max_rows: int, other_rows: int = 0, other_seqs: int = 0
+) -> list[Choice]:
+    """Maximise (num_sequences + chosen value) / t(rows) over best-first prefixes of the items.
+
+    cost(rows, num_seqs) -> seconds (a LatencyCurve, a LatencySurface, or either plus fixed costs);
+    other_rows / other_seqs: the step's sequences that do not speculate (rows, one token each).
+    """
+    num_seqs = len(proposals) + other_seqs
+
+    def curve(rows: int) -> float:
+        return cost(rows, num_seqs)
+
+    base = other_rows + sum(p.base_rows for p in proposals)
+    nodes = _best_prefix(_node_items(proposals), num_seqs, base, curve, max_rows)
     chosen = [[i for s, i in nodes if s == seq] for seq in range(len(proposals))]
-    value = len(proposals) + sum(proposals[s].tree.scores[i] for s, i in nodes)
+    value = num_seqs + sum(proposals[s].tree.scores[i] for s, i in nodes)
     groups = _best_prefix(_group_items(proposals, chosen), value, base + len(nodes), curve, max_rows)
     return [Choice(chosen[s], sorted(a for g, a in groups if g == s)) for s in range(len(proposals))]
 
@@ -92,7 +131,7 @@ def _group_items(proposals: list[Proposal], chosen: list[list[int]]) -> list[tup
     return sorted(items, key=lambda it: -it[0] / it[1])
 
 
-def _best_prefix(items, value: float, rows: int, curve: LatencyCurve, max_rows: int) -> list[tuple[int, int]]:
+def _best_prefix(items, value: float, rows: int, curve, max_rows: int) -> list[tuple[int, int]]:
     """The (sequence, index) pairs of the best prefix of `items` by (value / t(rows))."""
     best_k, best = 0, value / curve(rows)
     for k, (v, cost, _, _) in enumerate(items, start=1):

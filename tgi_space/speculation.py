@@ -19,13 +19,14 @@ import torch
 
 from tgi_space.config import SpacePolicy
 from tgi_space.drafters import Calibration, SuffixIndex, mask_tree, merge, suffix_tree
-from tgi_space.planner import LatencyCurve, Proposal, plan
+from tgi_space.planner import LatencyCurve, LatencySurface, Proposal, plan
 from tgi_space.sampling import process
 from tgi_space.sequence import Sequence
 from tgi_space.space import SeqPlan
 from tgi_space.tree import ROOT, DraftTree, verify_tree_greedy, verify_tree_sampled
 
-CURVE_POINTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+EXTRA_ROWS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)  # probed rows beyond one per sequence
+PROBE_BATCHES = (1, 4, 16, 64)  # batch sizes the latency surface is measured at
 
 
 @dataclass
@@ -45,38 +46,106 @@ class Speculator:
     """Holds the calibration, the latency curve and the mask gain; plans, verifies and drafts."""
 
     def __init__(
-        self, policy: SpacePolicy, mask_group_size: int, measure: Callable[[int], float], max_probe_rows: int
+        self, policy: SpacePolicy, mask_group_size: int, measure: Callable[[int, int], float], max_batch: int,
+        max_probe_rows: int,
     ) -> None:
         self.policy = policy
-        self.max_probe_rows = max_probe_rows  # the measured curve stops here; beyond it is extrapolated
+        self.max_batch = max_batch  # the largest batch the surface is probed at
+        self.max_probe_rows = max_probe_rows  # rows per sequence the probes stay within
         self.group_size = mask_group_size if "masks" in policy.drafters else 0
-        self.measure = measure  # rows -> seconds of one forward (measured once, on first use)
-        self.curve: LatencyCurve | None = LatencyCurve(policy.latency_curve) if policy.latency_curve else None
+        self.measure = measure  # (num_seqs, rows) -> seconds of one forward (measured once, on first use)
+        pinned = policy.latency_curve
+        self.curve: LatencySurface | None = LatencySurface({1: LatencyCurve(pinned)}) if pinned else None
         self.calibration = Calibration()
         self.mask_gain = 1.0  # running mean of tokens the mask drafts got accepted per step
+        self.value_per_row = 0.5  # running mean of accepted nodes per node sent
+        self.overhead_per_seq = 0.0  # running mean of seconds of drafting, planning and tree walking per sequence
+        # What steps really cost against the probed surface, learnt from every step (wall time of the
+        # whole step, logits, verification and Python included): plain steps scale t(B, B); extra rows
+        # cost marginal_factor times what the surface says they add.
+        # Kept per batch-size bucket (PROBE_BATCHES), since what a row costs depends on the batch.
+        # A pinned curve (policy.latency_curve) is taken as the truth: no factors, no learnt overhead,
+        # so the planner's choices do not depend on timing (reproducible runs, snapshot tests).
+        self.adaptive = policy.latency_curve is None
+        self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
+        self.marginal_factor = {b: 2.0 if self.adaptive else 1.0 for b in PROBE_BATCHES}
+        self._busy = 0.0  # this step's drafting / verification seconds so far
         self.stats = SpeculationStats()
 
     # ---- planning ------------------------------------------------------------------------
 
-    def latency(self) -> LatencyCurve:
-        """The measured t(N), taken on first use (a few forwards per point, medians)."""
+    def latency(self) -> LatencySurface:
+        """The measured t(rows, batch), taken on first use (a few forwards per point, medians)."""
         if self.curve is None:
-            self.curve = LatencyCurve({n: self.measure(n) for n in CURVE_POINTS if n <= self.max_probe_rows})
+            curves = {}
+            for b in [b for b in PROBE_BATCHES if b <= self.max_batch] or [1]:
+                rows = [b + extra for extra in EXTRA_ROWS if (b + extra) <= b * self.max_probe_rows]
+                rows = rows or [b]
+                curves[b] = LatencyCurve({r: self.measure(b, r) for r in rows})
+            self.curve = LatencySurface(curves)
         return self.curve
 
     def plan(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:
         """Give each speculating sequence the tree nodes and mask groups worth their rows."""
         spec = [i for i, (seq, _) in enumerate(planned) if seq.speculate]
-        if not spec:
-            return planned
+        if not spec or not self._rows_can_pay(planned, len(spec)):
+            for i in spec:  # the next tree is drafted when speculation pays again
+                planned[i][0].draft_tree = None
+            return planned  # plain decoding, without even drafting
+        start = time.perf_counter()
         proposals = [self._proposal(*planned[i]) for i in spec]
-        choices = plan(proposals, self.latency(), self.policy.max_step_query_tokens)
+        others = [p for i, (_, p) in enumerate(planned) if i not in set(spec)]
+        overhead = self.overhead_per_seq * len(spec)
+        base_rows = sum(p.num_rows for _, p in planned)
+        choices = plan(proposals, lambda rows, n: self.step_cost(base_rows, rows, n) + overhead,
+                       self.policy.max_step_query_tokens,
+                       other_rows=sum(p.num_rows for p in others), other_seqs=len(others))
+        self._busy += time.perf_counter() - start
         out = list(planned)
         for i, proposal, choice in zip(spec, proposals, choices):
             seq, base = planned[i]
             out[i] = (seq, _tree_plan(base, proposal, choice))
         self._record_plan(out, proposals, choices)
         return out
+
+    def _rows_can_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int) -> bool:
+        """Whether extra rows worth what sent nodes have been worth lately, per speculating sequence,
+        would raise tokens per second once drafting's own cost is paid."""
+        num_seqs = len(planned)
+        rows = num_seqs  # judged in the decode regime (one row each): drafts made while prefilling
+        plain = num_seqs / self.step_cost(rows, rows, num_seqs)  # pay only if the decode steps after speculate too
+        overhead = self.overhead_per_seq * num_spec
+        v = max(self.value_per_row, 0.05)
+        sizes = [k * m for k in (1, 2, 4, 8, self.policy.max_tree_depth) for m in (1, num_spec)]
+        return any((num_seqs + v * k) / (self.step_cost(rows, rows + k, num_seqs) + overhead) > plain for k in sizes)
+
+    def step_cost(self, base_rows: int, rows: int, num_seqs: int) -> float:
+        """Predicted seconds of a step of `rows` rows whose sequences alone need `base_rows` (corrected online)."""
+        surface, b = self.latency(), _bucket(num_seqs)
+        plain = surface(base_rows, num_seqs)
+        return self.plain_factor[b] * plain + self.marginal_factor[b] * (surface(rows, num_seqs) - plain)
+
+    def observe_step(self, base_rows: int, rows: int, num_seqs: int, seconds: float) -> None:
+        """Learn the correction factors from one step's wall time (not with a pinned curve)."""
+        if not self.adaptive:
+            return
+        surface, b = self.latency(), _bucket(num_seqs)
+        plain = surface(base_rows, num_seqs)
+        if rows == base_rows:
+            self.plain_factor[b] = min(4.0, max(0.5, 0.9 * self.plain_factor[b] + 0.1 * seconds / plain))
+            return
+        extra = surface(rows, num_seqs) - plain
+        if extra > 0:
+            observed = (seconds - self.plain_factor[b] * plain) / extra
+            self.marginal_factor[b] = min(6.0, max(0.5, 0.9 * self.marginal_factor[b] + 0.1 * observed))
+
+    def end_step(self, num_spec: int, num_sent: int, num_accepted: int) -> None:
+        """After a planned step: update the per-sequence overhead and the value of a sent node."""
+        if num_spec and self.adaptive:
+            self.overhead_per_seq = 0.9 * self.overhead_per_seq + 0.1 * self._busy / num_spec
+        if num_sent:
+            self.value_per_row = 0.9 * self.value_per_row + 0.1 * num_accepted / num_sent
+        self._busy = 0.0
 
     def _proposal(self, seq: Sequence, base: SeqPlan) -> Proposal:
         remaining = seq.params.max_new_tokens - len(seq.output_ids)
@@ -108,6 +177,7 @@ class Speculator:
         self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor
     ) -> tuple[list[int], int, torch.Tensor]:
         """(accepted node indices, bonus token, processed target rows [len(path) + 1, V] of the emitted tokens)."""
+        start = time.perf_counter()
         tree = plan.tree
         paths = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(len(tree))]
         target = _process_rows(logits, seq, paths)  # [n + 1, V]
@@ -116,6 +186,7 @@ class Speculator:
         else:
             path, bonus = verify_tree_sampled(target, tree, seq.generator)
         self._observe(tree, path)
+        self._busy += time.perf_counter() - start
         return path, bonus, target[[0] + [i + 1 for i in path]]
 
     def _observe(self, tree: DraftTree, path: list[int]) -> None:
@@ -135,11 +206,13 @@ class Speculator:
 
     def draft_next(self, seq: Sequence, plan: SeqPlan, groups: torch.Tensor, path: list[int]) -> None:
         """The next step's tree: mask drafts from the group on the accepted path nearest its end, and suffix drafts."""
+        start = time.perf_counter()
         trees = [self._suffix(seq)]
         masks = self._mask_rows(seq, plan, groups, path)
         if masks is not None and masks.shape[0]:
             trees.append(mask_tree(masks, self.calibration, self.policy.mask_top_m))
         seq.draft_tree = merge(trees) if not seq.is_finished else DraftTree()
+        self._busy += time.perf_counter() - start
 
     def _mask_rows(self, seq: Sequence, plan: SeqPlan, groups: torch.Tensor, path: list[int]):
         """Rows [g', V] of the group anchored at the deepest accepted node that has one, from the right offset."""
@@ -164,6 +237,8 @@ class Speculator:
         s = self.stats
         return {
             "latency_ms": self.curve.as_dict() if self.curve else None,
+            "overhead_ms_per_sequence": 1000 * self.overhead_per_seq, "value_per_row": self.value_per_row,
+            "plain_factor": self.plain_factor, "marginal_factor": self.marginal_factor,
             "calibration": self.calibration.table(),
             "mask_gain": self.mask_gain,
             "steps": s.steps, "plain_fallback_rate": s.plain_steps / max(1, s.steps),
@@ -197,12 +272,37 @@ def _process_rows(logits: torch.Tensor, seq: Sequence, paths: list[list[int]]) -
     return torch.cat([process(logits[r : r + 1], params, seq.tokens + paths[r]) for r in range(len(paths))])
 
 
-def measure_forward(run: Callable[[int], None], rows: int, repeats: int = 5) -> float:
-    """Median seconds of `run(rows)` after one warm-up call."""
-    run(rows)
+def _bucket(num_seqs: int) -> int:
+    """The probed batch size a step's correction factors are kept under (the nearest one above, or the last)."""
+    return next((b for b in PROBE_BATCHES if num_seqs <= b), PROBE_BATCHES[-1])
+
+
+PROBE_ROWS_PER_SPECULATOR = 12  # a typical speculating sequence: uncached token, a tree and a group
+
+
+def probe_row_counts(num_seqs: int, rows: int) -> list[int]:
+    """Rows per sequence for a latency probe: the extra rows concentrated on a few sequences (as the
+    planner does), ~12 each, the others plain; so the probe pays the same grouping and padding."""
+    counts = [1] * num_seqs
+    extra, i = rows - num_seqs, 0
+    while extra > 0:
+        add = min(extra, PROBE_ROWS_PER_SPECULATOR - 1)
+        if i == num_seqs:  # more than 12 rows for everybody: spread the rest evenly
+            for j in range(extra):
+                counts[j % num_seqs] += 1
+            break
+        counts[i] += add
+        extra -= add
+        i += 1
+    return counts
+
+
+def measure_forward(run: Callable[[], None], repeats: int = 3) -> float:
+    """Median seconds of `run()` after one warm-up call."""
+    run()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        run(rows)
+        run()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)

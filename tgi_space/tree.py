@@ -28,12 +28,19 @@ class DraftTree:
     sources: list[str] = field(default_factory=list)  # drafter that proposed each node
     confidences: list[float] = field(default_factory=list)  # the drafter's own confidence, for calibration
 
+    def __post_init__(self) -> None:
+        self._children: dict[int, list[int]] = {}  # node -> its children, kept by `add`
+        self._depths: list[int] = []
+        for i, parent in enumerate(self.parents):
+            self._children.setdefault(parent, []).append(i)
+            self._depths.append(1 if parent == ROOT else self._depths[parent] + 1)
+
     def __len__(self) -> int:
         return len(self.tokens)
 
     def add(self, token: int, parent: int, score: float, source: str, confidence: float) -> int:
         """Append a node (or return the existing child of `parent` with this token); its index."""
-        for i in self.children(parent):
+        for i in self._children.get(parent, ()):
             if self.tokens[i] == token:
                 if score > self.scores[i]:
                     self.scores[i], self.sources[i], self.confidences[i] = score, source, confidence
@@ -43,18 +50,18 @@ class DraftTree:
         self.scores.append(score)
         self.sources.append(source)
         self.confidences.append(confidence)
-        return len(self.tokens) - 1
+        index = len(self.tokens) - 1
+        self._children.setdefault(parent, []).append(index)
+        self._depths.append(1 if parent == ROOT else self._depths[parent] + 1)
+        return index
 
     def children(self, node: int) -> list[int]:
         """Indices of node's children (node may be ROOT)."""
-        return [i for i, p in enumerate(self.parents) if p == node]
+        return self._children.get(node, [])
 
     def depth(self, node: int) -> int:
-        """1 for a child of the root."""
-        d = 0
-        while node != ROOT:
-            node, d = self.parents[node], d + 1
-        return d
+        """1 for a child of the root, 0 for the root."""
+        return 0 if node == ROOT else self._depths[node]
 
     def path(self, node: int) -> list[int]:
         """Node indices from the root's child down to node (empty for ROOT)."""
@@ -71,17 +78,13 @@ class DraftTree:
         for i in range(len(self)):
             if i in keep_set and self.parents[i] in index:
                 index[i] = len(out)
-                out.tokens.append(self.tokens[i])
-                out.parents.append(index[self.parents[i]])
-                out.scores.append(self.scores[i])
-                out.sources.append(self.sources[i])
-                out.confidences.append(self.confidences[i])
+                out.add(self.tokens[i], index[self.parents[i]], self.scores[i], self.sources[i], self.confidences[i])
         return out
 
     @property
     def max_depth(self) -> int:
         """Longest root-to-leaf path (the most tokens one step can accept from it)."""
-        return max((self.depth(i) for i in range(len(self))), default=0)
+        return max(self._depths, default=0)
 
 
 def verify_tree_greedy(targets: list[int], tree: DraftTree) -> tuple[list[int], int]:

@@ -40,12 +40,15 @@ class AttentionMetadata:
     def padded(self) -> list["PaddedBatch"]:
         """The batch as padded groups for matmul attention; built on first use, shared by all layers.
 
-        Sequences of at most `SMALL_ROWS` new rows (decodes, speculative steps) share one
-        group; each longer one (a prefill) gets its own, so nobody is padded to a prompt's length.
+        Sequences with similar numbers of new rows share a group (`ROW_BUCKETS`); each prefill
+        longer than the last bucket gets its own, so padding stays bounded.
         """
         counts = [self.cu_seqlens_q[i + 1] - self.cu_seqlens_q[i] for i in range(self.num_seqs)]
-        small = [i for i, n in enumerate(counts) if n <= SMALL_ROWS]
-        groups = ([small] if small else []) + [[i] for i, n in enumerate(counts) if n > SMALL_ROWS]
+        buckets: dict[int, list[int]] = {}
+        for i, n in enumerate(counts):
+            bucket = next((b for b, limit in enumerate(ROW_BUCKETS) if n <= limit), len(ROW_BUCKETS) + i)
+            buckets.setdefault(bucket, []).append(i)
+        groups = list(buckets.values())
         if len(groups) == 1:
             return [PaddedBatch.build(self, None)]
         return [PaddedBatch.build(self.subset(g), self._flat_rows(g)) for g in groups]
@@ -77,7 +80,10 @@ class AttentionMetadata:
 # width with scalar code, whose last bit can differ; with every row 64-aligned no
 # element ever lands in such a tail, wherever its row sits in the batch.
 KEY_ALIGN = 64
-SMALL_ROWS = 64  # sequences with more new rows than this get their own attention group
+# Sequences are grouped by new-row count (<= 1, <= 8, <= 24, <= 64); each longer one (a prefill) is
+# alone. Within a group every sequence is padded to the group's longest, so a decode row is never
+# padded to a speculating sequence's 20 rows, nor anything to a prompt's length.
+ROW_BUCKETS = (1, 8, 24, 64)
 
 
 @dataclass
