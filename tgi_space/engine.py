@@ -33,6 +33,7 @@ from tgi_space.speculation import Speculator, measure_forward, probe_row_counts
 from tgi_space.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+LOGIT_CHUNK = 256  # prompt rows per logits chunk when prompt log-probabilities are asked for
 FINISH_ERROR = "error"  # the request failed alone inside a step; Sequence.error says why
 
 
@@ -209,7 +210,13 @@ class Engine:
         planned = self.scheduler.schedule()
         if self.planned:
             planned = self.speculator.plan(planned)
-        results = self.execute(planned, self.block_manager)
+        wants = [i for i, (seq, plan) in enumerate(planned)
+                 if seq.params.prompt_logprobs and plan.num_cached == 0 and seq.stats.prompt_logprobs is None]
+        results = self.execute(planned, self.block_manager, keep_hidden=bool(wants))
+        for i in wants:
+            seq = planned[i][0]
+            seq.stats.prompt_logprobs = [None] + self.prompt_logprobs(i, seq.tokens[: seq.num_prompt])[1:]
+        self.last_step = None
         for seq, _ in results:
             if seq.is_finished:
                 self.scheduler.finish(seq)
@@ -280,6 +287,20 @@ class Engine:
             seq.finish_reason = FINISH_ERROR
             seq.candidates, seq.draft_probs = [], None
             return []
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, index: int, prompt_ids: list[int]) -> list[float]:
+        """After `execute(..., keep_hidden=True)` prefilled sequence `index`: each prompt token's
+        log-probability given the ones before it (the first: NaN), in chunks of the vocabulary's logits."""
+        layout, hidden = self.last_step
+        first_row = layout.cu_seqlens[index]  # chain rows come first; a prefill's chain starts with the prompt
+        out = [float("nan")]
+        targets = torch.tensor(prompt_ids[1:], device=hidden.device)
+        for lo in range(0, len(prompt_ids) - 1, LOGIT_CHUNK):
+            hi = min(lo + LOGIT_CHUNK, len(prompt_ids) - 1)
+            logits = self.model.compute_logits(hidden[first_row + lo : first_row + hi]).float()
+            out += logits.log_softmax(-1).gather(-1, targets[lo:hi, None]).squeeze(-1).tolist()
+        return out
 
     @staticmethod
     def _chain_rows(layout: StepLayout, plans: list[SeqPlan]) -> torch.Tensor:

@@ -40,6 +40,7 @@ class SamplingParams:
     ignore_eos: bool = False
     top_n_tokens: int = 0
     watermark: Watermark | None = None  # TGI's green-list watermark, applied before penalties
+    prompt_logprobs: bool = False  # also report each prompt token's log-probability (TGI's decoder_input_details)
 
     def __post_init__(self) -> None:
         self.validate()

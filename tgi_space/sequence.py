@@ -17,6 +17,7 @@ class SeqStats:
     tokens_per_step: list[int] = field(default_factory=list)  # emitted tokens of each step
     drafted_by_position: list[int] = field(default_factory=list)  # [k] candidates verified at position i+1
     accepted_by_position: list[int] = field(default_factory=list)  # [k] of those accepted
+    prompt_logprobs: list[float | None] | None = None  # with params.prompt_logprobs: each prompt token's, first None
 
     def record(self, num_candidates: int, num_accepted: int, num_emitted: int) -> None:
         """Add one step's verification outcome."""

@@ -76,7 +76,9 @@ def _reseeded(valid: ValidRequest) -> ValidRequest:
 def details(service: Service, g: Generation, valid: ValidRequest, with_prefill: bool) -> dict:
     """TGI's `Details`, plus `space` (this request's speculation figures)."""
     tok = service.engine.tokenizer
-    prefill = [{"id": i, "text": tok.token_text(i), "logprob": None} for i in valid.input_ids] if with_prefill else []
+    logprobs = g.stats.prompt_logprobs or [None] * len(valid.input_ids)  # the first token has none, as in TGI
+    prefill = [{"id": i, "text": tok.token_text(i), "logprob": lp} for i, lp in zip(valid.input_ids, logprobs)] \
+        if with_prefill else []
     out = {
         "finish_reason": g.finish_reason,
         "generated_tokens": len(g.tokens),

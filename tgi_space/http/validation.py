@@ -150,6 +150,7 @@ def _sampling_params(p: GenerateParameters, max_new: int, top_n: int) -> Samplin
         frequency_penalty=p.frequency_penalty or 0.0,
         stop=list(p.stop),
         top_n_tokens=top_n,
+        prompt_logprobs=bool(p.decoder_input_details),
     )
     if not params.is_greedy:
         params.seed = p.seed if p.seed is not None else random.getrandbits(63)

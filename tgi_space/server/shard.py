@@ -19,7 +19,6 @@ from tgi_space.server.batch import BatchContext, CapacityError, InvalidRequest, 
 from tgi_space.server.generation import Generation, Tokens
 from tgi_space.watermark import Watermark
 
-LOGIT_CHUNK = 256  # prompt rows turned into logits at once for prefill logprobs
 
 
 def _head(ids: list[int], n: int = 8) -> str:
@@ -242,18 +241,9 @@ class Shard:
         batch.requests = [r for r in live if not r.seq.is_finished]
         return generations, forward_ns
 
-    @torch.inference_mode()
     def _prompt_tokens(self, index: int, request: ShardRequest) -> Tokens:
         """Prompt ids with the log-probability of each given the previous ones (first: NaN)."""
-        layout, hidden = self.engine.last_step
         seq, tokenizer = request.seq, request.seq_tokenizer
         ids = seq.tokens[: seq.num_prompt]
-        first_row = layout.cu_seqlens[index]  # chain rows come first; the prompt is the chain
-        logprobs = [float("nan")]
-        targets = torch.tensor(ids[1:], device=hidden.device)
-        for lo in range(0, len(ids) - 1, LOGIT_CHUNK):
-            hi = min(lo + LOGIT_CHUNK, len(ids) - 1)
-            logits = self.engine.model.compute_logits(hidden[first_row + lo : first_row + hi]).float()
-            lp = logits.log_softmax(-1).gather(-1, targets[lo:hi, None]).squeeze(-1)
-            logprobs += lp.tolist()
+        logprobs = self.engine.prompt_logprobs(index, ids)
         return Tokens(ids, logprobs, [tokenizer.token_text(i) for i in ids], [tokenizer.is_special(i) for i in ids])
