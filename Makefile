@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 MODEL ?= models/tiny-space-py
-EXTRAS ?= dev,train,bench,server
+EXTRAS ?= dev,train,bench,server,otel
 
 .PHONY: setup serve run test bench tiny-model clean gpu-check
 

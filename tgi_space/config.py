@@ -137,7 +137,7 @@ class SpacePolicy:
     """
 
     k_max: int | None = None
-    max_step_query_tokens: int = 512
+    max_step_query_tokens: int = 128  # rows per step at most, all sequences: bounds what speculation can cost under load
     prune_groups: int | None = None
     # The planned step (default): candidate trees from `drafters`, rows chosen by the measured cost
     # model. planner=False is the paper's fixed layout (k candidates, a mask group after each).

@@ -19,6 +19,7 @@ from tgi_space.config import EngineConfig, SpacePolicy
 from tgi_space.engine import Engine
 from tgi_space.http import routes_openai, routes_tgi
 from tgi_space.http.access import add_access_control
+from tgi_space.http.tracing import add_tracing
 from tgi_space.http.chat import ChatTemplate
 from tgi_space.http.encoding import JSONResponse
 from tgi_space.http.errors import ApiError
@@ -125,6 +126,9 @@ def create_app(settings: ServeSettings, model_dir: str, load_in_background: bool
         if state.service is not None:
             state.service.tokenizers.close()
             await asyncio.to_thread(state.service.worker.stop)
+        provider = getattr(app.state, "tracer_provider", None)
+        if provider is not None:  # flush the last spans to the collector
+            await asyncio.to_thread(provider.shutdown)
 
     if not load_in_background:
         state.load()
@@ -133,6 +137,7 @@ def create_app(settings: ServeSettings, model_dir: str, load_in_background: bool
     app.include_router(routes_openai.router)
     app.include_router(routes_tgi.router)
     add_access_control(app, settings.api_key, settings.cors_allow_origin)
+    add_tracing(app, settings.otlp_endpoint, settings.otlp_service_name)
     app.openapi = lambda: openapi_schema(app)
     app.add_api_route("/api-doc/openapi.json", lambda: JSONResponse(app.openapi()), include_in_schema=False)
     app.add_exception_handler(ApiError, _api_error)

@@ -61,7 +61,7 @@ def serve(
     validation_workers: int = typer.Option(2, envvar="VALIDATION_WORKERS", help="Processes that tokenize large inputs."),
     speculate_mode: Optional[str] = typer.Option(None, envvar="SPECULATE_MODE", help="space | none (default: space on a SPACE checkpoint)."),
     space_k_max: Optional[int] = typer.Option(None, envvar="SPACE_K_MAX", help="Candidates per step at most (default: the checkpoint's)."),
-    max_step_query_tokens: int = typer.Option(512, envvar="SPACE_MAX_STEP_QUERY_TOKENS", help="Query rows per step at most (all sequences)."),
+    max_step_query_tokens: int = typer.Option(128, envvar="SPACE_MAX_STEP_QUERY_TOKENS", help="Query rows per step at most (all sequences)."),
     fixed_layout: bool = typer.Option(False, "--fixed-layout", envvar="SPACE_FIXED_LAYOUT", help="The paper's fixed SPACE layout instead of planned trees."),
     drafters: str = typer.Option("masks,suffix", envvar="SPACE_DRAFTERS", help="Drafters of the planned step: masks, suffix."),
     max_tree_nodes: int = typer.Option(32, envvar="SPACE_MAX_TREE_NODES", help="Candidates per sequence and step at most."),
@@ -83,6 +83,8 @@ def serve(
     log_level: str = typer.Option("info", envvar="LOG_LEVEL"),
     json_output: bool = typer.Option(False, "--json-output", envvar="JSON_OUTPUT", help="Logs as one JSON object per line."),
     api_key: Optional[str] = typer.Option(None, envvar="API_KEY", help="Require `Authorization: Bearer <key>`."),
+    otlp_endpoint: Optional[str] = typer.Option(None, envvar="OTLP_ENDPOINT", help="OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (needs the otel extra)."),
+    otlp_service_name: str = typer.Option("tgi-space", envvar="OTLP_SERVICE_NAME"),
     cors_allow_origin: Optional[List[str]] = typer.Option(
         None, envvar="CORS_ALLOW_ORIGIN", help="Allowed CORS origins (repeat the option); default: any."
     ),
@@ -107,7 +109,7 @@ def serve(
             max_tree_nodes=max_tree_nodes, max_tree_depth=max_tree_depth, mask_top_m=mask_top_m,
             suffix_min_match=suffix_min_match, suffix_max_match=suffix_max_match,
             attention_backend=attention_backend, block_size=block_size,
-            kv_cache_bytes=kv_cache_bytes, num_threads=num_threads, seed=seed, api_key=api_key,
+            kv_cache_bytes=kv_cache_bytes, num_threads=num_threads, seed=seed, api_key=api_key, otlp_endpoint=otlp_endpoint, otlp_service_name=otlp_service_name,
             cors_allow_origin=list(cors_allow_origin) if cors_allow_origin else None,
         )
         import torch

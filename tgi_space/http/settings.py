@@ -27,6 +27,8 @@ class ServeSettings:
     max_batch_size: int | None = None  # default: the engine's max_num_seqs
     max_client_batch_size: int = 4
     payload_limit: int = 2_000_000
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for traces (TGI's --otlp-endpoint); None: no tracing
+    otlp_service_name: str = "tgi-space"
     api_key: str | None = None  # Bearer token required on every route but health, info, metrics, docs
     cors_allow_origin: list[str] | None = None  # None: any origin (as TGI)
     head_timeout_s: float = 10.0  # a request head must arrive within this (408 and close otherwise)
@@ -34,7 +36,7 @@ class ServeSettings:
     # engine
     speculate_mode: str | None = None  # None: "space" if the checkpoint has a mask token, else "none"
     space_k_max: int | None = None
-    max_step_query_tokens: int = 512
+    max_step_query_tokens: int = 128
     fixed_layout: bool = False  # the paper's fixed layout instead of the planned tree step
     drafters: tuple[str, ...] = ("masks", "suffix")
     max_tree_nodes: int = 32

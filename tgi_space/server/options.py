@@ -41,7 +41,7 @@ class ServeOptions:
     kv_cache_bytes: int | None = None  # None: a fraction of free memory after the engine's warm-up
     kv_cache_memory_fraction: float = 0.25
     max_batch_size: int = 64
-    max_step_query_tokens: int = 512
+    max_step_query_tokens: int = 128
     watermark: Watermark = field(default_factory=Watermark)
     max_input_tokens: int | None = None
     planner: bool = True  # the planned tree step; False (TGI_SPACE_FIXED_LAYOUT=1): the paper's fixed layout
@@ -146,7 +146,7 @@ def from_launcher(
         kv_cache_bytes=int(env["TGI_SPACE_KV_CACHE_BYTES"]) if env.get("TGI_SPACE_KV_CACHE_BYTES") else None,
         kv_cache_memory_fraction=_memory_fraction(env, cuda_available),
         max_batch_size=int(env.get("MAX_BATCH_SIZE") or 64),
-        max_step_query_tokens=int(env.get("TGI_SPACE_MAX_STEP_QUERY_TOKENS", 512)),
+        max_step_query_tokens=int(env.get("TGI_SPACE_MAX_STEP_QUERY_TOKENS", 128)),
         watermark=Watermark.from_env(env),
         max_input_tokens=max_input_tokens,
     )
