@@ -140,6 +140,7 @@ def _bench_mode(args, mode: str) -> dict:
     extra = ["--speculate-mode", mode, "--max-concurrent-requests", str(args.max_concurrent_requests)]
     if args.threads:
         extra += ["--num-threads", str(args.threads)]
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     server = ServerProcess(Path(args.model), Path(args.log_dir) / f"load-{mode}.log", *extra)
     try:
         server.wait_healthy()
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrent-requests", type=int, default=256)
     parser.add_argument("--modes", default="space,none")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server")
-    parser.add_argument("--log-dir", default=".")
+    parser.add_argument("--log-dir", default="build")
     parser.add_argument("--out", default="benchmarks/load.json")
     args = parser.parse_args(argv)
     if args.url:
