@@ -65,6 +65,8 @@ class ServerState:
         if s.attention_backend is not None:
             engine_options["attention_backend"] = s.attention_backend
         engine = Engine(EngineConfig(**engine_options))
+        if engine.planned:  # probe t(rows, batch) now, on an idle CPU, not under the first requests' load
+            engine.speculator.latency()
         kv_tokens = engine.num_slots - max(engine.k_max, engine.config.space.max_tree_depth if engine.planned else 0)
         max_input, max_total = s.resolve_limits(engine.model_config.max_model_len, kv_tokens)
         limits = Limits(s.max_best_of, s.max_stop_sequences, s.max_top_n_tokens, max_input, max_total)

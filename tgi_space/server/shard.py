@@ -143,6 +143,8 @@ class Shard:
             raise InvalidRequest("batch.requests: Warmup needs a batch with at least one request")
         with self.lock:
             self.cache.clear()
+            if self.engine.planned and self.ctx.speculate:  # probe t(rows, batch) before any traffic
+                self.engine.speculator.latency()
             batch = SpaceBatch.from_pb_self_allocated(pb_batch, self.ctx)
             try:
                 self._step(batch)
