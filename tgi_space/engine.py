@@ -249,9 +249,13 @@ class Engine:
             accepted = sum(len(e) - 1 for (_, p), (_, e) in zip(planned, results) if p.is_tree and e)
             self.speculator.end_step(len(trees), sum(len(t) for t in trees), accepted)
             base = sum(p.num_uncached for p in plans)
+            seconds = time.perf_counter() - start
+            if base == len(plans):  # decode steps only: a prefill's time says nothing about speculation
+                speculative = any(p.num_candidates or p.anchors for p in plans)
+                self.speculator.observe_rate(len(plans), seconds, sum(len(e) for _, e in results), speculative)
             if self.speculator.curve is not None and base == len(plans):  # decode steps: wall time vs surface
                 rows = sum(p.num_rows for p in plans)
-                self.speculator.observe_step(base, rows, len(plans), time.perf_counter() - start)
+                self.speculator.observe_step(base, rows, len(plans), seconds)
         return results
 
     def _write_slots(self, planned: list[tuple[Sequence, SeqPlan]], slots: SlotSource) -> torch.Tensor:

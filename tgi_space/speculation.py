@@ -67,6 +67,10 @@ class Speculator:
         # A pinned curve (policy.latency_curve) is taken as the truth: no factors, no learnt overhead,
         # so the planner's choices do not depend on timing (reproducible runs, snapshot tests).
         self.adaptive = policy.latency_curve is None
+        # Realised tokens per second of speculative and of plain steps, per batch bucket: when
+        # speculation is measured to lose, steps stay plain (but for one probe every EXPLORE_EVERY).
+        self.rates: dict[int, dict[str, float]] = {b: {} for b in PROBE_BATCHES}
+        self._gated: dict[int, int] = {b: 0 for b in PROBE_BATCHES}
         self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self.marginal_factor = {b: 2.0 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self._busy = 0.0  # this step's drafting / verification seconds so far
@@ -88,7 +92,7 @@ class Speculator:
     def plan(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:
         """Give each speculating sequence the tree nodes and mask groups worth their rows."""
         spec = [i for i, (seq, _) in enumerate(planned) if seq.speculate]
-        if not spec or not self._rows_can_pay(planned, len(spec)):
+        if not spec or not self._measured_to_pay(len(planned)) or not self._rows_can_pay(planned, len(spec)):
             for i in spec:  # the next tree is drafted when speculation pays again
                 planned[i][0].draft_tree = None
             return planned  # plain decoding, without even drafting
@@ -107,6 +111,25 @@ class Speculator:
             out[i] = (seq, _tree_plan(base, proposal, choice))
         self._record_plan(out, proposals, choices)
         return out
+
+    def _measured_to_pay(self, num_seqs: int) -> bool:
+        """False while speculative steps of this batch size have been measured slower (tokens per
+        second, whole step) than plain ones; one step in EXPLORE_EVERY speculates anyway, to re-measure."""
+        if not self.adaptive:
+            return True
+        b = _bucket(num_seqs)
+        rates = self.rates[b]
+        if "spec" not in rates or "plain" not in rates or rates["spec"] >= rates["plain"]:
+            return True
+        self._gated[b] += 1
+        return self._gated[b] % EXPLORE_EVERY == 0
+
+    def observe_rate(self, num_seqs: int, seconds: float, tokens: int, speculative: bool) -> None:
+        """One step's realised tokens per second (wall time of the whole step), by kind and batch bucket."""
+        rates = self.rates[_bucket(num_seqs)]
+        kind = "spec" if speculative else "plain"
+        rate = tokens / max(seconds, 1e-9)
+        rates[kind] = rate if kind not in rates else 0.8 * rates[kind] + 0.2 * rate
 
     def _rows_can_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int) -> bool:
         """Whether extra rows worth what sent nodes have been worth lately, per speculating sequence,
@@ -239,6 +262,7 @@ class Speculator:
             "latency_ms": self.curve.as_dict() if self.curve else None,
             "overhead_ms_per_sequence": 1000 * self.overhead_per_seq, "value_per_row": self.value_per_row,
             "plain_factor": self.plain_factor, "marginal_factor": self.marginal_factor,
+            "tokens_per_s_by_batch": self.rates,
             "calibration": self.calibration.table(),
             "mask_gain": self.mask_gain,
             "steps": s.steps, "plain_fallback_rate": s.plain_steps / max(1, s.steps),
@@ -276,6 +300,8 @@ def _bucket(num_seqs: int) -> int:
     """The probed batch size a step's correction factors are kept under (the nearest one above, or the last)."""
     return next((b for b in PROBE_BATCHES if num_seqs <= b), PROBE_BATCHES[-1])
 
+
+EXPLORE_EVERY = 32  # while speculation is measured to lose at a batch size, one step in this many tries it
 
 PROBE_ROWS_PER_SPECULATOR = 12  # a typical speculating sequence: uncached token, a tree and a group
 
