@@ -114,12 +114,13 @@ class Speculator:
 
     def _measured_to_pay(self, num_seqs: int) -> bool:
         """False while speculative steps of this batch size have been measured slower (tokens per
-        second, whole step) than plain ones; one step in EXPLORE_EVERY speculates anyway, to re-measure."""
+        second, whole step) than plain ones by more than the noise; one step in EXPLORE_EVERY speculates
+        anyway, to re-measure."""
         if not self.adaptive:
             return True
         b = _bucket(num_seqs)
         rates = self.rates[b]
-        if "spec" not in rates or "plain" not in rates or rates["spec"] >= rates["plain"]:
+        if "spec" not in rates or "plain" not in rates or rates["spec"] >= GATE_MARGIN * rates["plain"]:
             return True
         self._gated[b] += 1
         return self._gated[b] % EXPLORE_EVERY == 0
@@ -301,7 +302,8 @@ def _bucket(num_seqs: int) -> int:
     return next((b for b in PROBE_BATCHES if num_seqs <= b), PROBE_BATCHES[-1])
 
 
-EXPLORE_EVERY = 32  # while speculation is measured to lose at a batch size, one step in this many tries it
+EXPLORE_EVERY = 8  # while speculation is measured to lose at a batch size, one step in this many tries it
+GATE_MARGIN = 0.9  # speculation is stopped only when measured clearly slower than plain (noise is ~10%)
 
 PROBE_ROWS_PER_SPECULATOR = 12  # a typical speculating sequence: uncached token, a tree and a group
 
