@@ -63,7 +63,8 @@ class Engine:
         num_blocks = self._num_cache_blocks()
         self.num_slots = num_blocks * config.block_size  # sequence slots; scratch slots follow them
         num_scratch = config.max_num_seqs * config.space.max_tree_nodes
-        self.scratch_slots = torch.arange(self.num_slots, self.num_slots + num_scratch, device=config.device)
+        # scratch slot indices live on the host like every other slot list; moved with the step's writes
+        self.scratch_slots = torch.arange(self.num_slots, self.num_slots + num_scratch)
         self.kv_caches = allocate_kv_cache(
             self.model_config, num_blocks, config.block_size, self.dtype, config.device, extra_slots=num_scratch
         )
@@ -266,7 +267,7 @@ class Engine:
             out.append(slots.slots(seq.seq_id, plan.num_cached, plan.num_cached + own))
             if plan.is_tree:
                 self._scratch_offsets[seq.seq_id] = scratch
-                out.append(self.scratch_slots[scratch : scratch + plan.num_candidates].cpu())
+                out.append(self.scratch_slots[scratch : scratch + plan.num_candidates])
                 scratch += plan.num_candidates
         return torch.cat(out)
 
@@ -369,7 +370,7 @@ class Engine:
     def _scratch_of(self, plan: SeqPlan, seq: Sequence, path: list[int]) -> torch.Tensor:
         """Scratch slots this step gave to the path's nodes (slots follow the step's tree order)."""
         offset = self._scratch_offsets[seq.seq_id]
-        return self.scratch_slots[[offset + i for i in path]].cpu()
+        return self.scratch_slots[[offset + i for i in path]]
 
     def _emit(self, seq: Sequence, new_tokens: list[int], target: torch.Tensor) -> list[TokenInfo]:
         """Append tokens one at a time, stopping exactly where plain decoding would."""

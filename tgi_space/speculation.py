@@ -203,8 +203,7 @@ class Speculator:
         """(accepted node indices, bonus token, processed target rows [len(path) + 1, V] of the emitted tokens)."""
         start = time.perf_counter()
         tree = plan.tree
-        paths = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(len(tree))]
-        target = _process_rows(logits, seq, paths)  # [n + 1, V]
+        target = _process_rows(logits, seq, tree)  # [n + 1, V]
         if seq.params.is_greedy:
             path, bonus = verify_tree_greedy(target.argmax(-1).tolist(), tree)
         else:
@@ -289,11 +288,13 @@ def _tree_plan(base: SeqPlan, proposal: Proposal, choice) -> SeqPlan:
     )
 
 
-def _process_rows(logits: torch.Tensor, seq: Sequence, paths: list[list[int]]) -> torch.Tensor:
-    """Processed logits of the root row and every node row; a row's history ends with its own path."""
+def _process_rows(logits: torch.Tensor, seq: Sequence, tree: DraftTree) -> torch.Tensor:
+    """Processed logits of the root row and every node row; a row's history ends with its own path
+    (built only when penalties or a watermark make the history matter)."""
     params = seq.params
     if not params.has_penalties and params.watermark is None:
         return process(logits, params, seq.tokens)
+    paths = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(len(tree))]
     return torch.cat([process(logits[r : r + 1], params, seq.tokens + paths[r]) for r in range(len(paths))])
 
 
