@@ -2,10 +2,11 @@
 
 Stages (each resumable: re-running the script continues from the last checkpoint):
   corpus   Python stdlib sources of this interpreter, held-out split by file
-  tokenizer  byte-level BPE, 8192 tokens including <s> </s> <pad> [MASK]
-  stage1   plain causal pretraining of a ~19M-parameter Llama (GQA)
-  stage2   SAR-SFT continuation from stage 1 (k=5, p_ar=0.5) -> the bundled model
+  tokenizer  byte-level BPE, 8192 tokens including <s> </s> <pad> [MASK] (stdlib training split)
+  stage1   plain causal pretraining of a ~19M-parameter Llama (GQA), stdlib
+  stage2   SAR-SFT continuation from stage 1 (k=5, p_ar=0.5): the model bundled until 2026-11
   twin     AR-only continuation from stage 1, same steps (p_ar=1), for quality retention
+  base     AR-only continuation of stage 2 on the larger corpus (stdlib + pinned PyPI packages)
   report   held-out AR loss SPACE vs twin, mask accuracy per offset, model card
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pypi_corpus import PYPI_PACKAGES, pypi_sources
 
 log = logging.getLogger("build_tiny_model")
 
@@ -42,6 +44,9 @@ BATCH_SIZE = 4  # windows of SEQ_LEN per optimizer step (2048 real tokens)
 STAGE1_STEPS = 1500
 STAGE2_STEPS = 850
 STAGE1_LR, STAGE2_LR = 1e-3, 3e-4
+BASE_STEPS, BASE_LR = 6000, 6e-4
+PROGRESS_EVERY_STEPS = 250  # held-out loss / top-1 and throughput in the log
+PROGRESS_WINDOWS = 32
 SAVE_EVERY_STEPS = 200  # ~5 minutes
 EVAL_WINDOWS = 256
 SEED = 1234
@@ -68,6 +73,11 @@ STAGES = {
     "stage1": Stage("stage1", STAGE1_STEPS, STAGE1_LR, 1.0, 100, SEED),
     "stage2": Stage("stage2", STAGE2_STEPS, STAGE2_LR, P_AR, 40, SEED + 1),
     "twin": Stage("twin", STAGE2_STEPS, STAGE2_LR, 1.0, 40, SEED + 1),
+    # 6000 steps x 2048 tokens = 12.3M more tokens (about 70 min at 0.67 s per step): with stages 1-2
+    # the base has seen 17M tokens, 0.9 per parameter. Chinchilla's 20 per parameter would be 380M
+    # tokens, 35 hours of this CPU at this size; a model small enough for 20 per parameter in one
+    # session (about 4M parameters, most of them the 8192-row embeddings) is too small to draft code.
+    "base": Stage("base", BASE_STEPS, BASE_LR, 1.0, 100, SEED + 2),
 }
 
 
@@ -79,20 +89,25 @@ def is_heldout(relpath: str) -> bool:
     return int(hashlib.sha256(relpath.encode()).hexdigest(), 16) % 1000 < HELDOUT_PER_MILLE
 
 
+def split_by_file(texts: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(train, heldout) by the file-level hash split."""
+    train = {rel: t for rel, t in texts.items() if not is_heldout(rel)}
+    return train, {rel: t for rel, t in texts.items() if is_heldout(rel)}
+
+
 def collect_corpus() -> tuple[dict[str, str], dict[str, str], int]:
     """(train, heldout) {relative path: text} of stdlib .py files outside site-packages; plus #non-UTF-8."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    train, heldout, skipped = {}, {}, 0
+    texts, skipped = {}, 0
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         if "site-packages" in path.relative_to(root).parts or not path.is_file():
             continue
         try:
-            text = path.read_text(encoding="utf-8")
+            texts[rel] = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             skipped += 1
-            continue
-        (heldout if is_heldout(rel) else train)[rel] = text
+    train, heldout = split_by_file(texts)
     return train, heldout, skipped
 
 
@@ -143,6 +158,12 @@ def tokenize_split(tok_path: Path, texts: list[str], out: Path) -> np.ndarray:
     arr = np.asarray(stream, dtype=np.uint16)
     np.save(out, arr)
     return arr
+
+
+def shuffled(items: list) -> list:
+    """A fixed permutation (seeded), so that a prefix of held-out windows mixes all sources."""
+    order = np.random.default_rng(SEED).permutation(len(items))
+    return [items[i] for i in order]
 
 
 def windows(stream: np.ndarray) -> list:
@@ -197,7 +218,50 @@ def stage_wall_callback(out: Path, base_seconds: float):
     return WallClock()
 
 
-def run_stage(stage: Stage, init_dir: Path | None, tok, examples: list, work: Path, smoke: bool) -> Path:
+def progress_callback(heldout: list, tok, path: Path):
+    """A TrainerCallback logging held-out AR loss / top-1 and training tokens/s every few hundred steps."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0, self.step0 = time.time(), state.global_step
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % PROGRESS_EVERY_STEPS or model is None:
+                return
+            seconds = time.time() - self.t0
+            tokens = (state.global_step - self.step0) * BATCH_SIZE * SEQ_LEN
+            row = {"step": state.global_step, "train_tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
+            row.update(heldout_ar(model, heldout, tok))
+            log.info("progress %s", json.dumps(row))
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.t0, self.step0 = time.time(), state.global_step
+
+    return Progress()
+
+
+@torch.no_grad()
+def heldout_ar(model, examples: list, tok) -> dict:
+    """Next-token loss and top-1 accuracy over real tokens of held-out windows (model put back in train mode)."""
+    from tgi_space.train.collator import SpaceCollator
+    from tgi_space.train.trainer import MetricsAccumulator, model_forward, space_loss
+
+    was_training = model.training
+    model.eval()
+    collator = SpaceCollator(K, 1.0, 3, tok.pad_token_id, 1, seed=SEED)
+    acc = MetricsAccumulator()
+    for i in range(0, len(examples), 8):
+        batch = collator(examples[i : i + 8])
+        acc.add(space_loss(model_forward(model, batch), batch["targets"], batch["offsets"])[1])
+    loss_sum, count, correct = acc.sums[0]
+    model.train(was_training)
+    return {"heldout_ar_loss": round(loss_sum / count, 4), "heldout_top1": round(correct / count, 4)}
+
+
+def run_stage(
+    stage: Stage, init_dir: Path | None, tok, examples: list, work: Path, smoke: bool, heldout: list | None = None
+) -> Path:
     """Train one stage (resuming if interrupted); returns the directory of its final model."""
     from transformers import LlamaForCausalLM
 
@@ -238,7 +302,10 @@ def run_stage(stage: Stage, init_dir: Path | None, tok, examples: list, work: Pa
     base = json.loads((Path(resume) / "wall_seconds.json").read_text())["seconds"] if resume else 0.0
     log.info("%s: %d steps, lr %g, p_ar %.2f, resume from %s", stage.name, steps, stage.lr, stage.p_ar, resume)
     t0 = time.time()
-    trainer = run_training(model, examples, cfg, mask_id, tok.pad_token_id, [stage_wall_callback(out, base)])
+    callbacks = [stage_wall_callback(out, base)]
+    if heldout:
+        callbacks.append(progress_callback(heldout[:PROGRESS_WINDOWS], tok, out / "progress.jsonl"))
+    trainer = run_training(model, examples, cfg, mask_id, tok.pad_token_id, callbacks)
     seconds = base + time.time() - t0
     trainer.model.save_pretrained(final)
     tok.save_pretrained(final)
@@ -429,7 +496,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("models/tiny-space-py"))
     parser.add_argument("--work", type=Path, default=Path("build/tiny-model"))
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage, to check the pipeline")
-    parser.add_argument("--until", choices=["tokenizer", "stage1", "stage2", "twin", "report"], default="report")
+    parser.add_argument(
+        "--until", choices=["tokenizer", "stage1", "stage2", "base", "twin", "report"], default="report"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -442,6 +511,11 @@ def main() -> None:
     tok = hf_tokenizer(tok_path)
     train_stream = tokenize_split(tok_path, list(train_texts.values()), args.work / "train_ids.npy")
     heldout_stream = tokenize_split(tok_path, list(heldout_texts.values()), args.work / "heldout_ids.npy")
+    pypi_train, pypi_heldout = split_by_file(pypi_sources(args.work.parent / "pypi-wheels"))
+    full_train = tokenize_split(tok_path, [*train_texts.values(), *pypi_train.values()], args.work / "full_ids.npy")
+    full_heldout = tokenize_split(
+        tok_path, [*heldout_texts.values(), *pypi_heldout.values()], args.work / "full_heldout_ids.npy"
+    )
     corpus = {
         "train_files": len(train_texts),
         "heldout_files": len(heldout_texts),
@@ -450,16 +524,28 @@ def main() -> None:
         "train_tokens": int(len(train_stream)),
         "heldout_tokens": int(len(heldout_stream)),
         "python": sys.version.split()[0],
+        "pypi_packages": list(PYPI_PACKAGES),
+        "pypi_train_files": len(pypi_train),
+        "pypi_heldout_files": len(pypi_heldout),
+        "full_train_tokens": int(len(full_train)),
+        "full_heldout_tokens": int(len(full_heldout)),
     }
     log.info("corpus %s (%.0f s)", corpus, time.time() - t0)
     if args.until == "tokenizer":
         return
     train_examples = windows(train_stream)
-    stage1 = run_stage(STAGES["stage1"], None, tok, train_examples, args.work, args.smoke)
+    stage2_done = (args.work / "stage2" / "final" / "stage_info.json").exists()
+    stage1 = None if stage2_done else run_stage(STAGES["stage1"], None, tok, train_examples, args.work, args.smoke)
     if args.until == "stage1":
         return
     stage2 = run_stage(STAGES["stage2"], stage1, tok, train_examples, args.work, args.smoke)
     if args.until == "stage2":
+        return
+    full_heldout_windows = shuffled(windows(full_heldout))
+    base = run_stage(
+        STAGES["base"], stage2, tok, windows(full_train), args.work, args.smoke, heldout=full_heldout_windows
+    )
+    if args.until == "base":
         return
     twin = run_stage(STAGES["twin"], stage1, tok, train_examples, args.work, args.smoke)
     if args.until == "twin":
