@@ -14,12 +14,14 @@ def _register_subcommands() -> None:
     from tgi_space.generate_cli import register as register_generate
     from tgi_space.invariance import register as register_invariance
     from tgi_space.train.cli import register as register_train
+    from tgi_space.train.distill import register as register_distill
 
     register_bench(app)
     register_bench_engine(app)
     register_generate(app)
     register_invariance(app)
     register_train(app)
+    register_distill(app)
     from tgi_space.http.cli import register as register_serve
 
     register_serve(app)

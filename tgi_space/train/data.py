@@ -110,8 +110,19 @@ def _chat_example(tokenizer: Any, messages: list[dict]) -> Example:
     return Example(prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids))
 
 
+def _ids_example(record: dict) -> Example:
+    """A `prompt_ids`/`response_ids` record (token ids, as `tgi-space distill` writes): supervise the response."""
+    prompt, response = record["prompt_ids"], record["response_ids"]
+    for name, ids in (("prompt_ids", prompt), ("response_ids", response)):
+        if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise DataError(f"'{name}' must be a list of non-negative token ids")
+    return Example(prompt + response, [False] * len(prompt) + [True] * len(response))
+
+
 def _record_example(tokenizer: Any, record: Any) -> Example:
-    """One JSONL record (`prompt`/`response` or `messages`) -> Example."""
+    """One JSONL record (`prompt`/`response`, `prompt_ids`/`response_ids` or `messages`) -> Example."""
+    if isinstance(record, dict) and "prompt_ids" in record and "response_ids" in record:
+        return _ids_example(record)
     if isinstance(record, dict) and "messages" in record:
         return _chat_example(tokenizer, record["messages"])
     if isinstance(record, dict) and "prompt" in record and "response" in record:
@@ -119,7 +130,7 @@ def _record_example(tokenizer: Any, record: Any) -> Example:
         prompt_ids = bos + _encode(tokenizer, str(record["prompt"]))
         response_ids = _encode(tokenizer, str(record["response"])) + eos
         return Example(prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids))
-    raise DataError("expected fields 'prompt' and 'response', or 'messages'")
+    raise DataError("expected fields 'prompt' and 'response', 'prompt_ids' and 'response_ids', or 'messages'")
 
 
 def read_jsonl(path: Path, tokenizer: Any, seq_len: int, skips: SkipCounter) -> list[Example]:
