@@ -46,9 +46,12 @@ gpu-check: setup
 bench: setup
 	$(VENV)/bin/tgi-space bench --model $(MODEL) --out benchmarks
 
-## Rebuild the bundled model from scratch (about 90 minutes of training on 2 idle CPU cores).
+## Rebuild the bundled model from scratch on 2 idle CPU cores: the base (corpus, tokenizer, stages 1-2,
+## the base continuation; build_tiny_model.py), then the self-distilled data, the gated-LoRA SPACE
+## adapters and the SAR-SFT comparison (build_space_models.py). Times per stage: the model card.
 tiny-model: setup
-	$(PY) scripts/build_tiny_model.py --out $(MODEL) --work build/tiny-model
+	$(PY) scripts/build_tiny_model.py --work build/tiny-model --until base
+	$(PY) scripts/build_space_models.py --base build/tiny-model/base/final --work build/space-models --out $(MODEL)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -47,7 +47,8 @@ def bins(tmp_path):
 
 
 def run(name: str, *args: str, env: dict | None = None, path: str | None = None):
-    base = {k: v for k, v in os.environ.items() if k not in ("SPECULATE_MODE", wrapper.GUARD, "TGI_SPACE_SHARD")}
+    drop = ("SPECULATE_MODE", "TGI_SPACE_SPECULATE_MODE", wrapper.GUARD, "TGI_SPACE_SHARD")
+    base = {k: v for k, v in os.environ.items() if k not in drop}
     # the venv's own bin holds the installed shim: keep it (and any real TGI) off the search path
     rest = [d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "text-generation-launcher").exists()]
     base["PATH"] = os.pathsep.join([path, *rest])
@@ -74,6 +75,8 @@ def test_flag_is_removed_and_passed_through_the_environment(bins):
         ([], {"SPECULATE_MODE": "none"}, "none"),
         (["--speculate-mode", "SPACE"], {"SPECULATE_MODE": "none"}, "space"),  # the flag wins, case-insensitive
         ([], {}, None),  # unset stays unset: the shard picks (space on a SPACE checkpoint)
+        (["--speculate-mode", "sdsat"], {"SPECULATE_MODE": "space"}, "sdsat"),
+        ([], {"TGI_SPACE_SPECULATE_MODE": "sdsat", "SPECULATE_MODE": "space"}, "sdsat"),  # the project's name wins
     ],
 )
 def test_mode_sources(bins, args, env, mode):
@@ -90,7 +93,7 @@ def test_arguments_after_double_dash_untouched(bins):
 @pytest.mark.parametrize("args,env", [(["--speculate-mode", "medusa"], {}), (["--speculate-mode"], {}), ([], {"SPECULATE_MODE": "ngram"})])
 def test_bad_mode_is_a_usage_error(bins, args, env):
     proc, _ = run("text-generation-launcher", *args, env=env, path=path_of(bins))
-    assert proc.returncode == 2 and ("space, none" in proc.stderr or "needs a value" in proc.stderr)
+    assert proc.returncode == 2 and ("space, sdsat, none" in proc.stderr or "needs a value" in proc.stderr)
 
 
 def test_no_real_launcher(tmp_path):

@@ -53,7 +53,7 @@ def test_blocks_in_use_equal_live_needs_after_generate_and_cancel(llama_dir):
         if rng.random() < 0.6:
             prompt = [1] + [rng.randrange(4, 90) for _ in range(rng.randrange(1, 30))]
             params = SamplingParams(max_new_tokens=rng.randrange(1, 20))
-            seqs.append(engine.add_request(prompt, params, rng.choice(["space", "none"])))
+            seqs.append(engine.add_request(prompt, params, rng.choice(["space", "sdsat", "none"])))
         if seqs and rng.random() < 0.3:
             engine.abort(seqs.pop(rng.randrange(len(seqs))))
         engine.step()

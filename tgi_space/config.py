@@ -12,8 +12,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "matmul", "sdpa", "flash")
-SPECULATE_MODES = ("space", "none")
+SPECULATE_MODES = ("space", "sdsat", "none")  # a request's, or a server's, way to decode
+SPECULATION_METHODS = ("space", "sdsat")  # SpacePolicy.speculate_mode: what a speculating request runs
+TRAINING_METHODS = ("space", "sdsat")  # config.json space_method: recipes whose masks mean the same thing
 DRAFTERS = ("masks", "suffix")
+SDSAT_TREE_SIZES = (4, 8, 8, 5, 3)  # SDSAT's reference nucleus tree: nodes per depth
 
 
 class CheckpointError(ValueError):
@@ -34,6 +37,14 @@ def _rope_settings(raw: dict[str, Any]) -> tuple[float, dict[str, Any]]:
             f"allowed: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     return theta, scaling
+
+
+def parse_tree_sizes(raw: str) -> tuple[int, ...]:
+    """"4,8,8,5,3" -> (4, 8, 8, 5, 3) (SDSAT's draws per depth); a bad entry is a ValueError naming the setting."""
+    try:
+        return tuple(int(n) for n in raw.split(",") if n.strip())
+    except ValueError:
+        raise ValueError(f"sdsat_tree_sizes must be integers like 4,8,8,5,3, got {raw!r}") from None
 
 
 def _as_id_tuple(value: Any) -> tuple[int, ...]:
@@ -69,6 +80,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     space_mask_token_id: int | None = None
     space_k: int | None = None
+    space_method: str | None = None  # recipe that trained the mask token ("space", "sdsat"); None: SPACE
+    adaptive_token_ids: tuple[int, ...] = ()  # config.json sdsat_adaptive_token_ids: one id per offset, if any
+    space_adapter: str | None = None  # config.json space_adapter: gated SPACE adapter folder, relative to the model
 
     @property
     def max_model_len(self) -> int:
@@ -115,6 +129,9 @@ class ModelConfig:
             pad_token_id=raw.get("pad_token_id"),
             space_mask_token_id=raw.get("space_mask_token_id"),
             space_k=raw.get("space_k"),
+            space_method=raw.get("space_method"),
+            adaptive_token_ids=_as_id_tuple(raw.get("sdsat_adaptive_token_ids")),
+            space_adapter=raw.get("space_adapter"),
         )
 
     @classmethod
@@ -149,6 +166,10 @@ class SpacePolicy:
     suffix_min_match: int = 1  # suffix drafts: shortest repeated suffix that counts as a match
     suffix_max_match: int = 8  # longest suffix looked up
     latency_curve: dict[int, float] | None = None  # t(N) seconds by rows; None: measured at first use
+    # What a speculating request runs when it does not say: "space" (one pass: uncached tokens, tree,
+    # groups) or "sdsat" (two passes: a group after the pending token, then a chain or sampled tree).
+    speculate_mode: str = "space"
+    sdsat_tree_sizes: tuple[int, ...] = SDSAT_TREE_SIZES  # SDSAT sampling: draws per depth of the draft tree
 
     def __post_init__(self) -> None:
         if self.k_max is not None and not 0 <= self.k_max <= 16:
@@ -169,6 +190,12 @@ class SpacePolicy:
                              f"({self.suffix_max_match})")
         if self.latency_curve is not None and (not self.latency_curve or min(self.latency_curve.values()) <= 0):
             raise ValueError("latency_curve must map row counts to positive seconds")
+        if self.speculate_mode not in SPECULATION_METHODS:
+            allowed = ", ".join(SPECULATION_METHODS)
+            raise ValueError(f"speculate_mode must be one of {allowed}, got {self.speculate_mode!r}")
+        self.sdsat_tree_sizes = tuple(int(n) for n in self.sdsat_tree_sizes)
+        if not self.sdsat_tree_sizes or min(self.sdsat_tree_sizes) < 1:
+            raise ValueError(f"sdsat_tree_sizes must be draws per depth, each >= 1, got {self.sdsat_tree_sizes}")
 
     def choose_k(self, num_space_seqs: int, other_rows: int, k_max: int) -> int:
         """Largest k <= k_max such that the step stays within the query-token budget."""
@@ -201,6 +228,8 @@ class EngineConfig:
     # Rows per GEMM call. None: 32 on CPU in bf16/fp16 (keeps oneDNN's GEMMs batch-invariant,
     # docs/lossless.md), unlimited otherwise; 0: always one call.
     gemm_row_block: int | None = None
+    # Gated SPACE adapter folder (docs/adapters.md); None: config.json's space_adapter, if any.
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -11,8 +11,9 @@ import torch
 
 from tgi_space.attention.backend import make_backend
 from tgi_space.attention.metadata import AttentionMetadata
-from tgi_space.config import EngineConfig, ModelConfig
+from tgi_space.config import SPECULATE_MODES, EngineConfig, ModelConfig
 from tgi_space.kv_cache import BlockManager, allocate_kv_cache, available_memory, kv_bytes_per_token
+from tgi_space.model.adapter import adapter_dir, load_adapter
 from tgi_space.model.llama import ForwardContext
 from tgi_space.model.loader import TORCH_DTYPES, load_model
 from tgi_space.model.rotary import RotaryEmbedding
@@ -27,6 +28,7 @@ from tgi_space.sampling import (
     verify_sampled,
 )
 from tgi_space.scheduler import Scheduler
+from tgi_space.sdsat import Sdsat, check_checkpoint
 from tgi_space.sequence import Sequence, TokenInfo
 from tgi_space.space import SeqPlan, StepLayout, build_layout, split_logits
 from tgi_space.speculation import Speculator, measure_forward, probe_row_counts
@@ -46,7 +48,7 @@ class SlotSource(Protocol):
 
 
 class SpaceUnavailable(ValueError):
-    """SPACE was asked of a checkpoint that has no mask token."""
+    """SPACE (or SDSAT) was asked of a checkpoint that cannot drive it (no mask token, ...)."""
 
 
 class Engine:
@@ -58,6 +60,7 @@ class Engine:
         self.tokenizer = Tokenizer(config.model_dir)
         self.dtype = TORCH_DTYPES[config.dtype]
         self.model = load_model(config.model_dir, self.model_config, config.dtype, config.device)
+        self.model_config = self._attach_adapter()
         self.rotary = RotaryEmbedding(self.model_config, config.device, self.dtype)
         self.backend = make_backend(config.attention_backend)
         num_blocks = self._num_cache_blocks()
@@ -72,9 +75,11 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.k_max = self._k_max()
         self.planned = config.space.planner and (self.k_max > 0 or "suffix" in config.space.drafters)
+        self.sdsat = Sdsat(config.space, self.k_max)  # plans SDSAT sequences' passes (sdsat.py)
         self.scheduler = Scheduler(
             self.block_manager, config.space, 0 if self.planned else self.k_max, config.max_num_seqs,
             config.max_num_batched_tokens, reserve=config.space.max_tree_depth if self.planned else 0,
+            sdsat_reserve=self.sdsat.max_depth,
         )
         probe_rows = self.model_config.max_model_len - self._probe_context
         self.speculator = Speculator(config.space, self.k_max, self._measure_rows, config.max_num_seqs, probe_rows)
@@ -88,9 +93,18 @@ class Engine:
 
     # ---- set-up -------------------------------------------------------------------------
 
+    def _attach_adapter(self) -> ModelConfig:
+        """Load the gated SPACE adapter, if any (docs/adapters.md); its mask token id and k then count."""
+        folder = adapter_dir(self.config.model_dir, self.config.adapter, self.model_config)
+        if folder is None:
+            return self.model_config
+        self.model.adapter = load_adapter(folder, self.model)
+        log.info("gated SPACE adapter %s loaded (%s)", folder, ", ".join(self.model.adapter.config.target_modules))
+        return self.model.adapter.config.apply_to(self.model_config)
+
     @property
     def mask_token_id(self) -> int | None:
-        """The checkpoint's [MASK] id, or None if it is not SPACE-ready."""
+        """The checkpoint's (or its gated adapter's) [MASK] id, or None if it is not SPACE-ready."""
         return self.model_config.space_mask_token_id
 
     def _k_max(self) -> int:
@@ -155,23 +169,30 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, speculate: str = "space") -> Sequence:
-        """Validate and queue a request; raises ValueError naming the bad field, allocating nothing."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, speculate: str | None = None) -> Sequence:
+        """Validate and queue a request; raises ValueError naming the bad field, allocating nothing.
+
+        speculate: "space", "sdsat" or "none"; None takes the policy's speculate_mode.
+        """
+        speculate = speculate or self.config.space.speculate_mode
         self.validate_request(prompt_ids, params, speculate)
         generator = None
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
             generator = torch.Generator(device="cpu").manual_seed(seed)
         speculating = speculate == "space" and (self.planned or self.k_max > 0)
-        seq = Sequence(next(self._ids), prompt_ids, params, speculating, generator)
+        seq = Sequence(next(self._ids), prompt_ids, params, speculating, generator, sdsat=speculate == "sdsat")
         self.scheduler.add(seq)
         return seq
 
-    def validate_request(self, prompt_ids: list[int], params: SamplingParams, speculate: str) -> None:
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams, speculate: str | None = None) -> None:
         """Every check a request must pass before it may take cache blocks."""
         params.validate()
-        if speculate not in ("space", "none"):
-            raise ValueError(f"speculate must be 'space' or 'none', got {speculate!r}")
+        speculate = speculate or self.config.space.speculate_mode
+        if speculate not in SPECULATE_MODES:
+            raise ValueError(f"speculate must be one of {', '.join(SPECULATE_MODES)}, got {speculate!r}")
+        if speculate == "sdsat":
+            self.check_sdsat()
         if speculate == "space" and self.mask_token_id is None and not self.planned:
             raise SpaceUnavailable(
                 "speculate='space' needs a SPACE checkpoint (config.json space_mask_token_id) "
@@ -193,6 +214,13 @@ class Engine:
         if self.block_manager.blocks_for(len(prompt_ids) + params.max_new_tokens + reserve) > self.block_manager.num_blocks:
             raise ValueError("prompt length + max_new_tokens exceeds the whole KV cache")
 
+    def check_sdsat(self) -> None:
+        """Raise SpaceUnavailable (naming the config.json field) if this checkpoint cannot decode with SDSAT."""
+        try:
+            check_checkpoint(self.model_config, self.k_max)
+        except ValueError as err:
+            raise SpaceUnavailable(str(err)) from None
+
     def abort(self, seq: Sequence) -> None:
         """Cancel a request and return its blocks."""
         if seq.finish_reason is None:
@@ -211,6 +239,7 @@ class Engine:
         planned = self.scheduler.schedule()
         if self.planned:
             planned = self.speculator.plan(planned)
+        planned = self.sdsat.plan(planned)
         wants = [i for i, (seq, plan) in enumerate(planned)
                  if seq.params.prompt_logprobs and plan.num_cached == 0 and seq.stats.prompt_logprobs is None]
         results = self.execute(planned, self.block_manager, keep_hidden=bool(wants))
@@ -245,7 +274,7 @@ class Engine:
             seq_logits = logits[layout.logit_offsets[i] : layout.logit_offsets[i + 1]]
             results.append((seq, self._advance_alone(seq, plan, seq_logits, slots)))
         self._move_accepted_kv()
-        if self.planned:
+        if self.planned and not any(seq.sdsat for seq, _ in planned):  # the planner learns from SPACE steps only
             trees = [p.tree for _, p in planned if p.is_tree]
             accepted = sum(len(e) - 1 for (_, p), (_, e) in zip(planned, results) if p.is_tree and e)
             self.speculator.end_step(len(trees), sum(len(t) for t in trees), accepted)
@@ -364,7 +393,10 @@ class Engine:
             seq.num_cached += len(path)
         emitted = self._emit(seq, [plan.tree.tokens[i] for i in path] + [bonus], target)
         seq.stats.record(plan.tree.max_depth, len(path), len(emitted))
-        self.speculator.draft_next(seq, plan, groups, path)
+        if seq.sdsat:
+            self.sdsat.draft_next(seq, plan, groups)
+        else:
+            self.speculator.draft_next(seq, plan, groups, path)
         return emitted
 
     def _scratch_of(self, plan: SeqPlan, seq: Sequence, path: list[int]) -> torch.Tensor:

@@ -6,14 +6,15 @@ import json
 
 import typer
 
-from tgi_space.config import SpacePolicy
+from tgi_space.config import SpacePolicy, parse_tree_sizes
 from tgi_space.sampling import SamplingParams
 
 
 def generate(
     prompts: list[str] = typer.Argument(..., help="Prompts; '\\n' and '\\t' escapes are expanded."),
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder (config.json, safetensors, tokenizer.json)."),
-    speculate: str = typer.Option("space", help="space | none"),
+    adapter: str = typer.Option(None, "--adapter", help="Gated SPACE adapter folder (default: config.json space_adapter)."),
+    speculate: str = typer.Option("space", help="space | sdsat | none"),
     k: int = typer.Option(None, "--k", help="Candidates per step (default: the checkpoint's space_k)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     do_sample: bool = typer.Option(False, "--do-sample"),
@@ -24,6 +25,7 @@ def generate(
     dtype: str = typer.Option("bfloat16"),
     fixed_layout: bool = typer.Option(False, "--fixed-layout", help="The paper's fixed layout (k candidates, all groups)."),
     drafters: str = typer.Option("masks,suffix", "--drafters", help="Drafters of the planned step: masks, suffix."),
+    sdsat_tree_sizes: str = typer.Option("4,8,8,5,3", "--sdsat-tree-sizes", help="SDSAT sampling: draft tree draws per depth."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
 ) -> None:
     """Generate for each prompt and print the text with SPACE statistics."""
@@ -34,8 +36,9 @@ def generate(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed,
         )
-        policy = SpacePolicy(k_max=k, planner=not fixed_layout, drafters=tuple(d for d in drafters.split(",") if d))
-        llm = LLM(model, dtype=dtype, space=policy)
+        policy = SpacePolicy(k_max=k, planner=not fixed_layout, drafters=tuple(d for d in drafters.split(",") if d),
+                             sdsat_tree_sizes=parse_tree_sizes(sdsat_tree_sizes))
+        llm = LLM(model, dtype=dtype, space=policy, adapter=adapter)
         texts = [p.encode().decode("unicode_escape") for p in prompts]
         outputs = llm.generate(texts, params, speculate=speculate)
     except ValueError as err:

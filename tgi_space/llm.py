@@ -34,9 +34,12 @@ class LLM:
         self,
         prompts: str | list[int] | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
-        speculate: str = "space",
+        speculate: str | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids), batched; outputs in prompt order."""
+        """Generate for every prompt (text or token ids), batched; outputs in prompt order.
+
+        speculate: "space", "sdsat" or "none"; None: the policy's speculate_mode ("space" by default).
+        """
         prompts = _as_list(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):

@@ -21,9 +21,11 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         reserve: int = 0,
+        sdsat_reserve: int = 0,
     ) -> None:
         self.blocks = block_manager
         self.reserve = reserve  # slots a speculating sequence keeps free for a step's accepted tree path
+        self.sdsat_reserve = sdsat_reserve  # the same for an SDSAT sequence (its verify pass's longest path)
         self.policy = policy
         self.k_max = k_max
         self.max_num_seqs = max_num_seqs
@@ -91,7 +93,8 @@ class Scheduler:
     def _needed(self, seq: Sequence, plan: SeqPlan) -> int:
         """Tokens seq's blocks must hold after this step: its chain, plus the tree reserve when speculating."""
         remaining = seq.params.max_new_tokens - len(seq.output_ids)
-        reserve = min(self.reserve, max(0, remaining - 1)) if seq.speculate else 0
+        most = max(self.reserve, self.sdsat_reserve) if seq.sdsat else self.reserve
+        reserve = min(most, max(0, remaining - 1)) if seq.speculate else 0
         return plan.num_cached + len(plan.chain) + reserve
 
     def _admit(self, k: int, num_running: int) -> list[tuple[Sequence, SeqPlan]]:

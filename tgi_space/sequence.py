@@ -57,10 +57,12 @@ class Sequence:
         params: SamplingParams,
         speculate: bool,
         generator: torch.Generator | None,
+        sdsat: bool = False,
     ) -> None:
         self.seq_id = seq_id
         self.params = params
-        self.speculate = speculate
+        self.speculate = speculate or sdsat
+        self.sdsat = sdsat  # speculates with SDSAT's two passes (draft_tree set: the verify pass is next)
         self.generator = generator  # per-request RNG, None when greedy
         self.tokens: list[int] = list(prompt_ids)  # prompt then output
         self.num_prompt = len(prompt_ids)

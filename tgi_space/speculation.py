@@ -23,7 +23,7 @@ from tgi_space.planner import LatencyCurve, LatencySurface, Proposal, plan
 from tgi_space.sampling import process
 from tgi_space.sequence import Sequence
 from tgi_space.space import SeqPlan
-from tgi_space.tree import ROOT, DraftTree, verify_tree_greedy, verify_tree_sampled
+from tgi_space.tree import ROOT, DraftTree, verify_tree_greedy, verify_tree_rejection, verify_tree_sampled
 
 EXTRA_ROWS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)  # probed rows beyond one per sequence
 PROBE_BATCHES = (1, 4, 16, 64)  # batch sizes the latency surface is measured at
@@ -91,7 +91,7 @@ class Speculator:
 
     def plan(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:
         """Give each speculating sequence the tree nodes and mask groups worth their rows."""
-        spec = [i for i, (seq, _) in enumerate(planned) if seq.speculate]
+        spec = [i for i, (seq, _) in enumerate(planned) if seq.speculate and not seq.sdsat]  # SDSAT: sdsat.py
         if not spec or not self._measured_to_pay(len(planned)) or not self._rows_can_pay(planned, len(spec)):
             for i in spec:  # the next tree is drafted when speculation pays again
                 planned[i][0].draft_tree = None
@@ -206,6 +206,8 @@ class Speculator:
         target = _process_rows(logits, seq, tree)  # [n + 1, V]
         if seq.params.is_greedy:
             path, bonus = verify_tree_greedy(target.argmax(-1).tolist(), tree)
+        elif tree.sampled is not None:  # children drawn from q (SDSAT): recursive rejection
+            path, bonus = verify_tree_rejection(target, tree, tree.sampled, seq.generator)
         else:
             path, bonus = verify_tree_sampled(target, tree, seq.generator)
         self._observe(tree, path)

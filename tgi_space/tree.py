@@ -5,6 +5,11 @@ with a parent (-1 or an earlier node), a drafter name, and a survival score: the
 estimated probability that verification reaches it. A chain is a tree with one
 child per node. Verification is a pure function of (tree, target logits, sampling
 state), so it is tested without a model.
+
+Two exact sampling rules: draw-then-match (`verify_tree_sampled`) for any tree built
+without the request's random numbers, and multi-draft recursive rejection
+(`verify_tree_rejection`) for trees whose children were drawn i.i.d. from a draft
+distribution q (SDSAT's sampled tree), which accepts more when q is close to p.
 """
 
 from __future__ import annotations
@@ -19,6 +24,18 @@ ROOT = -1
 
 
 @dataclass
+class SampledDrafts:
+    """How a tree's children were drawn: i.i.d. (with replacement) from one distribution per depth.
+
+    A child drawn twice is one node listed twice in its parent's draws; the draw order is kept,
+    because recursive rejection must try the draws in the order they were made.
+    """
+
+    probs: torch.Tensor  # [D, V] float: the children at depth d + 1 were drawn from row d
+    draws: dict[int, list[int]] = field(default_factory=dict)  # node (ROOT or index) -> children, one entry per draw
+
+
+@dataclass
 class DraftTree:
     """Nodes in topological order (a parent always precedes its children)."""
 
@@ -27,6 +44,9 @@ class DraftTree:
     scores: list[float] = field(default_factory=list)  # survival score of each node, in [0, 1]
     sources: list[str] = field(default_factory=list)  # drafter that proposed each node
     confidences: list[float] = field(default_factory=list)  # the drafter's own confidence, for calibration
+    # Set when the children were sampled from draft distributions (SDSAT); `subtree` and `merge` drop it,
+    # and such a tree is verified by draw-then-match, which is exact for any tree.
+    sampled: SampledDrafts | None = None
 
     def __post_init__(self) -> None:
         self._children: dict[int, list[int]] = {}  # node -> its children, kept by `add`
@@ -120,3 +140,40 @@ def verify_tree_sampled(
             return path, token
         path.append(child)
         node = child
+
+
+def verify_tree_rejection(
+    target_logits: torch.Tensor, tree: DraftTree, drafts: SampledDrafts, generator: torch.Generator
+) -> tuple[list[int], int]:
+    """Multi-draft recursive rejection (SpecInfer) for children drawn i.i.d. from q: exact for any q.
+
+    At node u with target p: for each draw x of u's children, in draw order, accept with probability
+    min(1, p(x) / q(x)) and descend; on rejection p <- normalise(max(0, p - q)) and try the next draw;
+    when every draw is rejected (or u has none), emit a draw from the last p. target_logits [n + 1, V]
+    are processed logits (row 0 the root, row i + 1 node i); q of u's children is drafts.probs[depth(u)].
+    """
+    probs = target_logits.float().softmax(-1)
+    path, node = [], ROOT
+    while True:
+        p, child = probs[node + 1], None
+        draws = drafts.draws.get(node, [])
+        if draws:
+            q = drafts.probs[tree.depth(node)].float()
+            coins = torch.rand(len(draws), generator=generator).tolist()
+            for coin, c in zip(coins, draws):
+                x = tree.tokens[c]
+                if coin * float(q[x]) < float(p[x]):  # u < p(x) / q(x)
+                    child = c
+                    break
+                p = residual(p, q)
+        if child is None:
+            return path, sample(p, generator)
+        path.append(child)
+        node = child
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalise(max(0, p - q)): what p still needs after a draw from q was rejected (p itself if p <= q)."""
+    rest = (p - q).clamp_min(0)
+    total = float(rest.sum())
+    return rest / total if total > 0 else p

@@ -52,12 +52,13 @@ class ServerState:
         if device == "cpu":
             torch.set_num_threads(s.resolve_num_threads())
         engine_options = dict(
-            model_dir=self.model_dir, dtype=s.dtype, device=device, block_size=s.block_size, kv_cache_bytes=s.kv_cache_bytes,
+            model_dir=self.model_dir, adapter=s.adapter, dtype=s.dtype, device=device, block_size=s.block_size, kv_cache_bytes=s.kv_cache_bytes,
             max_num_batched_tokens=s.max_batch_prefill_tokens, seed=s.seed,
             space=SpacePolicy(
                 k_max=s.space_k_max, max_step_query_tokens=s.max_step_query_tokens, planner=not s.fixed_layout,
                 drafters=s.drafters, max_tree_nodes=s.max_tree_nodes, max_tree_depth=s.max_tree_depth,
                 mask_top_m=s.mask_top_m, suffix_min_match=s.suffix_min_match, suffix_max_match=s.suffix_max_match,
+                speculate_mode="sdsat" if s.speculate_mode == "sdsat" else "space", sdsat_tree_sizes=s.sdsat_tree_sizes,
             ),
         )
         if s.max_batch_size:
@@ -75,6 +76,8 @@ class ServerState:
         if speculate == "space" and not can_speculate:
             raise ValueError("--speculate-mode space needs a SPACE checkpoint (config.json space_mask_token_id) "
                              "or the planned step with suffix drafts (--drafters suffix, no --fixed-layout)")
+        if speculate == "sdsat":
+            engine.check_sdsat()  # names the config.json field SDSAT lacks
         worker = EngineWorker(engine, self.metrics)
         worker.start()
         self.chat_template = ChatTemplate(engine.tokenizer)
@@ -104,8 +107,19 @@ class ServerState:
             "docker_label": None,
             "speculate_mode": service.speculate if service else s.speculate_mode,
             "space_k_max": service.engine.k_max if service else s.space_k_max,
-            "speculation": service.engine.speculator.info() if service and service.engine.planned else None,
+            "speculation": _speculation_info(service),
         }
+
+
+def _speculation_info(service) -> dict | None:
+    """The planned step's figures (when planned), plus SDSAT's when the server decodes with SDSAT."""
+    if service is None:
+        return None
+    engine = service.engine
+    info = engine.speculator.info() if engine.planned else None
+    if service.speculate == "sdsat":
+        info = {**(info or {}), "sdsat": engine.sdsat.info()}
+    return info
 
 
 def create_app(settings: ServeSettings, model_dir: str, load_in_background: bool = True) -> FastAPI:

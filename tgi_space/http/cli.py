@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 
+from tgi_space.config import parse_tree_sizes
 from tgi_space.http.settings import ServeSettings
 
 
@@ -46,6 +47,9 @@ def looks_local(model_id: str) -> bool:
 
 def serve(
     model: str = typer.Option(..., "--model", "--model-id", envvar="MODEL_ID", help="Checkpoint folder (or Hub id)."),
+    adapter: Optional[str] = typer.Option(
+        None, "--adapter", envvar="SPACE_ADAPTER", help="Gated SPACE adapter folder (default: config.json space_adapter)."
+    ),
     hostname: str = typer.Option("127.0.0.1", envvar="HOSTNAME", help="Address to listen on (TGI: 0.0.0.0)."),
     port: int = typer.Option(3000, envvar="PORT"),
     max_concurrent_requests: int = typer.Option(128, envvar="MAX_CONCURRENT_REQUESTS"),
@@ -59,7 +63,13 @@ def serve(
     max_client_batch_size: int = typer.Option(4, envvar="MAX_CLIENT_BATCH_SIZE"),
     payload_limit: int = typer.Option(2_000_000, envvar="PAYLOAD_LIMIT", help="Request body limit in bytes."),
     validation_workers: int = typer.Option(2, envvar="VALIDATION_WORKERS", help="Processes that tokenize large inputs."),
-    speculate_mode: Optional[str] = typer.Option(None, envvar="SPECULATE_MODE", help="space | none (default: space on a SPACE checkpoint)."),
+    speculate_mode: Optional[str] = typer.Option(
+        None, "--speculate-mode", "--speculate", envvar=["TGI_SPACE_SPECULATE_MODE", "SPECULATE_MODE"],
+        help="space | sdsat | none (default: space on a SPACE checkpoint).",
+    ),
+    sdsat_tree_sizes: str = typer.Option(
+        "4,8,8,5,3", envvar="SPACE_SDSAT_TREE_SIZES", help="SDSAT sampling: draft tree draws per depth."
+    ),
     space_k_max: Optional[int] = typer.Option(None, envvar="SPACE_K_MAX", help="Candidates per step at most (default: the checkpoint's)."),
     max_step_query_tokens: int = typer.Option(128, envvar="SPACE_MAX_STEP_QUERY_TOKENS", help="Query rows per step at most (all sequences)."),
     fixed_layout: bool = typer.Option(False, "--fixed-layout", envvar="SPACE_FIXED_LAYOUT", help="The paper's fixed SPACE layout instead of planned trees."),
@@ -98,7 +108,7 @@ def serve(
     log_config = configure_logging(log_level, json_output)
     try:
         settings = ServeSettings(
-            model_id=model, hostname=hostname, port=port, max_concurrent_requests=max_concurrent_requests,
+            model_id=model, adapter=adapter, hostname=hostname, port=port, max_concurrent_requests=max_concurrent_requests,
             max_best_of=max_best_of, max_stop_sequences=max_stop_sequences, max_top_n_tokens=max_top_n_tokens,
             max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
             max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_size=max_batch_size,
@@ -107,6 +117,7 @@ def serve(
             space_k_max=space_k_max, max_step_query_tokens=max_step_query_tokens, dtype=dtype, device=device,
             fixed_layout=fixed_layout, drafters=tuple(d for d in drafters.split(",") if d),
             max_tree_nodes=max_tree_nodes, max_tree_depth=max_tree_depth, mask_top_m=mask_top_m,
+            sdsat_tree_sizes=parse_tree_sizes(sdsat_tree_sizes),
             suffix_min_match=suffix_min_match, suffix_max_match=suffix_max_match,
             attention_backend=attention_backend, block_size=block_size,
             kv_cache_bytes=kv_cache_bytes, num_threads=num_threads, seed=seed, api_key=api_key, otlp_endpoint=otlp_endpoint, otlp_service_name=otlp_service_name,

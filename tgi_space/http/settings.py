@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tgi_space.config import ATTENTION_BACKENDS, DTYPES, SPECULATE_MODES
+from tgi_space.config import ATTENTION_BACKENDS, DTYPES, SDSAT_TREE_SIZES, SPECULATE_MODES
 from tgi_space.http.threads import default_num_threads
 
 
@@ -14,6 +14,7 @@ class ServeSettings:
     """Everything `tgi-space serve` needs; `None` limits are filled from the checkpoint at load time."""
 
     model_id: str
+    adapter: str | None = None  # gated SPACE adapter folder (docs/adapters.md); None: config.json's space_adapter
     hostname: str = "127.0.0.1"
     port: int = 3000
     # router limits (TGI's names and defaults)
@@ -34,7 +35,7 @@ class ServeSettings:
     head_timeout_s: float = 10.0  # a request head must arrive within this (408 and close otherwise)
     validation_workers: int = 2  # processes that tokenize large inputs (small ones: a thread)
     # engine
-    speculate_mode: str | None = None  # None: "space" if the checkpoint has a mask token, else "none"
+    speculate_mode: str | None = None  # None: "space" if the checkpoint has a mask token, else "none"; or "sdsat"
     space_k_max: int | None = None
     max_step_query_tokens: int = 128
     fixed_layout: bool = False  # the paper's fixed layout instead of the planned tree step
@@ -44,6 +45,7 @@ class ServeSettings:
     mask_top_m: int = 2
     suffix_min_match: int = 1
     suffix_max_match: int = 8
+    sdsat_tree_sizes: tuple[int, ...] = SDSAT_TREE_SIZES  # SDSAT sampling: draft tree draws per depth
     dtype: str = "bfloat16"
     device: str = "auto"  # auto: cuda if torch sees a GPU, else cpu (TGI always uses the GPU)
     attention_backend: str | None = None  # None: the engine's default for the device
@@ -57,6 +59,8 @@ class ServeSettings:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
         if self.speculate_mode is not None and self.speculate_mode not in SPECULATE_MODES:
             raise ValueError(f"speculate_mode must be one of {', '.join(SPECULATE_MODES)}, got {self.speculate_mode!r}")
+        if not self.sdsat_tree_sizes or min(self.sdsat_tree_sizes) < 1:
+            raise ValueError(f"sdsat_tree_sizes must be draws per depth, each >= 1, got {self.sdsat_tree_sizes}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):

@@ -2,7 +2,8 @@
 
 TGI's launcher runs `text-generation-server download-weights <model>` and then
 `text-generation-server serve <model> ...` per shard. `serve` of a SPACE checkpoint (a local
-folder, or a Hub id already in the cache, whose config.json has `space_mask_token_id`) runs
+folder, or a Hub id already in the cache, whose config.json has `space_mask_token_id` or
+`space_adapter`; or any model with TGI_SPACE_ADAPTER set) runs
 `tgi_space.server.cli`; every other command and model goes to the next `text-generation-server`
 on PATH (TGI's own) with the arguments unchanged. `TGI_SPACE_SHARD=space|tgi` forces the choice.
 """
@@ -35,12 +36,13 @@ def local_config(model_id: str, revision: str | None = None) -> Path | None:
 
 
 def is_space_checkpoint(model_id: str, revision: str | None = None) -> bool:
-    """Whether the model's config.json names a SPACE mask token."""
+    """Whether the model's config.json names a SPACE mask token or a gated SPACE adapter."""
     path = local_config(model_id, revision)
     if path is None:
         return False
     try:
-        return json.loads(path.read_text()).get("space_mask_token_id") is not None
+        config = json.loads(path.read_text())
+        return config.get("space_mask_token_id") is not None or bool(config.get("space_adapter"))
     except (OSError, ValueError):
         return False
 
@@ -52,6 +54,8 @@ def choose(args: list[str], env: dict[str, str]) -> str:
         return forced
     if len(args) < 2 or args[0] != "serve":
         return "tgi"
+    if env.get("TGI_SPACE_ADAPTER"):  # a gated SPACE adapter for this base: only this project's shard serves it
+        return "space"
     revision = None
     if "--revision" in args[:-1]:
         revision = args[args.index("--revision") + 1]

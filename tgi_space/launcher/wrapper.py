@@ -1,6 +1,6 @@
-"""`text-generation-launcher` shim: takes `--speculate-mode {space,none}`, hands the rest to the real launcher.
+"""`text-generation-launcher` shim: takes `--speculate-mode {space,sdsat,none}`, hands the rest to the real launcher.
 
-The mode reaches the shards through the environment (`SPECULATE_MODE`), which TGI's launcher
+The mode reaches the shards through the environment (`SPECULATE_MODE` and `TGI_SPACE_SPECULATE_MODE`), which TGI's launcher
 copies into every shard it starts. Every other argument goes to the real launcher unchanged;
 the real launcher is the next `text-generation-launcher` on PATH (or `TGI_SPACE_REAL_LAUNCHER`).
 """
@@ -23,7 +23,7 @@ class UsageError(ValueError):
 
 def split_args(args: list[str], env: dict[str, str]) -> tuple[str | None, list[str]]:
     """(mode, the other arguments in order); the flag wins over SPECULATE_MODE; the last flag wins."""
-    mode, rest, i = env.get("SPECULATE_MODE") or None, [], 0
+    mode, rest, i = env.get("TGI_SPACE_SPECULATE_MODE") or env.get("SPECULATE_MODE") or None, [], 0
     while i < len(args):
         arg = args[i]
         if arg == "--":  # everything after belongs to the launcher untouched
@@ -53,8 +53,8 @@ def plan(argv: list[str], env: dict[str, str]) -> tuple[str, list[str], dict[str
     mode, rest = split_args(argv[1:], env)
     real = env.get("TGI_SPACE_REAL_LAUNCHER") or next_on_path("text-generation-launcher", argv[0], env.get("PATH", ""))
     child_env = dict(env, **{GUARD: "1"})
-    if mode is not None:
-        child_env["SPECULATE_MODE"] = mode
+    if mode is not None:  # both names: the shard reads TGI_SPACE_SPECULATE_MODE first
+        child_env["SPECULATE_MODE"] = child_env["TGI_SPACE_SPECULATE_MODE"] = mode
     return real, [real, *rest], child_env
 
 
@@ -66,7 +66,8 @@ def main() -> None:
         print(f"text-generation-launcher (tgi-space shim): {err}", file=sys.stderr)
         sys.exit(2)
     if "--help" in args or "-h" in args:
-        print(f"tgi-space: {FLAG} {{space,none}} (env SPECULATE_MODE) is also accepted here.\n", file=sys.stderr)
+        print(f"tgi-space: {FLAG} {{{','.join(SPECULATE_MODES)}}} (env SPECULATE_MODE) is also accepted here.\n",
+              file=sys.stderr)
     os.execve(real, args, env)
 
 

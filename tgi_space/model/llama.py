@@ -9,6 +9,7 @@ from torch import nn
 from tgi_space.attention.backend import AttentionBackend
 from tgi_space.attention.metadata import AttentionMetadata
 from tgi_space.config import ModelConfig
+from tgi_space.model.adapter import GatedLora, MaskGate
 from tgi_space.model.rotary import RopeTables, RotaryEmbedding
 
 
@@ -97,18 +98,28 @@ class ForwardContext:
         self.rotary = rotary
         self.gemm_row_block = gemm_row_block  # rows per GEMM call (batch invariance), None = one call
         self.meta: AttentionMetadata | None = None  # set before each forward
+        self.gate: MaskGate | None = None  # a gated adapter's mask rows this step; set by the model's forward
 
     def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """layer(x) [N, out]; for K >= 512, in calls of at most `gemm_row_block` rows.
+        """layer(x) [N, out]; with a gated adapter, its delta added on the step's mask rows only."""
+        y = self.gemm(layer, x, layer.in_features)
+        delta = self.gate.deltas.get(layer) if self.gate is not None else None
+        if delta is not None:
+            rows = self.gate.rows  # [n]
+            y.index_add_(0, rows, self.gemm(delta, x[rows], delta.max_k))
+        return y
+
+    def gemm(self, fn: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+        """fn(x) row-wise; for reduction length k >= 512, in calls of at most `gemm_row_block` rows.
 
         oneDNN's bf16 GEMM switches to a K-blocked kernel above 32 rows when K >= 512
         (measured on AMX CPUs; K = 384 never does), which rounds some rows differently;
         calls of <= 32 rows give every row the bits it gets alone, whatever else is in the batch.
         """
         block = self.gemm_row_block
-        if block is None or x.shape[0] <= block or layer.in_features < GEMM_BLOCKED_MIN_K:
-            return layer(x)
-        return torch.cat([layer(rows) for rows in x.split(block)])
+        if block is None or x.shape[0] <= block or k < GEMM_BLOCKED_MIN_K:
+            return fn(x)
+        return torch.cat([fn(rows) for rows in x.split(block)])
 
 
 class LlamaForCausalLM(nn.Module):
@@ -133,10 +144,12 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.ctx: ForwardContext | None = None  # bound by the engine once the KV cache exists
+        self.adapter: GatedLora | None = None  # gated SPACE adapter (model/adapter.py), attached after loading
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] of the flat batch input_ids [N] at positions [N]."""
         x = self.embed_tokens(input_ids)
+        self.ctx.gate = self.adapter.open_gate(input_ids, x) if self.adapter is not None else None
         rope = self.ctx.rotary.tables(positions)  # once per step, shared by every layer
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, self.ctx, i)

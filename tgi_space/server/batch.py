@@ -38,6 +38,12 @@ class BatchContext:
     speculate: bool  # SPACE on for new requests (checkpoint + SPECULATE_MODE + --speculate)
     watermark: Watermark
     seq_ids: Iterator[int] = field(default_factory=itertools.count)  # engine ids; router ids may repeat
+    method: str = "space"  # how speculating requests speculate: "space" or "sdsat" (SPECULATE_MODE)
+
+    @property
+    def mode(self) -> str:
+        """A new request's speculate mode: "space", "sdsat" or "none"."""
+        return self.method if self.speculate else "none"
 
     @property
     def num_slots(self) -> int:
@@ -128,12 +134,12 @@ class ShardRequest:
         ids = tokenize(engine.tokenizer, prompt_text(pb), pb.truncate, pb.add_special_tokens)
         try:
             params = sampling_params(pb, ctx.watermark)
-            engine.validate_request(ids, params, "space" if ctx.speculate else "none")
+            engine.validate_request(ids, params, ctx.mode)
         except ValueError as err:
             raise InvalidRequest(f"request {pb.id}: {err}") from err
         slots = own_slots if own_slots is not None else _router_slots(pb, len(ids), params, ctx.num_slots)
         generator = None if params.is_greedy else torch.Generator().manual_seed(params.seed)
-        seq = Sequence(next(ctx.seq_ids), ids, params, ctx.speculate, generator)
+        seq = Sequence(next(ctx.seq_ids), ids, params, ctx.speculate, generator, sdsat=ctx.mode == "sdsat")
         seed = None if params.is_greedy else params.seed
         return cls(pb.id, seq, slots, pb.prefill_logprobs, seed, Detokenizer(engine.tokenizer, len(ids)))
 

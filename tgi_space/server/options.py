@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tgi_space.config import SPECULATE_MODES, EngineConfig, SpacePolicy
+from tgi_space.config import SDSAT_TREE_SIZES, SPECULATE_MODES, EngineConfig, SpacePolicy, parse_tree_sizes
 from tgi_space.watermark import Watermark
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class ServeOptions:
     world_size: int = 1
     dtype: str = "bfloat16"
     device: str = "cpu"
-    speculate_mode: str = "space"  # "space" or "none" (SPECULATE_MODE, the checkpoint, --speculate 0)
+    speculate_mode: str = "space"  # "space", "sdsat" or "none" (SPECULATE_MODE, the checkpoint, --speculate 0)
     k: int | None = None  # candidates per step at most; None = the checkpoint's space_k
     block_size: int = 16
     kv_cache_bytes: int | None = None  # None: a fraction of free memory after the engine's warm-up
@@ -47,11 +47,15 @@ class ServeOptions:
     planner: bool = True  # the planned tree step; False (TGI_SPACE_FIXED_LAYOUT=1): the paper's fixed layout
     latency_curve: dict[int, float] | None = None  # TGI_SPACE_LATENCY_CURVE='{"1": 6.1, "32": 8.0}' (ms): pins the planner
     drafters: tuple[str, ...] = ("masks", "suffix")  # TGI_SPACE_DRAFTERS=masks,suffix
+    adapter: str | None = None  # TGI_SPACE_ADAPTER: gated SPACE adapter folder; None: config.json space_adapter
+    sdsat_tree_sizes: tuple[int, ...] = SDSAT_TREE_SIZES  # TGI_SPACE_SDSAT_TREE_SIZES=4,8,8,5,3 (SDSAT sampling)
 
     def __post_init__(self) -> None:
         if self.speculate_mode not in SPECULATE_MODES:
             allowed = ", ".join(SPECULATE_MODES)
             raise UnsupportedOption(f"SPECULATE_MODE must be one of {allowed}, got {self.speculate_mode!r}")
+        if not self.sdsat_tree_sizes or min(self.sdsat_tree_sizes) < 1:
+            raise UnsupportedOption(f"TGI_SPACE_SDSAT_TREE_SIZES: draws per depth, each >= 1, got {self.sdsat_tree_sizes}")
         if self.world_size != 1 or self.rank != 0:
             raise UnsupportedOption(
                 f"sharding: WORLD_SIZE={self.world_size} RANK={self.rank}; this shard serves one device "
@@ -71,6 +75,7 @@ class ServeOptions:
         """The engine's configuration."""
         return EngineConfig(
             model_dir=self.model_dir,
+            adapter=self.adapter,
             dtype=self.dtype,
             device=self.device,
             block_size=self.block_size,
@@ -81,6 +86,8 @@ class ServeOptions:
             # path (the planned step's tree depth) as well as the mask group size.
             space=SpacePolicy(k_max=self.k, max_step_query_tokens=self.max_step_query_tokens, planner=self.planner,
                               latency_curve=self.latency_curve, drafters=self.drafters,
+                              speculate_mode="sdsat" if self.speculate_mode == "sdsat" else "space",
+                              sdsat_tree_sizes=self.sdsat_tree_sizes,
                               **({"max_tree_depth": self.k} if self.k else {})),
         )
 
@@ -132,6 +139,7 @@ def from_launcher(
     device = f"cuda:{rank}" if cuda_available else "cpu"
     return ServeOptions(
         model_dir=model_dir,
+        adapter=env.get("TGI_SPACE_ADAPTER") or None,
         uds_path=uds_path,
         rank=rank,
         world_size=world_size,
@@ -143,6 +151,7 @@ def from_launcher(
         planner=env.get("TGI_SPACE_FIXED_LAYOUT", "0") != "1",
         latency_curve=_latency_curve(env.get("TGI_SPACE_LATENCY_CURVE")),
         drafters=tuple(d for d in env.get("TGI_SPACE_DRAFTERS", "masks,suffix").split(",") if d),
+        sdsat_tree_sizes=_tree_sizes(env.get("TGI_SPACE_SDSAT_TREE_SIZES")),
         kv_cache_bytes=int(env["TGI_SPACE_KV_CACHE_BYTES"]) if env.get("TGI_SPACE_KV_CACHE_BYTES") else None,
         kv_cache_memory_fraction=_memory_fraction(env, cuda_available),
         max_batch_size=int(env.get("MAX_BATCH_SIZE") or 64),
@@ -153,18 +162,21 @@ def from_launcher(
 
 
 def _speculate_mode(config: dict, speculate: int | None, env: dict[str, str]) -> str:
-    """space when the checkpoint has a mask token, SPECULATE_MODE allows it and --speculate is not 0."""
-    asked = env.get("SPECULATE_MODE", "").strip().lower()
+    """space (or sdsat, if asked) when the checkpoint has a mask token, SPECULATE_MODE allows it and --speculate
+    is not 0. TGI_SPACE_SPECULATE_MODE wins over SPECULATE_MODE."""
+    asked = (env.get("TGI_SPACE_SPECULATE_MODE") or env.get("SPECULATE_MODE", "")).strip().lower()
     if asked and asked not in SPECULATE_MODES:
         raise UnsupportedOption(f"SPECULATE_MODE must be one of {', '.join(SPECULATE_MODES)}, got {asked!r}")
-    has_mask = config.get("space_mask_token_id") is not None
-    if asked == "space" and not has_mask:
-        raise UnsupportedOption("SPECULATE_MODE=space needs a SPACE checkpoint (config.json space_mask_token_id)")
+    has_mask = config.get("space_mask_token_id") is not None or bool(
+        config.get("space_adapter") or env.get("TGI_SPACE_ADAPTER"))  # a gated adapter brings its mask token
+    if asked in ("space", "sdsat") and not has_mask:
+        raise UnsupportedOption(f"SPECULATE_MODE={asked} needs a checkpoint with a mask/adaptive token "
+                                "(config.json space_mask_token_id)")
     if speculate and not has_mask:
         log.warning("--speculate %d: the checkpoint has no space_mask_token_id, serving without speculation", speculate)
     if asked == "none" or speculate == 0 or not has_mask:
         return "none"
-    return "space"
+    return "sdsat" if asked == "sdsat" else "space"
 
 
 def _memory_fraction(env: dict[str, str], cuda_available: bool) -> float:
@@ -205,6 +217,16 @@ def check_weights(model_dir: str, extension: str = ".safetensors") -> list[str]:
     if not any(folder.glob(f"*{extension}")):
         missing.append(f"*{extension}")
     return missing
+
+
+def _tree_sizes(raw: str | None) -> tuple[int, ...]:
+    """TGI_SPACE_SDSAT_TREE_SIZES: draws per depth of SDSAT's sampled tree, comma-separated."""
+    if not raw:
+        return SDSAT_TREE_SIZES
+    try:
+        return parse_tree_sizes(raw)
+    except ValueError as err:
+        raise UnsupportedOption(f"TGI_SPACE_SDSAT_TREE_SIZES: {err}") from err
 
 
 def _latency_curve(raw: str | None) -> dict[int, float] | None:

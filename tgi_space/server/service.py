@@ -101,7 +101,8 @@ class TextGenerationService:
 def build_shard(options: ServeOptions) -> Shard:
     """Load the model and allocate the KV cache."""
     engine = Engine(options.engine_config())
-    return Shard(engine, options.speculate_mode == "space", options.watermark)
+    speculate = options.speculate_mode != "none"
+    return Shard(engine, speculate, options.watermark, method=options.speculate_mode if speculate else "space")
 
 
 def create_server(shard: Shard, options: ServeOptions, max_workers: int = 4) -> grpc.Server:

@@ -72,9 +72,12 @@ class StepResult:
 class Shard:
     """Runs router batches on the engine; the router owns the KV blocks, masks need none."""
 
-    def __init__(self, engine: Engine, speculate: bool, watermark: Watermark) -> None:
+    def __init__(self, engine: Engine, speculate: bool, watermark: Watermark, method: str = "space") -> None:
         self.engine = engine
-        self.ctx = BatchContext(engine, speculate and (engine.planned or engine.k_max > 0), watermark)
+        if speculate and method == "sdsat":
+            engine.check_sdsat()  # at start-up: a checkpoint SDSAT cannot decode is refused, naming the field
+        can = engine.k_max > 0 if method == "sdsat" else engine.planned or engine.k_max > 0
+        self.ctx = BatchContext(engine, speculate and can, watermark, method=method)
         self.cache: dict[int, SpaceBatch] = {}  # batch id -> batch; emptied by ClearCache
         self.lock = threading.Lock()
 
@@ -83,6 +86,8 @@ class Shard:
         """Info.speculate: the longest path one step can accept (the router reserves that many extra slots)."""
         if not self.ctx.speculate:
             return 0
+        if self.ctx.method == "sdsat":  # a verify pass accepts at most one path of k drafts
+            return self.engine.sdsat.max_depth
         return self.engine.config.space.max_tree_depth if self.engine.planned else self.engine.k_max
 
     def info(self) -> ShardInfo:
@@ -231,6 +236,7 @@ class Shard:
         else:  # the paper's fixed layout
             k = self.engine.config.space.choose_k(sum(r.seq.speculate for r in live), 0, self.engine.k_max)
             planned = [(r.seq, plan_sequence(r.seq, k if r.seq.speculate else 0)) for r in live]
+        planned = self.engine.sdsat.plan(planned)  # SDSAT requests: their draft or verify pass
         wants_prompt = [r.prefill_logprobs and r.seq.num_cached == 0 for r in live]
         start = time.perf_counter_ns()
         results = self.engine.execute(planned, SlotTable(live), keep_hidden=any(wants_prompt))

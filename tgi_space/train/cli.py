@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from tgi_space.model.adapter import TARGET_MODULES
+
 
 def train(
     model: str = typer.Option(..., "--model", help="Hugging Face model directory or hub id"),
@@ -15,8 +17,17 @@ def train(
     ),
     output: str = typer.Option(..., "--output", help="where checkpoints and the final model go"),
     k: int = typer.Option(5, "--k", help="masks per block (= most candidates verified per step)"),
-    p_ar: float = typer.Option(0.5, "--p-ar", help="probability of a plain causal-LM example"),
-    num_mask_blocks: int = typer.Option(4, "--num-mask-blocks", help="mask blocks appended per SAR example"),
+    method: str = typer.Option("space", "--method", help="space | sdsat: the decoder the checkpoint is for (same "
+                               "SAR-SFT data; recorded as config.json space_method)"),
+    reuse_token_ids: bool = typer.Option(False, "--reuse-token-ids/--no-reuse-token-ids",
+                                         help="use a vocabulary row the data never contains (not special) as the "
+                                              "mask/adaptive token instead of adding a row"),
+    p_ar: Optional[float] = typer.Option(
+        None, "--p-ar", help="probability of a plain causal-LM example (default 0.5; 0 with --adapter gated-lora)"
+    ),
+    num_mask_blocks: int = typer.Option(
+        4, "--num-mask-blocks", help="mask blocks appended per SAR example (--adapter gated-lora: use many, e.g. 32-48)"
+    ),
     lr: float = typer.Option(5e-5, "--lr"),
     epochs: float = typer.Option(2.0, "--epochs"),
     max_steps: int = typer.Option(-1, "--max-steps", help="> 0 overrides --epochs"),
@@ -29,6 +40,12 @@ def train(
     lora: bool = typer.Option(False, "--lora/--no-lora", help="LoRA instead of a full fine-tune (merged on save)"),
     lora_r: int = typer.Option(16, "--lora-r"),
     lora_alpha: int = typer.Option(32, "--lora-alpha"),
+    adapter: Optional[str] = typer.Option(
+        None, "--adapter", help="gated-lora: freeze the model, train a gated SPACE adapter (docs/adapters.md)"
+    ),
+    target_modules: str = typer.Option(
+        ",".join(TARGET_MODULES), "--target-modules", help="projections the gated adapter adapts (comma list)"
+    ),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from the last checkpoint in --output"),
     save_steps: int = typer.Option(500, "--save-steps"),
     logging_steps: int = typer.Option(10, "--logging-steps"),
@@ -49,15 +66,20 @@ def train(
             output=output, k=k, p_ar=p_ar, num_mask_blocks=num_mask_blocks, lr=lr, epochs=epochs,
             max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
             weight_decay=weight_decay, bf16=bf16, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
-            resume=resume, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, extra_args=extra,
+            resume=resume, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, extra_args=extra, adapter=adapter,
+            target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
         )
         from tgi_space.train.finetune import finetune
 
-        out = finetune(model, data, cfg, seq_len=seq_len, attn_implementation=attn_implementation)
+        out = finetune(model, data, cfg, seq_len=seq_len, attn_implementation=attn_implementation, method=method,
+                       reuse_token_ids=reuse_token_ids)
     except (ValueError, DataError, MaskNotHonouredError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
-    typer.echo(f"SPACE model saved to {out}")
+    if adapter:
+        typer.echo(f"SPACE adapter saved to {out} (serve the base with --adapter {out}, docs/adapters.md)")
+    else:
+        typer.echo(f"SPACE model saved to {out}")
 
 
 def register(app: typer.Typer) -> None:

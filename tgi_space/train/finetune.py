@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from tgi_space.train.data import SkipCounter, check_data_paths, load_examples
-from tgi_space.train.prepare import check_honours_4d_mask, make_space_ready
+from tgi_space.config import TRAINING_METHODS
+from tgi_space.train.data import Example, SkipCounter, check_data_paths, load_examples
+from tgi_space.train.gated_lora import ADAPTER_FOLDER, adapter_config, add_gated_lora, find_mask_token, save_adapter
+from tgi_space.train.prepare import check_honours_4d_mask, make_space_ready, unused_token_id
 from tgi_space.train.trainer import TrainConfig, run_training, wrap_lora
 
 log = logging.getLogger(__name__)
@@ -35,20 +37,39 @@ def finetune(
     cfg: TrainConfig,
     seq_len: int = 1024,
     attn_implementation: str = "sdpa",
+    method: str = "space",
+    reuse_token_ids: bool = False,
 ) -> Path:
-    """SAR-SFT `model_path` on `data`; saves the SPACE-ready model and tokenizer in `cfg.output`."""
+    """SAR-SFT `model_path` on `data`; saves the SPACE-ready model and tokenizer in `cfg.output`.
+
+    method: "space" or "sdsat" (the same SAR-SFT data: both train a mask at p, whose real context ends at
+    p - 1, to predict the token at p + 1); recorded as config.json space_method. reuse_token_ids: use a
+    vocabulary row no training example contains (and not special) as the mask token instead of a new row.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_data_paths(data)  # before minutes of model loading
+    if method not in TRAINING_METHODS:
+        raise ValueError(f"--method must be one of {', '.join(TRAINING_METHODS)}, got {method!r}")
+    if cfg.is_gated and (method != "space" or reuse_token_ids):
+        raise ValueError("--adapter gated-lora trains SPACE masks on the base's own mask token: "
+                         "--method sdsat and --reuse-token-ids do not apply")
     check_seq_len(model_path, seq_len, cfg.k)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.float32, attn_implementation=attn_implementation
     )
-    mask_id = make_space_ready(model, tokenizer, cfg.k)
-    check_honours_4d_mask(model, mask_id)
     skips = SkipCounter()
-    examples = load_examples(data, tokenizer, seq_len, cfg.k, skips)
+    examples = load_examples(data, tokenizer, seq_len, cfg.k, skips)  # before the mask token exists
+    if cfg.is_gated:
+        return finetune_adapter(model, tokenizer, examples, cfg, model_path, skips)
+    token_id = None
+    if reuse_token_ids:
+        token_id = unused_token_id(tokenizer, examples, model.get_input_embeddings().weight.shape[0])
+        if token_id is None:
+            log.warning("--reuse-token-ids: every vocabulary row occurs in the data; adding a new [MASK] row")
+    mask_id = make_space_ready(model, tokenizer, cfg.k, method, token_id)
+    check_honours_4d_mask(model, mask_id)
     if cfg.lora:
         model = wrap_lora(model, cfg, mask_id)
     trainer = run_training(model, examples, cfg, mask_id, tokenizer.pad_token_id)
@@ -62,3 +83,25 @@ def finetune(
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output)
     return output
+
+
+def finetune_adapter(model: Any, tokenizer: Any, examples: list[Example], cfg: TrainConfig, model_path: str,
+                     skips: SkipCounter) -> Path:
+    """Train a gated SPACE adapter on the frozen `model` (mask rows only); saves it to output/space-adapter."""
+    mask_id = find_mask_token(model, tokenizer)
+    add_gated_lora(model, mask_id, cfg.lora_r, cfg.lora_alpha, cfg.target_modules)
+    check_honours_4d_mask(model, mask_id)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    trainer = run_training(model, examples, cfg, mask_id, pad_id)
+    log.info("data: %d examples used; %s", len(examples), skips.report())
+    folder = Path(cfg.output) / ADAPTER_FOLDER
+    if trainer.is_world_process_zero():
+        config = adapter_config(model, mask_id, cfg.k, cfg.lora_r, cfg.lora_alpha, cfg.target_modules, model_path)
+        save_adapter(trainer.accelerator.unwrap_model(trainer.model), config, folder, mask_metrics(trainer))
+    return folder
+
+
+def mask_metrics(trainer: Any) -> dict:
+    """training_report.json of an adapter run: steps, and the logged per-offset mask loss and accuracy."""
+    logged = [entry for entry in trainer.state.log_history if any(key.startswith("mask_") for key in entry)]
+    return {"global_step": trainer.state.global_step, "final": logged[-1] if logged else {}, "log_history": logged}

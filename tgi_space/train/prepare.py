@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from tgi_space.config import TRAINING_METHODS
 from tgi_space.train.collator import layout_example, pad_layouts
 from tgi_space.train.data import Example
 
@@ -53,16 +54,37 @@ def reset_mask_rows(model: Any, mask_id: int) -> None:
             emb.weight[mask_id] = others.mean(dim=0).to(emb.weight.dtype)
 
 
-def make_space_ready(model: Any, tokenizer: Any, k: int) -> int:
-    """Add the mask token and record SPACE settings in `model.config`; returns the mask id."""
+def unused_token_id(tokenizer: Any, examples: Sequence[Example], num_rows: int) -> int | None:
+    """The highest id that is not special (nor an added token) and never occurs in the tokenized training
+    data, below the embedding's rows; None when every row is used."""
+    used = {t for ex in examples for t in ex.input_ids}
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for token_id in range(min(len(tokenizer), num_rows) - 1, -1, -1):
+        if token_id not in used and token_id not in special:
+            return token_id
+    return None
+
+
+def make_space_ready(model: Any, tokenizer: Any, k: int, method: str = "space", token_id: int | None = None) -> int:
+    """Add the mask token (or reuse row `token_id`, mean-initialised) and record the SPACE/SDSAT settings in
+    `model.config`; returns the mask id."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    mask_id = add_mask_token(model, tokenizer)
+    if method not in TRAINING_METHODS:
+        raise ValueError(f"method must be one of {', '.join(TRAINING_METHODS)}, got {method!r}")
+    if token_id is None:
+        mask_id = add_mask_token(model, tokenizer)
+    else:  # an unused vocabulary row becomes the adaptive token (SDSAT's reuse); the tokenizer is left as is
+        mask_id = int(token_id)
+        reset_mask_rows(model, mask_id)
+        log.info("reusing unused id %d (%r) as the mask/adaptive token", mask_id,
+                 tokenizer.convert_ids_to_tokens(mask_id))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = model.config
     config.space_mask_token_id = int(mask_id)
     config.space_k = int(k)
+    config.space_method = method  # which recipe trained the mask token (the decoders check it)
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id

@@ -15,10 +15,13 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from tgi_space.model.adapter import TARGET_MODULES, check_target_modules
 from tgi_space.train.collator import IGNORE, SpaceCollator
 from tgi_space.train.data import Example
 
 log = logging.getLogger(__name__)
+
+ADAPTERS = ("gated-lora",)  # --adapter: the base stays frozen (docs/adapters.md)
 
 
 @dataclass
@@ -27,7 +30,7 @@ class TrainConfig:
 
     output: str
     k: int = 5
-    p_ar: float = 0.5
+    p_ar: float | None = None  # None: 0.5, or 0 with the gated adapter (its AR rows carry no loss)
     num_mask_blocks: int = 4
     lr: float = 5e-5
     epochs: float = 2.0
@@ -46,12 +49,15 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    adapter: str | None = None  # "gated-lora": train only a gated SPACE adapter, saved to output/space-adapter
+    target_modules: tuple[str, ...] = TARGET_MODULES  # projections the gated adapter adapts
     disable_tqdm: bool = False
     extra_args: dict[str, Any] = field(default_factory=dict)  # passed to TrainingArguments (fsdp, deepspeed, ...)
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        self._check_adapter()
         if not 0.0 <= self.p_ar <= 1.0:
             raise ValueError(f"p_ar must be in [0, 1], got {self.p_ar}")
         for name in ("num_mask_blocks", "batch_size", "grad_accum", "save_steps", "logging_steps"):
@@ -59,6 +65,28 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("set max_steps > 0 or epochs > 0")
+
+    @property
+    def is_gated(self) -> bool:
+        """Whether this run trains a gated SPACE adapter (mask rows only) instead of the model."""
+        return self.adapter == "gated-lora"
+
+    def _check_adapter(self) -> None:
+        """Resolve p_ar, check the adapter settings."""
+        if self.adapter is not None and self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+        if self.p_ar is None:
+            self.p_ar = 0.0 if self.is_gated else 0.5
+        if not self.is_gated:
+            return
+        if self.lora:
+            raise ValueError("lora and adapter='gated-lora' are exclusive: the gated adapter is already LoRA")
+        if self.p_ar != 0.0:
+            raise ValueError(f"p_ar must be 0 with adapter='gated-lora' (AR rows are the base's: no loss), "
+                             f"got {self.p_ar}")
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        self.target_modules = check_target_modules(self.target_modules)
 
 
 class ExampleDataset(Dataset):
@@ -134,8 +162,9 @@ def model_forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class SpaceTrainer(Trainer):
     """Trainer whose loss uses explicit targets and which logs AR and per-offset mask metrics."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, mask_only: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.mask_only = mask_only  # loss on mask rows only (gated adapter: real rows are the frozen base's)
         self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: let Trainer scale for GA
         self.loss_is_scaled_for_ga = False
         self.metrics = MetricsAccumulator()
@@ -143,7 +172,10 @@ class SpaceTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
         """CE on the collator's explicit targets (no shift inside the model)."""
         logits = model_forward(model, inputs)
-        loss, stats = space_loss(logits, inputs["targets"], inputs["offsets"])
+        targets = inputs["targets"]
+        if self.mask_only:
+            targets = targets.masked_fill(inputs["offsets"] == 0, IGNORE)
+        loss, stats = space_loss(logits, targets, inputs["offsets"])
         if model.training:
             self.metrics.add(stats)
         return (loss, logits) if return_outputs else loss
@@ -214,7 +246,8 @@ def run_training(
     # each process draws its own p_ar coins and mask starts
     collator = SpaceCollator(cfg.k, cfg.p_ar, mask_id, pad_id, cfg.num_mask_blocks, seed=cfg.seed + args.process_index)
     trainer = SpaceTrainer(
-        model=model, args=args, train_dataset=ExampleDataset(examples), data_collator=collator, callbacks=callbacks
+        model=model, args=args, train_dataset=ExampleDataset(examples), data_collator=collator, callbacks=callbacks,
+        mask_only=cfg.is_gated,
     )
     trainer.add_callback(ScheduleResync())
     resume = last_checkpoint(cfg.output) if cfg.resume else None
