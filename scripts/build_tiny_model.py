@@ -44,7 +44,7 @@ BATCH_SIZE = 4  # windows of SEQ_LEN per optimizer step (2048 real tokens)
 STAGE1_STEPS = 1500
 STAGE2_STEPS = 850
 STAGE1_LR, STAGE2_LR = 1e-3, 3e-4
-BASE_STEPS, BASE_LR = 6000, 6e-4
+BASE_STEPS, BASE_LR = 4000, 6e-4
 PROGRESS_EVERY_STEPS = 250  # held-out loss / top-1 and throughput in the log
 PROGRESS_WINDOWS = 32
 SAVE_EVERY_STEPS = 200  # ~5 minutes
@@ -73,8 +73,8 @@ STAGES = {
     "stage1": Stage("stage1", STAGE1_STEPS, STAGE1_LR, 1.0, 100, SEED),
     "stage2": Stage("stage2", STAGE2_STEPS, STAGE2_LR, P_AR, 40, SEED + 1),
     "twin": Stage("twin", STAGE2_STEPS, STAGE2_LR, 1.0, 40, SEED + 1),
-    # 6000 steps x 2048 tokens = 12.3M more tokens (about 70 min at 0.67 s per step): with stages 1-2
-    # the base has seen 17M tokens, 0.9 per parameter. Chinchilla's 20 per parameter would be 380M
+    # 4000 steps x 2048 tokens = 8.2M more tokens (about 45 min at 0.67 s per step): with stages 1-2
+    # the base has seen 13M tokens, 0.7 per parameter. Chinchilla's 20 per parameter would be 380M
     # tokens, 35 hours of this CPU at this size; a model small enough for 20 per parameter in one
     # session (about 4M parameters, most of them the 8192-row embeddings) is too small to draft code.
     "base": Stage("base", BASE_STEPS, BASE_LR, 1.0, 100, SEED + 2),
