@@ -89,6 +89,19 @@ def test_plain_decoding_with_the_adapter_is_the_base_bit_for_bit(base, adapter, 
         assert [(t.logprob, t.top) for t in a.tokens] == [(t.logprob, t.top) for t in b.tokens]  # exact floats
 
 
+@pytest.mark.parametrize("speculate", ["none", "space"])
+def test_a_mask_token_in_the_prompt_is_an_ordinary_row(base, adapter, speculate):
+    """The gate is the layout's mask-group rows, not the token id: a prompt holding the mask id decodes as the base."""
+    prompts = [[5, MASK_ID, 9, 11], [MASK_ID, MASK_ID, 6]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, top_n_tokens=2)
+    plain = LLM(str(base), kv_cache_bytes=2**22).generate(prompts, params, speculate="none")
+    gated = LLM(str(base), kv_cache_bytes=2**22, adapter=str(adapter)).generate(prompts, params, speculate=speculate)
+    for a, b in zip(plain, gated):
+        assert a.token_ids == b.token_ids
+        if speculate == "none":
+            assert [(t.logprob, t.top) for t in a.tokens] == [(t.logprob, t.top) for t in b.tokens]
+
+
 # ------------------------------------------------------------ 2. the gate: mask rows only, and the reference
 
 

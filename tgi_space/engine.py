@@ -360,7 +360,8 @@ class Engine:
             write_slots=write_slots.to(device),
             num_kv_heads=self.model_config.num_key_value_heads,
         )
-        hidden = self.model(layout.input_ids.to(device), layout.positions.to(device))
+        mask_rows = layout.mask_rows.to(device) if layout.mask_rows is not None else None
+        hidden = self.model(layout.input_ids.to(device), layout.positions.to(device), mask_rows)
         self.last_step = (layout, hidden) if keep_hidden else None  # prompt logprobs (TGI prefill_logprobs)
         return self.model.compute_logits(hidden[layout.logit_rows.to(device)])
 

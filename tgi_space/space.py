@@ -106,6 +106,7 @@ class StepLayout:
     cu_seqlens: list[int]  # [B + 1]
     logit_rows: torch.Tensor  # [L] flat rows whose logits are computed
     logit_offsets: list[int]  # [B + 1] each sequence's slice of logit_rows
+    mask_rows: torch.Tensor | None = None  # [M] flat rows of mask groups (a gated adapter's gate)
 
 
 def build_layout(plans: list[SeqPlan], mask_token_id: int) -> StepLayout:
@@ -113,13 +114,14 @@ def build_layout(plans: list[SeqPlan], mask_token_id: int) -> StepLayout:
     ids: list[int] = []
     positions: list[int] = []
     visibility: list[torch.Tensor] = []
-    cu, logit_rows, logit_offsets = [0], [], [0]
+    cu, logit_rows, logit_offsets, mask_rows = [0], [], [0], []
     for plan in plans:
         seq_ids, seq_pos, vis = seq_layout(plan, mask_token_id)
         base = cu[-1]
         verify = range(plan.first_verify_row, len(plan.chain))  # n + 1 rows: the root, then each candidate
         logit_rows.extend(base + r for r in verify)
         logit_rows.extend(range(base + len(plan.chain), base + plan.num_rows))
+        mask_rows.extend(range(base + len(plan.chain), base + plan.num_rows))
         ids += seq_ids
         positions += seq_pos
         visibility.append(vis)
@@ -132,6 +134,7 @@ def build_layout(plans: list[SeqPlan], mask_token_id: int) -> StepLayout:
         cu_seqlens=cu,
         logit_rows=torch.tensor(logit_rows, dtype=torch.long),
         logit_offsets=logit_offsets,
+        mask_rows=torch.tensor(mask_rows, dtype=torch.long),
     )
 
 

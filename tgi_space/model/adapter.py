@@ -176,9 +176,15 @@ class GatedLora(nn.Module):
         self.delta_modules = nn.ModuleList(deltas.values())  # registered, so .to() moves them
         self.deltas = deltas
 
-    def open_gate(self, input_ids: torch.Tensor, x: torch.Tensor) -> MaskGate | None:
-        """Put the mask embedding on the mask rows of x [N, hidden] (in place); None when the step has none."""
-        rows = (input_ids == self.config.space_mask_token_id).nonzero().squeeze(1)  # [n]
+    def open_gate(
+        self, input_ids: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> MaskGate | None:
+        """Put the mask embedding on the mask rows of x [N, hidden] (in place); None when the step has none.
+
+        `rows`: the step's mask-group rows as the layout knows them; without it, rows holding the mask id.
+        """
+        if rows is None:
+            rows = (input_ids == self.config.space_mask_token_id).nonzero().squeeze(1)  # [n]
         if rows.numel() == 0:
             return None
         x[rows] = self.mask_embedding

@@ -146,10 +146,16 @@ class LlamaForCausalLM(nn.Module):
         self.ctx: ForwardContext | None = None  # bound by the engine once the KV cache exists
         self.adapter: GatedLora | None = None  # gated SPACE adapter (model/adapter.py), attached after loading
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Hidden states [N, hidden] of the flat batch input_ids [N] at positions [N]."""
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states [N, hidden] of the flat batch input_ids [N] at positions [N].
+
+        `mask_rows` [M]: the rows of mask groups, which alone get a gated adapter's deltas (a mask
+        token written in a prompt is an ordinary row); None means every row holding the mask id.
+        """
         x = self.embed_tokens(input_ids)
-        self.ctx.gate = self.adapter.open_gate(input_ids, x) if self.adapter is not None else None
+        self.ctx.gate = self.adapter.open_gate(input_ids, x, mask_rows) if self.adapter is not None else None
         rope = self.ctx.rotary.tables(positions)  # once per step, shared by every layer
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, self.ctx, i)
