@@ -2,7 +2,8 @@
 
 One `text-generation-server` process per setting starts with the launcher's argv and environment:
 plain (SPECULATE_MODE=none), the paper's fixed layout at k = 3 and 5 (TGI_SPACE_FIXED_LAYOUT=1,
---speculate k), and the planned step with masks and suffix drafts, masks only and suffix only. For each
+--speculate k), the planned step with masks and suffix drafts, masks only and suffix only, and SDSAT
+(TGI_SPACE_SPECULATE_MODE=sdsat). With --temperature > 0 every request samples (nucleus, --top-p). For each
 concurrency c, all serve the same N HumanEval prompts (greedy, EOS ignored, so all generate exactly N * M
 tokens). All requests are queued at once, and the router keeps at most c in flight (continuous batching).
 The settings run back to back, in an order that rotates between concurrencies, so slow drift on a shared
@@ -35,6 +36,7 @@ MODES = {  # name -> (extra environment, extra argv)
     "planned-hybrid": ({}, ()),
     "planned-masks": ({"TGI_SPACE_DRAFTERS": "masks"}, ()),
     "planned-suffix": ({"TGI_SPACE_DRAFTERS": "suffix"}, ()),
+    "sdsat": ({"TGI_SPACE_SPECULATE_MODE": "sdsat"}, ()),
 }
 
 
@@ -48,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated settings to run (none is always run)")
     p.add_argument("--max-input-tokens", type=int, default=512, help="router truncation of the prompts")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0: nucleus sampling (with --top-p)")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--out", default=str(Path(__file__).with_name("shard_bench.json")))
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -85,7 +89,8 @@ def run_once(shard: ShardProcess, prompts: list[str], args: argparse.Namespace, 
     limits = dict(max_input_tokens=args.max_input_tokens, max_total_tokens=args.max_input_tokens + args.max_new_tokens,
                   max_prefill_tokens=2 * args.max_input_tokens, max_batch_size=concurrency)
     emu = shard.router(**limits)  # start-up and Warmup are outside the timing
-    requests = [EmuRequest(p, max_new_tokens=args.max_new_tokens, ignore_eos=True) for p in prompts]
+    requests = [EmuRequest(p, max_new_tokens=args.max_new_tokens, ignore_eos=True, parameters=sampling(args, i))
+                for i, p in enumerate(prompts)]
     start = time.perf_counter()
     results = emu.run(requests)
     seconds = time.perf_counter() - start
@@ -101,19 +106,28 @@ def run_once(shard: ShardProcess, prompts: list[str], args: argparse.Namespace, 
             "speculate": emu.info.speculate, "outputs": [r.token_ids for r in results]}
 
 
+def sampling(args: argparse.Namespace, i: int) -> dict:
+    """NextTokenChooserParameters of request i: greedy, or nucleus with a per-request seed."""
+    if args.temperature <= 0:
+        return {}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "seed": 1000 + i}
+
+
 def bench(args: argparse.Namespace) -> dict:
     """Every concurrency, both modes back to back (order alternating); ratios SPACE / none."""
     prompts = humaneval_prompts(min(args.requests, 164))
     prompts = [prompts[i % len(prompts)] for i in range(args.requests)]
     report = {"model": args.model, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
-              "max_input_tokens": args.max_input_tokens, "by_concurrency": {}}
+              "max_input_tokens": args.max_input_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "by_concurrency": {}}
     with tempfile.TemporaryDirectory() as socket_dir:
         shards = start_shards(args, Path(socket_dir))
         try:
             for i, c in enumerate(args.concurrency):
                 order = args.modes[i % len(args.modes) :] + args.modes[: i % len(args.modes)]
                 runs = {mode: run_once(shards[mode], prompts, args, c) for mode in order}
-                report["by_concurrency"][str(c)] = {"max_in_flight": min(c, args.requests), **summarize(runs, order)}
+                row = summarize(runs, order, greedy=args.temperature <= 0)
+                report["by_concurrency"][str(c)] = {"max_in_flight": min(c, args.requests), **row}
                 print_row(c, report["by_concurrency"][str(c)])
         finally:
             for shard in shards.values():
@@ -121,19 +135,20 @@ def bench(args: argparse.Namespace) -> dict:
     return report
 
 
-def summarize(runs: dict[str, dict], order: list[str]) -> dict:
-    """Drop the outputs, keep whether each setting agreed with plain token for token (greedy is lossless)."""
+def summarize(runs: dict[str, dict], order: list[str], greedy: bool = True) -> dict:
+    """Drop the outputs, keep whether each setting agreed with plain token for token (greedy is lossless;
+    sampled outputs are equal in distribution only, so they are not compared)."""
     plain = runs["none"]
     outputs = {mode: run.pop("outputs") for mode, run in runs.items()}
     for mode, run in runs.items():
-        run["identical_to_none"] = outputs[mode] == outputs["none"]
+        run["identical_to_none"] = outputs[mode] == outputs["none"] if greedy else None
         run["ratio_tokens_per_s"] = run["tokens_per_s"] / plain["tokens_per_s"]
     return {"order": order, **runs}
 
 
 def print_row(c: int, row: dict) -> None:
     cells = [f"{m} {r['tokens_per_s']:7.1f} tok/s {r['ratio_tokens_per_s']:.2f}x {r['tokens_per_generation']:.2f}/gen"
-             + ("" if r["identical_to_none"] else " OUTPUTS DIFFER")
+             + ("" if r["identical_to_none"] is not False else " OUTPUTS DIFFER")
              for m, r in row.items() if isinstance(r, dict)]
     print(f"c={c:>3}  " + " | ".join(cells), flush=True)
 

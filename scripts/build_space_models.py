@@ -36,6 +36,8 @@ K = 5
 NUM_MASK_BLOCKS = 48  # masks are the adapter's only loss: many blocks per example
 SEQ_LEN = 256  # 96 prompt + 128 continuation tokens fit
 TPS_K, TPS_PROMPTS = 4, 20  # issue 12's measure: fixed layout at k = 4, HumanEval prompts
+HELDOUT_WINDOWS = 256
+CORPUS = Path("build/tiny-model")  # build_tiny_model.py's work dir: the tokenized streams
 
 
 @dataclass
@@ -80,7 +82,7 @@ def distill_stage(base: Path, work: Path) -> dict:
     done = work / "distill.json"
     if done.exists():
         return json.loads(done.read_text())
-    stream = np.load(work.parent / "tiny-model" / "full_ids.npy").tolist()
+    stream = np.load(CORPUS / "full_ids.npy").tolist()
     windows = sample_prompts([stream], NUM_PROMPTS, PROMPT_TOKENS + NEW_TOKENS, SEED)
     with (work / "original.jsonl").open("w") as f:
         for w in windows:
@@ -151,12 +153,12 @@ def export_bf16(src: Path, out: Path) -> Path:
 # ---------------------------------------------------------------- report
 
 
-def heldout_windows(work: Path, count: int) -> list:
-    """The first `count` held-out windows of the full split, in the fixed shuffled order."""
+def heldout_windows(work: Path, count: int, split: str = "full_heldout_ids.npy") -> list:
+    """The first `count` held-out windows of a split (full: stdlib + PyPI; or the stdlib one), shuffled."""
     sys.path.insert(0, str(Path(__file__).parent))
     from build_tiny_model import shuffled, windows
 
-    return shuffled(windows(np.load(work.parent / "tiny-model" / "full_heldout_ids.npy")))[:count]
+    return shuffled(windows(np.load(CORPUS / split)))[:count]
 
 
 def heldout_ar_of(model_dir: Path, examples: list) -> dict:
@@ -188,7 +190,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("build/space-models"))
     parser.add_argument("--out", type=Path, default=Path("models/tiny-space-py"))
     parser.add_argument("--until", choices=["distill", *RUNS, "report"], default="report")
+    parser.add_argument("--corpus", type=Path, default=Path("build/tiny-model"), help="build_tiny_model.py's --work")
+    parser.add_argument("--smoke", action="store_true", help="a few prompts and steps, to check the pipeline")
     args = parser.parse_args()
+    global CORPUS, NUM_PROMPTS, RUN_STEPS, TPS_PROMPTS, HELDOUT_WINDOWS
+    CORPUS = args.corpus
+    if args.smoke:
+        NUM_PROMPTS, RUN_STEPS, TPS_PROMPTS, HELDOUT_WINDOWS = 8, 3, 2, 8
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     base_bf16 = args.work / "base-bf16"
@@ -202,13 +210,15 @@ def main() -> None:
         if args.until == name:
             return
     report = build_report(args, base_bf16, stages)
+    report["shipped_adapter"] = ship(args, base_bf16, report)
     (args.work / "report.json").write_text(json.dumps(report, indent=1))
-    log.info("report %s", json.dumps(report))
+    (args.out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "README.md").write_text(render_card(report))
+    log.info("report %s", json.dumps({k: report[k] for k in ("tokens_per_step_k4", "heldout", "shipped_adapter")}))
 
 
 def build_report(args, base_bf16: Path, stages: dict) -> dict:
-    """Every number of the card; exports the winning adapter with the base to --out."""
-    heldout = heldout_windows(args.work, 256)
+    """Every number of the card (held-out quality, tokens per step), and the base's own training record."""
     sar = export_bf16(args.work / "sar-distilled", args.work / "sar-distilled-bf16")
     models = {name: with_adapter(base_bf16, args.work / name / "space-adapter", args.work / f"{name}-model")
               for name in RUNS if name.startswith("adapter")}
@@ -216,11 +226,114 @@ def build_report(args, base_bf16: Path, stages: dict) -> dict:
     if args.previous:
         models["previous"] = args.previous
     tps = {name: tokens_per_step_of(path) for name, path in models.items()}
-    quality = {"base (= base + adapter, bit for bit)": heldout_ar_of(base_bf16, heldout),
-               "sar-distilled": heldout_ar_of(sar, heldout)}
-    if args.previous:
-        quality["previous"] = heldout_ar_of(args.previous, heldout)
-    return {"stages": stages, "tokens_per_step_k4": tps, "heldout": quality, "heldout_windows": len(heldout)}
+    judged = {"base": base_bf16, "sar-distilled": sar, **({"previous": args.previous} if args.previous else {})}
+    splits = {"full": "full_heldout_ids.npy", "stdlib": "heldout_ids.npy"}
+    quality = {split: {name: heldout_ar_of(path, heldout_windows(args.work, HELDOUT_WINDOWS, f))
+                       for name, path in judged.items()} for split, f in splits.items()}
+    base_info = json.loads((args.base / "stage_info.json").read_text())
+    base_info.pop("log_history", None)
+    progress = args.base.parent / "progress.jsonl"
+    return {
+        "base_stage": base_info,
+        "base_progress": [json.loads(x) for x in progress.read_text().splitlines()] if progress.exists() else [],
+        "stages": stages, "tokens_per_step_k4": tps, "heldout": quality, "heldout_windows": HELDOUT_WINDOWS,
+        "run_settings": {"steps": RUN_STEPS, "batch": RUN_BATCH, "k": K, "num_mask_blocks": NUM_MASK_BLOCKS,
+                         "seq_len": SEQ_LEN, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS},
+    }
+
+
+def ship(args, base_bf16: Path, report: dict) -> str:
+    """Export the base with the adapter of most tokens per step to --out; returns that adapter's run name."""
+    adapters = [n for n in RUNS if n.startswith("adapter")]
+    best = max(adapters, key=lambda n: report["tokens_per_step_k4"][n]["tokens_per_step"])
+    for stale in ("model.safetensors", "space-adapter"):
+        path = args.out / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+    with_adapter(base_bf16, args.work / best / "space-adapter", args.work / "ship")
+    shutil.copytree(args.work / "ship", args.out, dirs_exist_ok=True)
+    return best
+
+
+def render_card(r: dict) -> str:
+    """The model card (markdown) from the report."""
+    tps = r["tokens_per_step_k4"]
+    tps_rows = "\n".join(f"| {n} | {v['tokens_per_step']:.2f} | {v['steps']} |" for n, v in tps.items())
+    q_rows = "\n".join(
+        f"| {split} | {name} | {q['heldout_ar_loss']:.3f} | {q['heldout_top1']:.3f} |"
+        for split, by_model in r["heldout"].items() for name, q in by_model.items()
+    )
+    b, st, rs = r["base_stage"], r["stages"], r["run_settings"]
+    runs = "\n".join(f"| {n} | {st[n]['data']} | {' '.join(st[n]['args'])} | {st[n]['wall_seconds'] / 60:.1f} min |"
+                      for n in RUNS)
+    return f"""---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: text-generation
+tags: [space, speculative-decoding, gated-lora, llama, code]
+---
+
+# tiny-space-py
+
+A 19M-parameter Llama-architecture Python code model trained from scratch on a 2-core CPU, and its
+**gated-LoRA SPACE adapter** (`space-adapter/`, trained on the model's own greedy text). The adapter's
+deltas apply only to `[MASK]` rows, so every ordinary row computes exactly what the base computes:
+plain decoding with the adapter loaded is the base model bit for bit, and SPACE/SDSAT decoding is
+lossless with respect to the base itself (docs/adapters.md). It exists for the demos, tests and
+benchmarks of tgi-space; it is not a useful code assistant.
+
+`config.json` names the adapter (`"space_adapter": "space-adapter"`); `tgi-space` loads it with the
+base. transformers loads the folder as a plain `LlamaForCausalLM` (the base).
+
+## Base
+
+Stage 1 (causal LM, standard library, 3.1M tokens) and stage 2 (SAR-SFT, 1.7M tokens) are the
+previous bundled model; the base continues it with plain causal-LM training on the standard library
+plus 24 pinned PyPI packages (docs/training.md): {b['steps']} steps of {b['real_tokens_seen'] // b['steps']}
+tokens, {b['real_tokens_seen'] / 1e6:.1f}M tokens, peak lr {b['lr']:g}, {b['wall_seconds'] / 60:.0f} min on
+2 CPU cores. In all it saw about {(3072000 + 1740800 + b['real_tokens_seen']) / 1e6:.0f}M tokens, about
+{(3072000 + 1740800 + b['real_tokens_seen']) / 18.9e6:.1f} per parameter (Chinchilla's 20 per parameter would be
+about 35 hours of this CPU).
+
+## Held-out quality
+
+{r['heldout_windows']} windows of 512 tokens per split, float32; `full` = held-out files of the standard
+library and the PyPI packages, `stdlib` = the standard-library split the previous model was judged on.
+"previous" is the model bundled before (SAR-SFT, stdlib only); "base" is this model (with or without
+the adapter: the same numbers, bit for bit); "sar-distilled" is the paper's SAR-SFT of this base on
+the same distilled data and steps as the adapter.
+
+| split | model | next-token loss | top-1 accuracy |
+|---|---|---|---|
+{q_rows}
+
+## Drafting: tokens per step
+
+The paper's fixed layout at k = 4, masks only, greedy, {TPS_PROMPTS} HumanEval prompts x 128 tokens
+(`benchmarks/tokens_per_step.py`):
+
+| drafter | tokens per step | steps |
+|---|---|---|
+{tps_rows}
+
+Shipped: `{r['shipped_adapter']}`.
+
+## SPACE training
+
+{r['stages']['distill']['prompts']} prompts of {rs['prompt_tokens']} tokens cut from the training stream; the base's
+greedy continuations of {rs['new_tokens']} tokens (`tgi-space distill`, {r['stages']['distill']['wall_seconds'] / 60:.1f} min) and,
+as the control, the human-written continuations of the same prompts. Every run: {rs['steps']} steps of
+{rs['batch']} examples, k = {rs['k']}, {rs['num_mask_blocks']} mask blocks per example, sequence length {rs['seq_len']}.
+
+| run | data | settings | wall time |
+|---|---|---|---|
+{runs}
+
+## Rebuild
+
+`make tiny-model` (scripts/build_tiny_model.py, then scripts/build_space_models.py); every stage
+resumes from its last checkpoint. `training_report.json` holds every number of this card.
+"""
 
 
 if __name__ == "__main__":

@@ -58,11 +58,14 @@ class MethodResult:
         return out
 
 
-def engine_runner(llm: LLM, speculate: str, max_new_tokens: int) -> Callable:
-    """A function prompt_ids -> (token ids, steps, drafted, accepted) on our engine."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+def engine_runner(llm: LLM, speculate: str, max_new_tokens: int, temperature: float = 0.0,
+                  top_p: float = 1.0) -> Callable:
+    """A function prompt_ids -> (token ids, steps, drafted, accepted) on our engine (greedy, or nucleus
+    sampling with a seed per prompt when temperature > 0)."""
 
     def run(ids: list[int]):
+        sampled = dict(do_sample=True, temperature=temperature, top_p=top_p, seed=len(ids)) if temperature else {}
+        params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **sampled)
         out = llm.generate([ids], params, speculate=speculate)[0]
         s = out.stats
         return out.token_ids, s.num_steps, s.drafted_by_position, s.accepted_by_position
@@ -183,6 +186,10 @@ def bench(
     threads: int = typer.Option(2, "--threads"),
     prompt_lookup: int = typer.Option(10, "--prompt-lookup", help="transformers prompt_lookup_num_tokens; 0 skips."),
     skip_hf: bool = typer.Option(False, "--skip-hf"),
+    temperatures: str = typer.Option(
+        "", "--temperatures", help="Comma-separated; for each, nucleus sampling runs of plain, SPACE and SDSAT."
+    ),
+    top_p: float = typer.Option(0.95, "--top-p"),
 ) -> None:
     """Benchmark greedy HumanEval decoding at batch 1 and write JSON + PNG under --out."""
     torch.set_num_threads(threads)
@@ -193,12 +200,15 @@ def bench(
         "planned-hybrid": SpacePolicy(),
         "planned-masks": SpacePolicy(drafters=("masks",)),
         "planned-suffix": SpacePolicy(drafters=("suffix",)),
+        "sdsat": SpacePolicy(speculate_mode="sdsat"),
     })
     llms = {name: LLM(model, dtype=dtype, space=policy) for name, policy in policies.items()}
     tok = llms["engine-ar"].tokenizer
     prompts = [tok.encode(p) for p in humaneval_prompts(num_prompts)]
-    methods = {name: engine_runner(llm, "none" if name == "engine-ar" else "space", max_new_tokens)
-               for name, llm in llms.items()}
+    methods = {name: engine_runner(llm, _mode(name), max_new_tokens) for name, llm in llms.items()}
+    for t in [float(x) for x in temperatures.split(",") if x]:
+        for name in ("engine-ar", "planned-hybrid", "sdsat"):
+            methods[f"{name}-T{t:g}"] = engine_runner(llms[name], _mode(name), max_new_tokens, t, top_p)
     if not skip_hf:
         hf = load_hf(model, llms["engine-ar"].engine.dtype)
         methods["hf-generate-ar"] = hf_runner(hf, max_new_tokens, None)
@@ -214,21 +224,26 @@ def bench(
     _print_table(report)
 
 
+def _mode(name: str) -> str:
+    """The speculate mode a bench method's requests ask for."""
+    return {"engine-ar": "none", "sdsat": "sdsat"}.get(name, "space")
+
+
 def _report(results: dict[str, MethodResult], llms: dict[str, LLM], k_values, prompts, opts) -> dict:
     methods = {name: r.summary() for name, r in results.items()}
-    base = methods["engine-ar"]["tokens_per_s"]
     hf = methods.get("hf-generate-ar", {}).get("tokens_per_s")
-    for m in methods.values():
-        m["speedup_vs_engine_ar"] = m["tokens_per_s"] / base
+    for name, m in methods.items():
+        plain = methods.get(f"engine-ar-{name.rsplit('-', 1)[1]}") if "-T" in name else None
+        m["speedup_vs_engine_ar"] = m["tokens_per_s"] / (plain or methods["engine-ar"])["tokens_per_s"]
         if hf:
             m["speedup_vs_hf_ar"] = m["tokens_per_s"] / hf
     ref = results["engine-ar"].outputs
-    identical = {name: sum(a == b for a, b in zip(r.outputs, ref)) for name, r in results.items()}
+    identical = {name: sum(a == b for a, b in zip(r.outputs, ref)) for name, r in results.items() if "-T" not in name}
     context = int(statistics.median(len(p) for p in prompts)) + opts["max_new_tokens"] // 2
     curve = latency_curve(llms["engine-ar"], context, 64, 9)
     bounds = {}
     for name, llm in llms.items():
-        if name == "engine-ar":
+        if name in ("engine-ar", "sdsat"):  # SDSAT's two passes per step have no single row count
             continue
         engine = llm.engine
         if engine.planned:
@@ -256,7 +271,7 @@ def _print_table(report: dict) -> None:
         typer.echo(
             f"{name:<34}{m['tokens_per_s']:>9.1f}{(f'{tps:.2f}' if tps else '-'):>10}"
             f"{m['speedup_vs_engine_ar']:>7.2f}x{(m.get('speedup_vs_hf_ar') or 0):>7.2f}x"
-            f"  {report['outputs_identical_to_engine_ar'][name]}/{report['num_prompts']}"
+            f"  {report['outputs_identical_to_engine_ar'].get(name, '-')}/{report['num_prompts']}"
         )
     for name, b in report["space_bound"].items():
         typer.echo(f"{name}: rows/step {b['rows']:.1f}, tau {b['tau']:.2f}, t(1)/t(rows) {b['t1_over_tn']:.2f}, "
