@@ -19,7 +19,9 @@ from tgi_space.sampling import SamplingParams
 
 def tokens_per_step(model: str, k: int, prompts: list[str], max_new_tokens: int) -> dict:
     """Emitted tokens / forward steps over all prompts, plus acceptance by candidate position."""
-    llm = LLM(model, space=SpacePolicy(k_max=k, planner=False))
+    # All prompts run in one batch: the row budget is lifted so every sequence gets k candidates, as
+    # at batch 1 (the fixed layout's choices for one sequence do not depend on the others).
+    llm = LLM(model, space=SpacePolicy(k_max=k, planner=False, max_step_query_tokens=1 << 20))
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
     outs = llm.generate(prompts, [params] * len(prompts), speculate="space")
     tokens = sum(len(o.token_ids) for o in outs)

@@ -69,6 +69,7 @@ def mixed(prompts: list[str], stop: list[str], max_new: int) -> list[EmuRequest]
         requests.append(r)
     requests[1].cancel_after = CANCEL_AFTER  # arrives early, long budget: cancelled while others run
     requests[1].max_new_tokens = 3 * max_new
+    requests[1].ignore_eos = True  # whatever the model writes, it is still running when the client leaves
     return requests
 
 
@@ -147,7 +148,7 @@ def offline(case: Case, emu: RouterEmulation) -> list:
     block = int(case.env["TGI_SPACE_BLOCK_SIZE"])
     llm = LLM(str(case.model_dir), kv_cache_bytes=int(case.env["TGI_SPACE_KV_CACHE_BYTES"]), block_size=block,
               space=SpacePolicy(k_max=K))
-    params = [SamplingParams(max_new_tokens=r.max_new_tokens, stop=list(r.stop_sequences),
+    params = [SamplingParams(max_new_tokens=r.max_new_tokens, stop=list(r.stop_sequences), ignore_eos=r.ignore_eos,
                              repetition_penalty=r.parameters.get("repetition_penalty", 1.0),
                              frequency_penalty=r.parameters.get("frequency_penalty", 0.0))
               for r in case.requests]

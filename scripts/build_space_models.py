@@ -211,6 +211,7 @@ def main() -> None:
             return
     report = build_report(args, base_bf16, stages)
     report["shipped_adapter"] = ship(args, base_bf16, report)
+    report["shipped_sar"] = ship_sar(args, report)
     (args.work / "report.json").write_text(json.dumps(report, indent=1))
     (args.out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "README.md").write_text(render_card(report))
@@ -240,6 +241,20 @@ def build_report(args, base_bf16: Path, stages: dict) -> dict:
         "run_settings": {"steps": RUN_STEPS, "batch": RUN_BATCH, "k": K, "num_mask_blocks": NUM_MASK_BLOCKS,
                          "seq_len": SEQ_LEN, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS},
     }
+
+
+def ship_sar(args, report: dict) -> str | None:
+    """Also ship the SAR-SFT model (as `<out>-sar`) when it drafts better than the shipped adapter."""
+    tps = report["tokens_per_step_k4"]
+    if tps["sar-distilled"]["tokens_per_step"] <= tps[report["shipped_adapter"]]["tokens_per_step"]:
+        return None
+    out = args.out.parent / f"{args.out.name}-sar"
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(args.work / "sar-distilled-bf16", out)
+    (out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "README.md").write_text(render_sar_card(report))
+    return str(out)
 
 
 def ship(args, base_bf16: Path, report: dict) -> str:
@@ -293,7 +308,9 @@ plus 24 pinned PyPI packages (docs/training.md): {b['steps']} steps of {b['real_
 tokens, {b['real_tokens_seen'] / 1e6:.1f}M tokens, peak lr {b['lr']:g}, {b['wall_seconds'] / 60:.0f} min on
 2 CPU cores. In all it saw about {(3072000 + 1740800 + b['real_tokens_seen']) / 1e6:.0f}M tokens, about
 {(3072000 + 1740800 + b['real_tokens_seen']) / 18.9e6:.1f} per parameter (Chinchilla's 20 per parameter would be
-about 35 hours of this CPU).
+about 35 hours of this CPU). This build's base ran its first 1000 steps under a cosine schedule
+planned for 6000 steps, then resumed from checkpoint-1000 with the 4000-step schedule (ScheduleResync);
+a rebuild runs the 4000-step schedule throughout.
 
 ## Held-out quality
 
@@ -333,6 +350,31 @@ as the control, the human-written continuations of the same prompts. Every run: 
 
 `make tiny-model` (scripts/build_tiny_model.py, then scripts/build_space_models.py); every stage
 resumes from its last checkpoint. `training_report.json` holds every number of this card.
+"""
+
+
+def render_sar_card(r: dict) -> str:
+    """The SAR-SFT model's card: what it is, and what it costs in quality."""
+    q, t = r["heldout"], r["tokens_per_step_k4"]
+    return f"""---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: text-generation
+tags: [space, speculative-decoding, llama, code]
+---
+
+# tiny-space-py-sar
+
+The paper's SAR-SFT (SPACE, arXiv 2402.11809: full fine-tune, k = {r['run_settings']['k']}, p_ar = 0.5) of the
+base of `models/tiny-space-py` on the same self-distilled data and for the same steps as that model's
+gated-LoRA adapter. Its masks draft better (fixed layout, k = 4, HumanEval:
+{t['sar-distilled']['tokens_per_step']:.2f} tokens per step against {t[r['shipped_adapter']]['tokens_per_step']:.2f} for the
+adapter), but its weights are not the base's: held-out next-token loss {q['full']['sar-distilled']['heldout_ar_loss']:.3f}
+against the base's {q['full']['base']['heldout_ar_loss']:.3f} (top-1 {q['full']['sar-distilled']['heldout_top1']:.3f} against
+{q['full']['base']['heldout_top1']:.3f}). Speculation is lossless with respect to this model, not the base.
+The training it got (the base's own greedy text, twice over) sharpens its AR path towards what it
+already writes, which is part of why its drafts are accepted more often. Numbers: `training_report.json`
+and the card of `models/tiny-space-py`. Rebuilt by `make tiny-model`.
 """
 
 

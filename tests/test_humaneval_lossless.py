@@ -1,4 +1,4 @@
-"""On the bundled SAR-tuned model: greedy SPACE and greedy SDSAT == greedy AR on HumanEval prompts, batched."""
+"""On both bundled models (base + gated adapter; SAR-SFT): greedy SPACE and SDSAT == greedy AR on HumanEval, batched."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ from tgi_space.config import SpacePolicy
 from tgi_space.llm import LLM
 from tgi_space.sampling import SamplingParams
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
+MODELS = Path(__file__).resolve().parents[1] / "models"
 NUM_PROMPTS = 30
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+@pytest.fixture(scope="module", params=[(m, d) for m in ("tiny-space-py", "tiny-space-py-sar")
+                                        for d in ("float32", "bfloat16")], ids=lambda p: f"{p[0]}-{p[1]}")
 def llm(request):
     """fp32 (exact up to float non-associativity) and bf16 (batch-invariant bit for bit, the CPU default)."""
-    assert (MODEL / "config.json").is_file(), "the bundled model is part of the repository (make tiny-model)"
+    model, dtype = request.param
+    assert (MODELS / model / "config.json").is_file(), "the bundled models are in the repository (make tiny-model)"
     flat = {1: 0.01, 4096: 0.01}  # a pinned, flat t(N): the planner sends trees and groups whatever the machine's load
-    return LLM(str(MODEL), dtype=request.param, max_num_seqs=8, space=SpacePolicy(k_max=4, latency_curve=flat))
+    return LLM(str(MODELS / model), dtype=dtype, max_num_seqs=8, space=SpacePolicy(k_max=4, latency_curve=flat))
 
 
 def mixed_params(i: int) -> SamplingParams:

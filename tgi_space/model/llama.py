@@ -159,6 +159,7 @@ class LlamaForCausalLM(nn.Module):
         rope = self.ctx.rotary.tables(positions)  # once per step, shared by every layer
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, self.ctx, i)
+        self.ctx.gate = None  # this step's rows only: a later linear call (lm_head, checks) sees no gate
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
