@@ -497,7 +497,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("build/tiny-model"))
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage, to check the pipeline")
     parser.add_argument(
-        "--until", choices=["tokenizer", "stage1", "stage2", "base", "twin", "report"], default="report"
+        "--until", choices=["tokenizer", "stage1", "stage2", "base", "twin", "report"], default="base",
+        help="base (default) is what make tiny-model ships; twin/report rebuild the previous model's SAR-SFT card",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -547,6 +548,8 @@ def main() -> None:
     )
     if args.until == "base":
         return
+    if stage1 is None:
+        raise SystemExit("twin/report need stage 1's checkpoint, which this work dir does not have (stage 2 was seeded)")
     twin = run_stage(STAGES["twin"], stage1, tok, train_examples, args.work, args.smoke)
     if args.until == "twin":
         return
