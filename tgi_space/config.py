@@ -230,6 +230,9 @@ class EngineConfig:
     gemm_row_block: int | None = None
     # Gated SPACE adapter folder (docs/adapters.md); None: config.json's space_adapter, if any.
     adapter: str | None = None
+    # Pack every projection's weight once for oneDNN (model/prepack.py): None = on where it applies
+    # (CPU, bf16); True where it does not apply is refused. Same bits, about half the GEMM time.
+    prepack_weights: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -243,6 +246,7 @@ class EngineConfig:
         if self.gemm_row_block is None:
             on_cpu = not str(self.device).startswith("cuda")
             self.gemm_row_block = 32 if on_cpu and self.dtype != "float32" else 0
+        self._check_prepack()
         if self.gemm_row_block < 0:
             raise ValueError(f"gemm_row_block must be >= 0 (0 = one GEMM call), got {self.gemm_row_block}")
         if self.block_size < 1:
@@ -255,6 +259,16 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+    def _check_prepack(self) -> None:
+        from tgi_space.model.prepack import can_prepack
+
+        applies = can_prepack(self.device, self.dtype)
+        if self.prepack_weights is None:
+            self.prepack_weights = applies
+        elif self.prepack_weights and not applies:
+            raise ValueError(f"prepack_weights: packed oneDNN weights need device cpu and dtype bfloat16 "
+                             f"(got {self.device}, {self.dtype}); leave it unset or false")
 
 
 def default_attention_backend(device: str) -> str:

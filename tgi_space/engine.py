@@ -31,6 +31,7 @@ from tgi_space.scheduler import Scheduler
 from tgi_space.sdsat import Sdsat, check_checkpoint
 from tgi_space.sequence import Sequence, TokenInfo
 from tgi_space.space import SeqPlan, StepLayout, build_layout, split_logits
+from tgi_space.model.prepack import prepack_linears
 from tgi_space.speculation import Speculator, measure_forward, probe_row_counts
 from tgi_space.tokenizer import Tokenizer
 
@@ -61,6 +62,7 @@ class Engine:
         self.dtype = TORCH_DTYPES[config.dtype]
         self.model = load_model(config.model_dir, self.model_config, config.dtype, config.device)
         self.model_config = self._attach_adapter()
+        self.packed = prepack_linears(self.model) if config.prepack_weights else {}
         self.rotary = RotaryEmbedding(self.model_config, config.device, self.dtype)
         self.backend = make_backend(config.attention_backend)
         num_blocks = self._num_cache_blocks()
@@ -128,21 +130,27 @@ class Engine:
         return num_blocks
 
     @torch.inference_mode()
-    def _measure_rows(self, num_seqs: int, rows: int) -> float:
+    def _measure_rows(self, num_seqs: int, rows: int, group: int = 0) -> float:
         """Seconds of one forward of `rows` query rows over `num_seqs` sequences, laid out as a planned
         step would (`probe_row_counts`), each after `_probe_context` cached tokens (slots wrap around
-        the cache: timing only)."""
+        the cache: timing only). `group` > 0: the first sequence's last `group` rows are one mask
+        group (what a gated adapter's deltas cost)."""
         context = self._probe_context
         counts = probe_row_counts(num_seqs, rows)
         plans = [SeqPlan(chain=[0] * n, num_candidates=n - 1, anchors=[], group_size=0, num_cached=context)
                  for n in counts]
-        layout = build_layout(plans, 0)
+        if group:
+            chain = counts[0] - group
+            plans[0] = SeqPlan(chain=[0] * chain, num_candidates=chain - 1, anchors=[0], group_size=group,
+                               num_cached=context)
+            counts[0] = chain
+        layout = build_layout(plans, self.mask_token_id or 0)
         span = context + max(counts)
         slots = [torch.arange(i * span, i * span + context + n) % self.num_slots for i, n in enumerate(counts)]
-        write = torch.cat([s[context:] for s in slots])
+        write, write_rows = torch.cat([s[context:] for s in slots]), self._chain_rows(layout, plans)
 
         def run() -> None:
-            self._forward(layout, [s[:context] for s in slots], write, torch.arange(rows))
+            self._forward(layout, [s[:context] for s in slots], write, write_rows)
 
         return measure_forward(run)
 
@@ -152,7 +160,9 @@ class Engine:
         return min(128, self.model_config.max_model_len // 4)
 
     def _context(self, kv_caches: list[torch.Tensor]) -> ForwardContext:
-        return ForwardContext(kv_caches, self.backend, self.rotary, self.config.gemm_row_block or None)
+        ctx = ForwardContext(kv_caches, self.backend, self.rotary, self.config.gemm_row_block or None)
+        ctx.packed = self.packed
+        return ctx
 
     @torch.inference_mode()
     def _warmup(self) -> None:
@@ -280,12 +290,13 @@ class Engine:
             self.speculator.end_step(len(trees), sum(len(t) for t in trees), accepted)
             base = sum(p.num_uncached for p in plans)
             seconds = time.perf_counter() - start
+            masks = any(p.anchors for p in plans)
             if base == len(plans):  # decode steps only: a prefill's time says nothing about speculation
-                speculative = any(p.num_candidates or p.anchors for p in plans)
-                self.speculator.observe_rate(len(plans), seconds, sum(len(e) for _, e in results), speculative)
+                kind = "masks" if masks else "tree" if any(p.num_candidates for p in plans) else "plain"
+                self.speculator.observe_rate(len(plans), seconds, sum(len(e) for _, e in results), kind)
             if self.speculator.curve is not None and base == len(plans):  # decode steps: wall time vs surface
                 rows = sum(p.num_rows for p in plans)
-                self.speculator.observe_step(base, rows, len(plans), seconds)
+                self.speculator.observe_step(base, rows, len(plans), seconds, masks)
         return results
 
     def _write_slots(self, planned: list[tuple[Sequence, SeqPlan]], slots: SlotSource) -> torch.Tensor:

@@ -90,12 +90,14 @@ class Choice:
 
 
 def plan(
-    proposals: list[Proposal], cost, max_rows: int, other_rows: int = 0, other_seqs: int = 0
+    proposals: list[Proposal], cost, max_rows: int, other_rows: int = 0, other_seqs: int = 0,
+    group_cost: float = 0.0,
 ) -> list[Choice]:
     """Maximise (num_sequences + chosen value) / t(rows) over best-first prefixes of the items.
 
     cost(rows, num_seqs) -> seconds (a LatencyCurve, a LatencySurface, or either plus fixed costs);
-    other_rows / other_seqs: the step's sequences that do not speculate (rows, one token each).
+    other_rows / other_seqs: the step's sequences that do not speculate (rows, one token each);
+    group_cost: seconds a step pays once when it carries any mask group (a gated adapter's deltas).
     """
     num_seqs = len(proposals) + other_seqs
 
@@ -106,7 +108,7 @@ def plan(
     nodes = _best_prefix(_node_items(proposals), num_seqs, base, curve, max_rows)
     chosen = [[i for s, i in nodes if s == seq] for seq in range(len(proposals))]
     value = num_seqs + sum(proposals[s].tree.scores[i] for s, i in nodes)
-    groups = _best_prefix(_group_items(proposals, chosen), value, base + len(nodes), curve, max_rows)
+    groups = _best_prefix(_group_items(proposals, chosen), value, base + len(nodes), curve, max_rows, group_cost)
     return [Choice(chosen[s], sorted(a for g, a in groups if g == s)) for s in range(len(proposals))]
 
 
@@ -131,13 +133,15 @@ def _group_items(proposals: list[Proposal], chosen: list[list[int]]) -> list[tup
     return sorted(items, key=lambda it: -it[0] / it[1])
 
 
-def _best_prefix(items, value: float, rows: int, curve, max_rows: int) -> list[tuple[int, int]]:
-    """The (sequence, index) pairs of the best prefix of `items` by (value / t(rows))."""
+def _best_prefix(items, value: float, rows: int, curve, max_rows: int, fixed: float = 0.0) -> list[tuple[int, int]]:
+    """The (sequence, index) pairs of the best prefix of `items` by (value / t(rows)); a non-empty
+    prefix also pays `fixed` seconds."""
     best_k, best = 0, value / curve(rows)
     for k, (v, cost, _, _) in enumerate(items, start=1):
         value, rows = value + v, rows + cost
         if rows > max_rows:
             break
-        if value / curve(rows) > best:
-            best_k, best = k, value / curve(rows)
+        rate = value / (curve(rows) + fixed)
+        if rate > best:
+            best_k, best = k, rate
     return [(s, i) for _, _, s, i in items[:best_k]]

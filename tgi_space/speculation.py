@@ -10,6 +10,7 @@ or draw-then-match sampling), and `draft_next` builds the next tree.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -53,7 +54,10 @@ class Speculator:
         self.max_batch = max_batch  # the largest batch the surface is probed at
         self.max_probe_rows = max_probe_rows  # rows per sequence the probes stay within
         self.group_size = mask_group_size if "masks" in policy.drafters else 0
-        self.measure = measure  # (num_seqs, rows) -> seconds of one forward (measured once, on first use)
+        self.measure = measure  # (num_seqs, rows[, group]) -> seconds of one forward (measured once, on first use)
+        # Seconds a step pays for carrying any mask group beyond what as many plain rows cost: a gated
+        # adapter's deltas (docs/adapters.md) are a fixed set of extra GEMMs per step. Probed with t(N).
+        self.mask_step_cost = 0.0
         pinned = policy.latency_curve
         self.curve: LatencySurface | None = LatencySurface({1: LatencyCurve(pinned)}) if pinned else None
         self.calibration = Calibration()
@@ -71,6 +75,8 @@ class Speculator:
         # speculation is measured to lose, steps stay plain (but for one probe every EXPLORE_EVERY).
         self.rates: dict[int, dict[str, float]] = {b: {} for b in PROBE_BATCHES}
         self._gated: dict[int, int] = {b: 0 for b in PROBE_BATCHES}
+        self._masks_gated: dict[int, int] = {b: 0 for b in PROBE_BATCHES}
+        self.mask_factor = 1.0  # measured / probed cost of a step's mask groups, learnt from masked steps
         self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self.marginal_factor = {b: 2.0 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self._busy = 0.0  # this step's drafting / verification seconds so far
@@ -87,6 +93,9 @@ class Speculator:
                 rows = rows or [b]
                 curves[b] = LatencyCurve({r: self.measure(b, r) for r in rows})
             self.curve = LatencySurface(curves)
+            g = self.group_size
+            if g and 1 + g <= self.max_probe_rows:
+                self.mask_step_cost = max(0.0, self.measure(1, 1 + g, g) - self.measure(1, 1 + g))
         return self.curve
 
     def plan(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:
@@ -101,9 +110,12 @@ class Speculator:
         others = [p for i, (_, p) in enumerate(planned) if i not in set(spec)]
         overhead = self.overhead_per_seq * len(spec)
         base_rows = sum(p.num_rows for _, p in planned)
+        if not self._masks_measured_to_pay(len(planned)):
+            proposals = [dataclasses.replace(p, group_size=0) for p in proposals]
         choices = plan(proposals, lambda rows, n: self.step_cost(base_rows, rows, n) + overhead,
                        self.policy.max_step_query_tokens,
-                       other_rows=sum(p.num_rows for p in others), other_seqs=len(others))
+                       other_rows=sum(p.num_rows for p in others), other_seqs=len(others),
+                       group_cost=self.mask_factor * self.mask_step_cost)
         self._busy += time.perf_counter() - start
         out = list(planned)
         for i, proposal, choice in zip(spec, proposals, choices):
@@ -120,15 +132,30 @@ class Speculator:
             return True
         b = _bucket(num_seqs)
         rates = self.rates[b]
-        if "spec" not in rates or "plain" not in rates or rates["spec"] >= GATE_MARGIN * rates["plain"]:
+        spec = max((rates[k] for k in ("tree", "masks") if k in rates), default=None)
+        if spec is None or "plain" not in rates or spec >= GATE_MARGIN * rates["plain"]:
             return True
         self._gated[b] += 1
         return self._gated[b] % EXPLORE_EVERY == 0
 
-    def observe_rate(self, num_seqs: int, seconds: float, tokens: int, speculative: bool) -> None:
-        """One step's realised tokens per second (wall time of the whole step), by kind and batch bucket."""
+    def _masks_measured_to_pay(self, num_seqs: int) -> bool:
+        """False while steps carrying mask groups have been measured slower (tokens per second, whole
+        step) than plain steps; one step in EXPLORE_EVERY sends groups anyway. Judged apart from the
+        trees, so costly masks (a gated adapter) do not stop suffix drafts. (Not against steps with
+        trees only: those are the steps after a good draft, and masks are what drafts them.)"""
+        if not self.adaptive:
+            return True
+        b = _bucket(num_seqs)
+        rates = self.rates[b]
+        if "masks" not in rates or "plain" not in rates or rates["masks"] >= GATE_MARGIN * rates["plain"]:
+            return True
+        self._masks_gated[b] += 1
+        return self._masks_gated[b] % MASKS_EXPLORE_EVERY == 0
+
+    def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str) -> None:
+        """One step's realised tokens per second (wall time of the whole step), by kind ("plain": no
+        candidate and no group, "tree": candidates only, "masks": with mask groups) and batch bucket."""
         rates = self.rates[_bucket(num_seqs)]
-        kind = "spec" if speculative else "plain"
         rate = tokens / max(seconds, 1e-9)
         rates[kind] = rate if kind not in rates else 0.8 * rates[kind] + 0.2 * rate
 
@@ -149,8 +176,9 @@ class Speculator:
         plain = surface(base_rows, num_seqs)
         return self.plain_factor[b] * plain + self.marginal_factor[b] * (surface(rows, num_seqs) - plain)
 
-    def observe_step(self, base_rows: int, rows: int, num_seqs: int, seconds: float) -> None:
-        """Learn the correction factors from one step's wall time (not with a pinned curve)."""
+    def observe_step(self, base_rows: int, rows: int, num_seqs: int, seconds: float, masks: bool = False) -> None:
+        """Learn the correction factors from one step's wall time (not with a pinned curve); `masks`:
+        the step carried mask groups (their probed fixed cost is learnt apart from the rows')."""
         if not self.adaptive:
             return
         surface, b = self.latency(), _bucket(num_seqs)
@@ -159,6 +187,10 @@ class Speculator:
             self.plain_factor[b] = min(4.0, max(0.5, 0.9 * self.plain_factor[b] + 0.1 * seconds / plain))
             return
         extra = surface(rows, num_seqs) - plain
+        if masks and self.mask_step_cost > MIN_MASK_COST:
+            rest = seconds - self.plain_factor[b] * plain - self.marginal_factor[b] * extra
+            self.mask_factor = min(4.0, max(0.5, 0.9 * self.mask_factor + 0.1 * rest / self.mask_step_cost))
+            return
         if extra > 0:
             observed = (seconds - self.plain_factor[b] * plain) / extra
             self.marginal_factor[b] = min(6.0, max(0.5, 0.9 * self.marginal_factor[b] + 0.1 * observed))
@@ -264,6 +296,7 @@ class Speculator:
             "latency_ms": self.curve.as_dict() if self.curve else None,
             "overhead_ms_per_sequence": 1000 * self.overhead_per_seq, "value_per_row": self.value_per_row,
             "plain_factor": self.plain_factor, "marginal_factor": self.marginal_factor,
+            "mask_step_ms": 1000 * self.mask_step_cost, "mask_factor": self.mask_factor,
             "tokens_per_s_by_batch": self.rates,
             "calibration": self.calibration.table(),
             "mask_gain": self.mask_gain,
@@ -306,6 +339,8 @@ def _bucket(num_seqs: int) -> int:
 
 
 EXPLORE_EVERY = 8  # while speculation is measured to lose at a batch size, one step in this many tries it
+MASKS_EXPLORE_EVERY = 32  # the same for mask groups (rarer: a losing masked step can cost ~2 plain steps)
+MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
 GATE_MARGIN = 0.9  # speculation is stopped only when measured clearly slower than plain (noise is ~10%)
 
 PROBE_ROWS_PER_SPECULATOR = 12  # a typical speculating sequence: uncached token, a tree and a group

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +12,7 @@ from tgi_space.attention.backend import AttentionBackend
 from tgi_space.attention.metadata import AttentionMetadata
 from tgi_space.config import ModelConfig
 from tgi_space.model.adapter import GatedLora, MaskGate
+from tgi_space.model.prepack import packed_linear
 from tgi_space.model.rotary import RopeTables, RotaryEmbedding
 
 
@@ -99,6 +102,7 @@ class ForwardContext:
         self.gemm_row_block = gemm_row_block  # rows per GEMM call (batch invariance), None = one call
         self.meta: AttentionMetadata | None = None  # set before each forward
         self.gate: MaskGate | None = None  # a gated adapter's mask rows this step; set by the model's forward
+        self.packed: dict[nn.Module, torch.Tensor] = {}  # projection -> its oneDNN-packed weight (prepack.py)
 
     def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """layer(x) [N, out]; with a gated adapter, its delta added on the step's mask rows only."""
@@ -106,7 +110,7 @@ class ForwardContext:
         delta = self.gate.deltas.get(layer) if self.gate is not None else None
         if delta is not None:
             rows = self.gate.rows  # [n]
-            y.index_add_(0, rows, self.gemm(delta, x[rows], delta.max_k))
+            y.index_add_(0, rows, delta(x[rows]).to(y.dtype))
         return y
 
     def gemm(self, fn: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,6 +120,9 @@ class ForwardContext:
         (measured on AMX CPUs; K = 384 never does), which rounds some rows differently;
         calls of <= 32 rows give every row the bits it gets alone, whatever else is in the batch.
         """
+        packed = self.packed.get(fn)
+        if packed is not None:
+            fn = partial(packed_linear, packed, fn.bias)
         block = self.gemm_row_block
         if block is None or x.shape[0] <= block or k < GEMM_BLOCKED_MIN_K:
             return fn(x)
@@ -164,7 +171,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [n, vocab] of selected hidden rows [n, hidden]."""
-        return self.lm_head(hidden).float()
+        if self.ctx is None:
+            return self.lm_head(hidden).float()
+        return self.ctx.gemm(self.lm_head, hidden, self.config.hidden_size).float()
 
     def shard_sizes(self, fused: str) -> list[int]:
         """Output sizes of the checkpoint tensors packed into one fused parameter."""

@@ -1,0 +1,93 @@
+"""Packed oneDNN weights (model/prepack.py) change the speed of a step, never its bits; and the
+planner's costs for mask groups (a gated adapter's fixed cost per step, judged apart from trees)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.test_tree import chain_tree
+from tgi_space.bench import humaneval_prompts
+from tgi_space.config import EngineConfig, SpacePolicy
+from tgi_space.llm import LLM
+from tgi_space.planner import LatencyCurve, Proposal, plan
+from tgi_space.sampling import SamplingParams
+from tgi_space.speculation import MASKS_EXPLORE_EVERY, Speculator
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
+
+
+@pytest.fixture(scope="module")
+def packed() -> LLM:
+    llm = LLM(str(MODEL), dtype="bfloat16")
+    assert llm.engine.packed, "bf16 on CPU packs the projection weights by default"
+    return llm
+
+
+def test_every_projection_row_has_the_bits_f_linear_gives_it_alone(packed):
+    """Reference: torch's own F.linear on the unpacked weight, one row at a time."""
+    model, ctx = packed.engine.model, packed.engine.model.ctx
+    layers = [model.layers[0].self_attn.qkv_proj, model.layers[0].self_attn.o_proj,
+              model.layers[0].mlp.gate_up_proj, model.layers[-1].mlp.down_proj, model.lm_head]
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for layer in layers:
+            for m in (1, 5, 17, 33, 64):
+                x = torch.randn(m, layer.in_features, generator=gen).to(torch.bfloat16)
+                ours = ctx.linear(layer, x)
+                ref = torch.cat([F.linear(x[r : r + 1], layer.weight) for r in range(m)])
+                assert torch.equal(ours, ref), (layer, m)
+
+
+def test_greedy_tokens_and_logprobs_are_those_of_unpacked_weights(packed):
+    unpacked = LLM(str(MODEL), dtype="bfloat16", prepack_weights=False)
+    assert not unpacked.engine.packed
+    prompts = humaneval_prompts(3)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, top_n_tokens=2)
+    for mode in ("none", "space"):
+        a = packed.generate(prompts, [params] * 3, speculate=mode)
+        b = unpacked.generate(prompts, [params] * 3, speculate=mode)
+        assert [o.token_ids for o in a] == [o.token_ids for o in b]
+        assert [[(t.logprob, t.top) for t in o.tokens] for o in a] == [[(t.logprob, t.top) for t in o.tokens] for o in b]
+
+
+@pytest.mark.parametrize("dtype, device", [("float32", "cpu"), ("bfloat16", "cuda")])
+def test_prepack_where_it_does_not_apply_is_refused_naming_the_setting(dtype, device):
+    with pytest.raises(ValueError, match="prepack_weights"):
+        EngineConfig(model_dir=str(MODEL), dtype=dtype, device=device, prepack_weights=True)
+    assert EngineConfig(model_dir=str(MODEL), dtype=dtype, device=device).prepack_weights is False
+
+
+def test_a_costly_mask_group_is_sent_only_when_worth_its_fixed_cost():
+    proposal = Proposal(1, chain_tree([0.9, 0.1]), 3, 2.0)
+    flat = LatencyCurve({1: 1.0, 64: 1.0})
+    assert plan([proposal], flat, 512, group_cost=0.0)[0].anchors  # free: sent
+    # 1.9 tokens without a group; with it at most 1.9 + 2.0 tokens for 1 + 3 seconds: not worth it
+    assert plan([proposal], flat, 512, group_cost=3.0)[0].anchors == []
+    assert plan([proposal], flat, 512, group_cost=0.5)[0].anchors  # 3.9 / 1.5 > 1.9 / 1
+
+
+def _speculator() -> Speculator:
+    return Speculator(SpacePolicy(), 4, lambda *a: 1e-3, max_batch=1, max_probe_rows=64)
+
+
+def test_mask_groups_measured_to_lose_against_plain_steps_stop_but_trees_go_on():
+    spec = _speculator()
+    spec.observe_rate(1, 1.0, 100, "masks")
+    spec.observe_rate(1, 1.0, 200, "plain")
+    spec.observe_rate(1, 1.0, 600, "tree")
+    assert spec._measured_to_pay(1)  # trees pay: speculation goes on
+    sent = [spec._masks_measured_to_pay(1) for _ in range(4 * MASKS_EXPLORE_EVERY)]
+    assert sum(sent) == 4  # one exploring step in MASKS_EXPLORE_EVERY
+
+
+def test_mask_groups_are_not_judged_against_tree_only_steps():
+    """Steps with trees but no group follow good drafts; masks that beat plain steps keep going."""
+    spec = _speculator()
+    spec.observe_rate(1, 1.0, 300, "masks")
+    spec.observe_rate(1, 1.0, 200, "plain")
+    spec.observe_rate(1, 1.0, 900, "tree")
+    assert all(spec._masks_measured_to_pay(1) for _ in range(64))

@@ -1,0 +1,42 @@
+"""oneDNN-packed weights for the CPU bf16 GEMMs (the engine's largest fixed cost per step).
+
+`F.linear` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call;
+for the decode regime (1-64 rows) that reorder costs as much as the multiplication. Packing each
+projection's weight once at start-up and calling oneDNN's linear on the packed copy halves the
+time of a 384 x 2048 projection at 1-32 rows (benchmarks/engine_latency.py, docs/performance.md).
+
+The packed call gives every row exactly the bits `F.linear` gives it alone (packed for one row:
+no K-blocked kernel at any row count; tests/test_prepack.py), so greedy outputs do not change.
+Costs one extra copy of the projection weights (the originals stay for adapters and checks).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PACK_ROWS = 1  # oneDNN's batch-size hint when packing: the decode regime (measured: also batch-invariant)
+
+
+def can_prepack(device: str, dtype: str) -> bool:
+    """Whether packed weights apply: CPU, bfloat16, oneDNN built into this torch."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype == "bfloat16"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def prepack_linears(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
+    """{nn.Linear: its packed bf16 weight} for every linear layer of `model`."""
+    return {
+        m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACK_ROWS)
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x [N, in] @ W^T (+ bias) with W packed by `prepack_linears`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
