@@ -13,6 +13,7 @@ import torch
 
 from tests.checkpoints import save_checkpoint
 from tests.test_space_greedy import oracle_drafts
+from tgi_space.attention.fused import FusedBackend
 from tgi_space.attention.matmul import MatmulBackend
 from tgi_space.attention.metadata import AttentionMetadata
 from tgi_space.attention.sdpa import SdpaBackend
@@ -31,7 +32,7 @@ def prompts() -> list[str]:
     return humaneval_prompts(24)
 
 
-@pytest.mark.parametrize("backend, invariant", [("matmul", True), ("sdpa", False)])
+@pytest.mark.parametrize("backend, invariant", [("fused", True), ("matmul", True), ("sdpa", False)])
 def test_rows_get_the_same_bits_whatever_the_batch(prompts, backend, invariant):
     llm = LLM(str(MODEL), dtype="bfloat16", attention_backend=backend, space=SpacePolicy(k_max=2))
     ids = [llm.tokenizer.encode(p) for p in prompts]
@@ -43,7 +44,8 @@ def test_rows_get_the_same_bits_whatever_the_batch(prompts, backend, invariant):
         assert mismatches > 0
 
 
-def test_matmul_backend_equals_sdpa_in_float32():
+@pytest.mark.parametrize("backend", [MatmulBackend, FusedBackend])
+def test_cpu_backends_equal_sdpa_in_float32(backend):
     """Same attention as the SDPA reference on a ragged step with prefixes, prefill and masks (fp32)."""
     from tests.test_attention import D, random_step
 
@@ -51,7 +53,7 @@ def test_matmul_backend_equals_sdpa_in_float32():
     meta = AttentionMetadata(**{**meta.__dict__, "num_kv_heads": k.shape[1]})
     ref = SdpaBackend().forward(q, k, v, cache.clone(), meta, D**-0.5)
     ours_cache = cache.clone()
-    ours = MatmulBackend().forward(q, k, v, ours_cache, meta, D**-0.5)
+    ours = backend().forward(q, k, v, ours_cache, meta, D**-0.5)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     ref_cache = cache.clone()
     SdpaBackend().forward(q, k, v, ref_cache, meta, D**-0.5)

@@ -74,7 +74,11 @@ def test_disconnect_mid_stream_frees_blocks(server):
 def test_disconnect_before_a_generate_answer_frees_blocks(server):
     """A non-streaming client that gives up (timeout) has its generation cancelled too."""
     before = wait_idle(server.url)
-    body = {"inputs": "w5 w6 w7", "parameters": {"max_new_tokens": 250}}  # no EOS on this random model: ~0.5 s
+    # No EOS on this random model. Sampling hot, with a repetition penalty, so no draft is ever accepted:
+    # 250 one-token steps, far longer than the server's 0.1 s disconnect poll (greedy output of a random
+    # model repeats itself, and speculation then finishes it before the poll notices).
+    params = {"max_new_tokens": 250, "do_sample": True, "temperature": 1.5, "repetition_penalty": 1.3, "seed": 1}
+    body = {"inputs": "w5 w6 w7", "parameters": params}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/generate", json=body, timeout=httpx.Timeout(5.0, read=0.1))
     text = wait_idle(server.url)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.router_emulation import EmuRequest, InProcessShard, RouterPanic, pb2
-from tgi_space.config import SpacePolicy
+from tgi_space.config import SpacePolicy, default_attention_backend
 from tgi_space.engine import Engine
 from tgi_space.llm import LLM
 from tgi_space.sampling import SamplingParams
@@ -94,7 +94,8 @@ def test_router_start_up_sequence_and_info(shard):
     info = emu.info
     assert (info.speculate, info.block_size, info.requires_padding) == (K, 4, False)
     assert (info.support_chunking, info.use_prefix_caching, info.HasField("window_size")) == (False, False, False)
-    assert (info.dtype, info.device_type, info.attention_impl) == ("torch.float32", "cpu", "matmul")
+    assert (info.dtype, info.device_type, info.attention_impl) == ("torch.float32", "cpu", default_attention_backend("cpu"))
+    assert info.attention_impl in ("fused", "matmul")
     assert emu.warmup.max_supported_total_tokens == 2**20 // 512  # 512 bytes of KV per token
     urls = emu.stub.ServiceDiscovery(pb2.ServiceDiscoveryRequest()).urls
     assert list(urls) == [f"unix://{shard.options.uds_path}-0"]

@@ -11,7 +11,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("auto", "matmul", "sdpa", "flash")
+ATTENTION_BACKENDS = ("auto", "fused", "matmul", "sdpa", "flash")
 SPECULATE_MODES = ("space", "sdsat", "none")  # a request's, or a server's, way to decode
 SPECULATION_METHODS = ("space", "sdsat")  # SpacePolicy.speculate_mode: what a speculating request runs
 TRAINING_METHODS = ("space", "sdsat")  # config.json space_method: recipes whose masks mean the same thing
@@ -215,9 +215,9 @@ class EngineConfig:
     """Everything the engine needs to start, validated up front."""
 
     model_dir: str
-    dtype: str = "bfloat16"  # batch-invariant on CPU with the matmul backend (docs/lossless.md)
+    dtype: str = "bfloat16"  # batch-invariant on CPU with the fused or matmul backend (docs/lossless.md)
     device: str = "cpu"
-    attention_backend: str = "auto"  # matmul on CPU, flash on CUDA when flash-attn is installed, else sdpa
+    attention_backend: str = "auto"  # fused on CPU (matmul if it does not build), flash on CUDA if installed, else sdpa
     block_size: int = 16
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float = 0.25
@@ -272,9 +272,12 @@ class EngineConfig:
 
 
 def default_attention_backend(device: str) -> str:
-    """'matmul' on CPU (batch-invariant, one call per step); on CUDA 'flash' if flash-attn is installed, else 'sdpa'."""
+    """On CPU 'fused' (the C++ kernel, batch-invariant) where it builds, else 'matmul' (batch-invariant, one
+    call per step); on CUDA 'flash' if flash-attn is installed, else 'sdpa'."""
     if not str(device).startswith("cuda"):
-        return "matmul"
+        from tgi_space.attention.fused import available
+
+        return "fused" if available() is None else "matmul"
     import importlib.util
 
     return "flash" if importlib.util.find_spec("flash_attn") is not None else "sdpa"

@@ -32,11 +32,15 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: Att
 
 
 def make_backend(name: str) -> AttentionBackend:
-    """The backend named in the engine configuration ('matmul', 'sdpa' or 'flash')."""
+    """The backend named in the engine configuration ('fused', 'matmul', 'sdpa' or 'flash')."""
     if name == "matmul":
         from tgi_space.attention.matmul import MatmulBackend
 
         return MatmulBackend()
+    if name == "fused":
+        from tgi_space.attention.fused import FusedBackend
+
+        return FusedBackend()
     if name == "sdpa":
         from tgi_space.attention.sdpa import SdpaBackend
 
@@ -45,4 +49,4 @@ def make_backend(name: str) -> AttentionBackend:
         from tgi_space.attention.flash import FlashBackend
 
         return FlashBackend()
-    raise ValueError(f"attention_backend must be 'matmul', 'sdpa' or 'flash', got {name!r}")
+    raise ValueError(f"attention_backend must be 'fused', 'matmul', 'sdpa' or 'flash', got {name!r}")

@@ -53,6 +53,11 @@ class AttentionMetadata:
             return [PaddedBatch.build(self, None)]
         return [PaddedBatch.build(self.subset(g), self._flat_rows(g)) for g in groups]
 
+    @cached_property
+    def fused(self) -> "FusedLayout":
+        """The batch as flat index tensors for the fused CPU kernel; built on first use, shared by all layers."""
+        return FusedLayout.build(self)
+
     def subset(self, seqs: list[int]) -> "AttentionMetadata":
         """The metadata of some sequences only (their rows renumbered from 0; no writes)."""
         cu = [0]
@@ -72,6 +77,36 @@ class AttentionMetadata:
     def _flat_rows(self, seqs: list[int]) -> torch.Tensor:
         return torch.cat([torch.arange(self.cu_seqlens_q[i], self.cu_seqlens_q[i + 1]) for i in seqs]).to(
             self.write_slots.device
+        )
+
+
+FUSED_ROW_BLOCK = 16  # = ROW_BLOCK in csrc/fused_attention.cpp: rows of a sequence per work item
+
+
+@dataclass
+class FusedLayout:
+    """What the fused kernel (attention/fused.py) reads: every tensor int64 but the visibility bytes."""
+
+    cu_q: torch.Tensor  # [B + 1] row offsets
+    cu_ctx: torch.Tensor  # [B + 1] offsets into `prefix`
+    prefix: torch.Tensor  # [sum ctx] cache slots of every sequence's prefix, in position order
+    visibility: torch.Tensor  # [sum n_b^2] uint8: sequence b's [n_b, n_b] visibility, row-major
+    cu_visibility: torch.Tensor  # [B + 1] offsets into `visibility`
+    items: torch.Tensor  # [W, 2] the kernel's work: (sequence, first row of a block of FUSED_ROW_BLOCK rows)
+
+    @classmethod
+    def build(cls, meta: AttentionMetadata) -> "FusedLayout":
+        counts = torch.tensor(meta.cu_seqlens_q, dtype=torch.long).diff()
+        ctx = torch.tensor([0, *meta.context_lens], dtype=torch.long)
+        prefix = torch.cat(meta.prefix_slots).long() if meta.prefix_slots else torch.empty(0, dtype=torch.long)
+        return cls(
+            cu_q=torch.tensor(meta.cu_seqlens_q, dtype=torch.long),
+            cu_ctx=ctx.cumsum(0),
+            prefix=prefix.cpu(),
+            visibility=torch.cat([v.reshape(-1).cpu() for v in meta.visibility]).to(torch.uint8),
+            cu_visibility=torch.cat([torch.zeros(1, dtype=torch.long), (counts * counts).cumsum(0)]),
+            items=torch.tensor([(b, r) for b, n in enumerate(counts.tolist()) for r in range(0, n, FUSED_ROW_BLOCK)],
+                               dtype=torch.long).reshape(-1, 2),
         )
 
 

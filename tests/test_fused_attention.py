@@ -1,0 +1,102 @@
+"""The fused CPU attention kernel (attention/fused.py): the reference's numbers, and a row's bits that
+depend on nothing but its own query and visible keys.
+
+References: SDPA over the same visible keys (float32, tolerance), and the kernel itself on a smaller
+problem holding only the row's own sequence (bitwise). The SDPA path is the negative control of the
+bitwise checks (it rounds a row differently inside a batch; tests/test_batch_invariance.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tgi_space.attention.fused import FusedBackend, available
+from tgi_space.attention.metadata import AttentionMetadata
+from tgi_space.attention.sdpa import SdpaBackend
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=f"fused kernel does not build: {available()}")
+
+HEADS, KV_HEADS = 6, 2
+
+
+def step(ctx: list[int], new: list[int], d: int, dtype, seed: int, chain: bool = True):
+    """q/k/v and metadata for sequences with ctx[i] cached keys (distinct slots) and new[i] causal rows."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(new)
+    slots = sum(ctx) + 8
+    cache = torch.randn(2, slots, KV_HEADS, d, generator=g).to(dtype)
+    starts = [sum(ctx[:i]) for i in range(len(ctx))]
+    vis = [torch.ones(m, m, dtype=torch.bool).tril() if chain else torch.eye(m, dtype=torch.bool) for m in new]
+    meta = AttentionMetadata(
+        cu_seqlens_q=[sum(new[:i]) for i in range(len(new) + 1)], context_lens=list(ctx),
+        prefix_slots=[torch.arange(s, s + c) for s, c in zip(starts, ctx)], visibility=vis,
+        write_rows=torch.arange(0), write_slots=torch.arange(0), num_kv_heads=KV_HEADS,
+    )
+    q = torch.randn(n, HEADS, d, generator=g).to(dtype)
+    k = torch.randn(n, KV_HEADS, d, generator=g).to(dtype)
+    v = torch.randn(n, KV_HEADS, d, generator=g).to(dtype)
+    return q, k, v, cache, meta
+
+
+@pytest.mark.parametrize("d", [64, 128, 48])  # the unrolled head sizes and the generic path
+@pytest.mark.parametrize("chain", [True, False])
+def test_float32_equals_sdpa(d, chain):
+    q, k, v, cache, meta = step([0, 5, 70, 33], [9, 1, 20, 3], d, torch.float32, seed=d, chain=chain)
+    ref = SdpaBackend().forward(q, k, v, cache.clone(), meta, d**-0.5)
+    ours = FusedBackend().forward(q, k, v, cache.clone(), meta, d**-0.5)
+    torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_close_to_float32(dtype):
+    q, k, v, cache, meta = step([40, 3], [4, 17], 64, torch.float32, seed=3)
+    ref = SdpaBackend().forward(q, k, v, cache.clone(), meta, 0.125)
+    ours = FusedBackend().forward(q.to(dtype), k.to(dtype), v.to(dtype), cache.to(dtype), meta, 0.125)
+    torch.testing.assert_close(ours.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_row_has_the_same_bits_alone_and_in_any_batch(dtype):
+    """Sequence 1's rows computed with three other sequences around it, and with it alone."""
+    ctx, new = [17, 45, 130, 2], [1, 21, 5, 36]
+    q, k, v, cache, meta = step(ctx, new, 64, dtype, seed=7)
+    together = FusedBackend().forward(q, k, v, cache, meta, 0.125)
+    rows = slice(meta.cu_seqlens_q[1], meta.cu_seqlens_q[2])
+    alone_meta = AttentionMetadata(
+        cu_seqlens_q=[0, new[1]], context_lens=[ctx[1]], prefix_slots=[meta.prefix_slots[1]],
+        visibility=[meta.visibility[1]], write_rows=torch.arange(0), write_slots=torch.arange(0),
+        num_kv_heads=KV_HEADS,
+    )
+    alone = FusedBackend().forward(q[rows], k[rows], v[rows], cache, alone_meta, 0.125)
+    assert torch.equal(together[rows], alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_key_read_from_the_cache_or_from_the_step_gives_the_same_bits(dtype):
+    """Plain decoding reads token t-1's K/V from the cache; a speculative step may have it as a new row.
+    The last row of a 6-row chain must equal the same row stepped alone after the first 5 were cached."""
+    q, k, v, cache, meta = step([50], [6], 64, dtype, seed=11)
+    chain = FusedBackend().forward(q, k, v, cache.clone(), meta, 0.125)
+    cached = cache.clone()
+    cached[0, 50:55], cached[1, 50:55] = k[:5], v[:5]  # the first 5 rows' K/V now in slots 50..54
+    decode = AttentionMetadata(
+        cu_seqlens_q=[0, 1], context_lens=[55], prefix_slots=[torch.arange(55)],
+        visibility=[torch.ones(1, 1, dtype=torch.bool)], write_rows=torch.arange(0), write_slots=torch.arange(0),
+        num_kv_heads=KV_HEADS,
+    )
+    alone = FusedBackend().forward(q[5:], k[5:], v[5:], cached, decode, 0.125)
+    assert torch.equal(chain[5:], alone)
+
+
+def test_the_thread_count_does_not_change_a_bit():
+    q, k, v, cache, meta = step([100, 7, 60], [12, 30, 1], 64, torch.bfloat16, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = FusedBackend().forward(q, k, v, cache, meta, 0.125)
+        torch.set_num_threads(max(2, threads))
+        many = FusedBackend().forward(q, k, v, cache, meta, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
