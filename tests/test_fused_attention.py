@@ -100,3 +100,35 @@ def test_the_thread_count_does_not_change_a_bit():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
+
+
+def test_rms_norm_kernel_equals_the_module_and_is_row_wise():
+    from tgi_space.attention.fused import kernel
+    from tgi_space.model.llama import RMSNorm
+
+    g = torch.Generator().manual_seed(2)
+    norm = RMSNorm(384, 1e-5)
+    norm.weight.data = torch.randn(384, generator=g)
+    x = torch.randn(37, 384, generator=g) * 3
+    torch.testing.assert_close(kernel().rms_norm(x, norm.weight.data, norm.eps), norm(x), atol=1e-5, rtol=1e-5)
+    xb, wb = x.bfloat16(), norm.weight.data.bfloat16()
+    ours = kernel().rms_norm(xb, wb, norm.eps)
+    torch.testing.assert_close(ours.float(), norm.to(torch.bfloat16)(xb).float(), atol=0.05, rtol=0.02)
+    alone = torch.cat([kernel().rms_norm(xb[r : r + 1], wb, norm.eps) for r in range(37)])
+    assert torch.equal(ours, alone)
+
+
+def test_rotary_kernel_equals_the_reference_rotation_on_a_strided_view():
+    from tgi_space.attention.fused import kernel
+    from tgi_space.model.rotary import RopeTables
+
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(9, (6 + 2 + 2) * 64, generator=g)
+    qk = qkv[:, : 8 * 64].view(9, 8, 64)  # q and k heads of a fused projection: rows are strided
+    angles = torch.rand(9, 32, generator=g) * 50
+    ref = RopeTables(angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)).rotate(qk)
+    ours = kernel().rotary(qk, angles.cos(), angles.sin())
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    alone = torch.cat([kernel().rotary(qk[r : r + 1], angles.cos()[r : r + 1], angles.sin()[r : r + 1])
+                       for r in range(9)])
+    assert torch.equal(ours, alone)

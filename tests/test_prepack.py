@@ -91,3 +91,27 @@ def test_mask_groups_are_not_judged_against_tree_only_steps():
     spec.observe_rate(1, 1.0, 200, "plain")
     spec.observe_rate(1, 1.0, 900, "tree")
     assert all(spec._masks_measured_to_pay(1) for _ in range(64))
+
+
+def test_time_outside_the_engine_is_learnt_and_idle_pauses_are_not():
+    import time as _time
+
+    spec = _speculator()
+    spec.step_done()
+    _time.sleep(0.02)
+    spec._observe_gap(1)
+    assert 0.0015 < spec.outside[1] < 0.01  # one EWMA step (0.1) of a >= 20 ms gap
+    before = spec.outside[1]
+    spec.step_done()
+    _time.sleep(0.3)  # longer than MAX_GAP: nothing was waiting, not a serving cost
+    spec._observe_gap(1)
+    assert spec.outside[1] == before
+
+
+def test_a_fixed_cost_outside_the_forward_makes_more_rows_worth_sending():
+    """Rows that cost a forward each do not pay for less than a token each; with a serving cycle three times
+    the forward around every step, they do (tokens per second of the whole cycle)."""
+    proposal = Proposal(1, chain_tree([0.9, 0.8, 0.7]), 0, 0.0)
+    steep = LatencyCurve({1: 1.0, 4: 4.0})  # every row costs as much as the one-row forward
+    assert plan([proposal], steep, 512)[0].nodes == []
+    assert plan([proposal], lambda rows, n: steep(rows) + 3.0, 512)[0].nodes == [0, 1, 2]

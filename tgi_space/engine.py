@@ -162,6 +162,10 @@ class Engine:
     def _context(self, kv_caches: list[torch.Tensor]) -> ForwardContext:
         ctx = ForwardContext(kv_caches, self.backend, self.rotary, self.config.gemm_row_block or None)
         ctx.packed = self.packed
+        if self.config.attention_backend == "fused":  # its module also has RMSNorm and rotary kernels
+            from tgi_space.attention.fused import kernel
+
+            ctx.kernels = kernel()
         return ctx
 
     @torch.inference_mode()
@@ -297,6 +301,7 @@ class Engine:
             if self.speculator.curve is not None and base == len(plans):  # decode steps: wall time vs surface
                 rows = sum(p.num_rows for p in plans)
                 self.speculator.observe_step(base, rows, len(plans), seconds, masks)
+            self.speculator.step_done()
         return results
 
     def _write_slots(self, planned: list[tuple[Sequence, SeqPlan]], slots: SlotSource) -> torch.Tensor:

@@ -80,6 +80,11 @@ class Speculator:
         self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self.marginal_factor = {b: 2.0 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self._busy = 0.0  # this step's drafting / verification seconds so far
+        # Seconds a serving cycle spends outside the engine per step (the shard's gRPC answer, the router's
+        # work before the next Decode), per batch bucket: measured between the end of one step and the start
+        # of the next, so a step is judged by the wall time of the whole cycle. About 0 in `LLM.generate`.
+        self.outside: dict[int, float] = {b: 0.0 for b in PROBE_BATCHES}
+        self._step_end: float | None = None
         self.stats = SpeculationStats()
 
     # ---- planning ------------------------------------------------------------------------
@@ -100,6 +105,7 @@ class Speculator:
 
     def plan(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:
         """Give each speculating sequence the tree nodes and mask groups worth their rows."""
+        self._observe_gap(len(planned))
         spec = [i for i, (seq, _) in enumerate(planned) if seq.speculate and not seq.sdsat]  # SDSAT: sdsat.py
         if not spec or not self._measured_to_pay(len(planned)) or not self._rows_can_pay(planned, len(spec)):
             for i in spec:  # the next tree is drafted when speculation pays again
@@ -108,7 +114,7 @@ class Speculator:
         start = time.perf_counter()
         proposals = [self._proposal(*planned[i]) for i in spec]
         others = [p for i, (_, p) in enumerate(planned) if i not in set(spec)]
-        overhead = self.overhead_per_seq * len(spec)
+        overhead = self.overhead_per_seq * len(spec) + self.outside[_bucket(len(planned))]
         base_rows = sum(p.num_rows for _, p in planned)
         if not self._masks_measured_to_pay(len(planned)):
             proposals = [dataclasses.replace(p, group_size=0) for p in proposals]
@@ -156,7 +162,7 @@ class Speculator:
         """One step's realised tokens per second (wall time of the whole step), by kind ("plain": no
         candidate and no group, "tree": candidates only, "masks": with mask groups) and batch bucket."""
         rates = self.rates[_bucket(num_seqs)]
-        rate = tokens / max(seconds, 1e-9)
+        rate = tokens / max(seconds + self.outside[_bucket(num_seqs)], 1e-9)
         rates[kind] = rate if kind not in rates else 0.8 * rates[kind] + 0.2 * rate
 
     def _rows_can_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int) -> bool:
@@ -164,8 +170,9 @@ class Speculator:
         would raise tokens per second once drafting's own cost is paid."""
         num_seqs = len(planned)
         rows = num_seqs  # judged in the decode regime (one row each): drafts made while prefilling
-        plain = num_seqs / self.step_cost(rows, rows, num_seqs)  # pay only if the decode steps after speculate too
-        overhead = self.overhead_per_seq * num_spec
+        outside = self.outside[_bucket(num_seqs)]  # pay only if the decode steps after speculate too:
+        plain = num_seqs / (self.step_cost(rows, rows, num_seqs) + outside)
+        overhead = self.overhead_per_seq * num_spec + outside
         v = max(self.value_per_row, 0.05)
         sizes = [k * m for k in (1, 2, 4, 8, self.policy.max_tree_depth) for m in (1, num_spec)]
         return any((num_seqs + v * k) / (self.step_cost(rows, rows + k, num_seqs) + overhead) > plain for k in sizes)
@@ -194,6 +201,20 @@ class Speculator:
         if extra > 0:
             observed = (seconds - self.plain_factor[b] * plain) / extra
             self.marginal_factor[b] = min(6.0, max(0.5, 0.9 * self.marginal_factor[b] + 0.1 * observed))
+
+    def _observe_gap(self, num_seqs: int) -> None:
+        """Learn `outside` from the time since the last step ended (not across idle pauses)."""
+        if self._step_end is None or not self.adaptive:
+            return
+        gap = time.perf_counter() - self._step_end
+        self._step_end = None
+        if gap < MAX_GAP:
+            b = _bucket(num_seqs)
+            self.outside[b] = 0.9 * self.outside[b] + 0.1 * gap
+
+    def step_done(self) -> None:
+        """The engine finished a step (its tokens are going out now)."""
+        self._step_end = time.perf_counter()
 
     def end_step(self, num_spec: int, num_sent: int, num_accepted: int) -> None:
         """After a planned step: update the per-sequence overhead and the value of a sent node."""
@@ -297,6 +318,7 @@ class Speculator:
             "overhead_ms_per_sequence": 1000 * self.overhead_per_seq, "value_per_row": self.value_per_row,
             "plain_factor": self.plain_factor, "marginal_factor": self.marginal_factor,
             "mask_step_ms": 1000 * self.mask_step_cost, "mask_factor": self.mask_factor,
+            "outside_ms_per_step": {b: 1000 * t for b, t in self.outside.items()},
             "tokens_per_s_by_batch": self.rates,
             "calibration": self.calibration.table(),
             "mask_gain": self.mask_gain,
@@ -340,6 +362,7 @@ def _bucket(num_seqs: int) -> int:
 
 EXPLORE_EVERY = 8  # while speculation is measured to lose at a batch size, one step in this many tries it
 MASKS_EXPLORE_EVERY = 32  # the same for mask groups (rarer: a losing masked step can cost ~2 plain steps)
+MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
 GATE_MARGIN = 0.9  # speculation is stopped only when measured clearly slower than plain (noise is ~10%)
 

@@ -51,7 +51,7 @@ class Attention(nn.Module):
         n = x.shape[0]
         qkv = ctx.linear(self.qkv_proj, x)  # [N, (h + 2 kvh) * d]
         qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = rope.rotate(qk)  # q and k heads rotated in one pass
+        qk = ctx.rotate(rope, qk)  # q and k heads rotated in one pass
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         out = ctx.backend.forward(q, k, v, ctx.kv_caches[layer], ctx.meta, self.scale)
@@ -82,8 +82,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, rope: "RopeTables", ctx: "ForwardContext", layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, ctx, layer)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+        x = x + self.self_attn(ctx.norm(self.input_layernorm, x), rope, ctx, layer)
+        return x + self.mlp(ctx.norm(self.post_attention_layernorm, x), ctx)
 
 
 class ForwardContext:
@@ -103,6 +103,20 @@ class ForwardContext:
         self.meta: AttentionMetadata | None = None  # set before each forward
         self.gate: MaskGate | None = None  # a gated adapter's mask rows this step; set by the model's forward
         self.packed: dict[nn.Module, torch.Tensor] = {}  # projection -> its oneDNN-packed weight (prepack.py)
+        self.kernels = None  # the fused CPU kernels' module (attention/fused.py) when that backend runs
+
+    def norm(self, module: "RMSNorm", x: torch.Tensor) -> torch.Tensor:
+        """module(x), in one fused CPU call when the fused kernels run (the same rounding steps)."""
+        if self.kernels is None or x.dim() != 2 or module.weight.dtype != x.dtype:
+            return module(x)
+        return self.kernels.rms_norm(x, module.weight, module.eps)
+
+    def rotate(self, rope: "RopeTables", x: torch.Tensor) -> torch.Tensor:
+        """rope.rotate(x), in one fused CPU call (float32 tables, one rounding) when the fused kernels run."""
+        if self.kernels is None or rope.owner is None:
+            return rope.rotate(x)
+        cos, sin = rope.float32
+        return self.kernels.rotary(x, cos, sin)
 
     def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """layer(x) [N, out]; with a gated adapter, its delta added on the step's mask rows only."""
@@ -167,7 +181,7 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, self.ctx, i)
         self.ctx.gate = None  # this step's rows only: a later linear call (lm_head, checks) sees no gate
-        return self.norm(x)
+        return self.ctx.norm(self.norm, x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [n, vocab] of selected hidden rows [n, hidden]."""

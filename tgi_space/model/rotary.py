@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 
@@ -47,10 +49,12 @@ class RotaryEmbedding:
         angles = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
         self.cos = angles.cos().to(device=device, dtype=dtype)  # [max_pos, head_dim // 2]
         self.sin = angles.sin().to(device=device, dtype=dtype)
+        self.cos32 = angles.cos().to(device=device, dtype=torch.float32)  # for the fused CPU kernel
+        self.sin32 = angles.sin().to(device=device, dtype=torch.float32)
 
     def tables(self, positions: torch.Tensor) -> "RopeTables":
         """The step's cos/sin rows for positions [N], looked up once and reused by every layer."""
-        return RopeTables(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        return RopeTables(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1), positions, self)
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x [N, heads, head_dim] (halves layout, as HF Llama) by positions [N]."""
@@ -63,6 +67,13 @@ class RopeTables:
 
     cos: torch.Tensor
     sin: torch.Tensor
+    positions: torch.Tensor | None = None  # [N], for the float32 tables the fused kernel reads
+    owner: "RotaryEmbedding | None" = None
+
+    @functools.cached_property
+    def float32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [N, head_dim // 2] in float32 (the fused CPU kernel's tables), looked up once per step."""
+        return self.owner.cos32[self.positions], self.owner.sin32[self.positions]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [N, heads, head_dim] (halves layout, as HF Llama)."""

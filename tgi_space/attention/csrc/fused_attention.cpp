@@ -292,6 +292,109 @@ torch::Tensor fused_attention(torch::Tensor q, torch::Tensor k_new, torch::Tenso
   return out;
 }
 
+// RMSNorm of each row of x [N, H]: r = 1 / sqrt(sum(x^2) / H + eps) with the sum in 16-lane partial
+// sums and a fixed tree, then out = T(w * T(x * r)), as the reference module rounds (docs/lossless.md).
+template <typename T>
+void rms_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(h);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * h;
+      for (int64_t i = 0; i < h; ++i) xf[i] = static_cast<float>(xr[i]);
+      vf lane = {};
+      const int64_t whole = h / W * W;
+      for (int64_t i = 0; i < whole; i += W) {
+        const vf v = load(xf.data() + i);
+        lane = lane + v * v;
+      }
+      for (int64_t i = whole; i < h; ++i) lane[i - whole] = lane[i - whole] + xf[i] * xf[i];
+      const float inv = 1.0f / std::sqrt(reduce(lane) / static_cast<float>(h) + eps);
+      T* o = out + r * h;
+      for (int64_t i = 0; i < h; ++i) {
+        const float y = static_cast<float>(static_cast<T>(xf[i] * inv));
+        o[i] = static_cast<T>(static_cast<float>(w[i]) * y);
+      }
+    }
+  });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && x.size(1) == weight.size(0), "rms_norm: x [N, H], weight [H]");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must share a dtype");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  auto out = torch::empty_like(x);
+  const auto n = x.size(0), h = x.size(1);
+  const float e = static_cast<float>(eps);
+  switch (x.scalar_type()) {
+    case torch::kFloat:
+      rms_rows<float>(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), n, h, e);
+      break;
+    case torch::kBFloat16:
+      rms_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(),
+                              out.data_ptr<c10::BFloat16>(), n, h, e);
+      break;
+    case torch::kHalf:
+      rms_rows<c10::Half>(x.data_ptr<c10::Half>(), weight.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), n, h, e);
+      break;
+    default:
+      TORCH_CHECK(false, "rms_norm: dtype must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
+// Rotary embedding (halves layout, as HF Llama) of x [N, heads, d] (any row stride; heads and d
+// contiguous) by cos/sin [N, d / 2] (float32): out = [x1 c - x2 s, x2 c + x1 s] in float32, rounded once.
+template <typename T>
+void rotate_rows(const T* x, int64_t row_stride, const float* cos, const float* sin, T* out, int64_t rows,
+                 int64_t heads, int64_t d) {
+  const int64_t half = d / 2;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* c = cos + r * half;
+      const float* s = sin + r * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* xr = x + r * row_stride + h * d;
+        T* o = out + (r * heads + h) * d;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = static_cast<float>(xr[i]), x2 = static_cast<float>(xr[i + half]);
+          o[i] = static_cast<T>(x1 * c[i] - x2 * s[i]);
+          o[i + half] = static_cast<T>(x2 * c[i] + x1 * s[i]);
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "rotary: x [N, heads, d], inner dims contiguous");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat, "rotary: cos/sin float32");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  const auto n = x.size(0), heads = x.size(1), d = x.size(2);
+  TORCH_CHECK(cos.numel() == n * (d / 2) && sin.numel() == n * (d / 2), "rotary: cos/sin [N, d / 2]");
+  auto out = torch::empty({n, heads, d}, x.options());
+  switch (x.scalar_type()) {
+    case torch::kFloat:
+      rotate_rows<float>(x.data_ptr<float>(), x.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                         out.data_ptr<float>(), n, heads, d);
+      break;
+    case torch::kBFloat16:
+      rotate_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), x.stride(0), cos.data_ptr<float>(),
+                                 sin.data_ptr<float>(), out.data_ptr<c10::BFloat16>(), n, heads, d);
+      break;
+    case torch::kHalf:
+      rotate_rows<c10::Half>(x.data_ptr<c10::Half>(), x.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                             out.data_ptr<c10::Half>(), n, heads, d);
+      break;
+    default:
+      TORCH_CHECK(false, "rotary: dtype must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_attention", &fused_attention, "Fused batch-invariant attention (CPU)");
+  m.def("rms_norm", &rms_norm, "Row-wise RMSNorm (CPU)");
+  m.def("rotary", &rotary, "Rotary embedding, halves layout (CPU)");
 }
