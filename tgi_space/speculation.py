@@ -99,8 +99,9 @@ class Speculator:
                 curves[b] = LatencyCurve({r: self.measure(b, r) for r in rows})
             self.curve = LatencySurface(curves)
             g = self.group_size
-            if g and 1 + g <= self.max_probe_rows:
-                self.mask_step_cost = max(0.0, self.measure(1, 1 + g, g) - self.measure(1, 1 + g))
+            if g and 1 + g <= self.max_probe_rows:  # the least of 3 alternating differences: robust to a busy CPU
+                diffs = [self.measure(1, 1 + g, g) - self.measure(1, 1 + g) for _ in range(3)]
+                self.mask_step_cost = max(0.0, min(diffs))
         return self.curve
 
     def plan(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:

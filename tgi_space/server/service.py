@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 from concurrent import futures
+from typing import Any, Callable
 
 import grpc
 
@@ -25,12 +27,63 @@ GRPC_OPTIONS = [
 ]
 
 
+class ShuttingDown(RuntimeError):
+    """The shard stopped before this request's engine work ran."""
+
+
+class EngineRunner:
+    """Runs every call that touches the engine on one thread: the main thread, in `serve_forever`.
+
+    torch's OpenMP runtime gives each thread that runs parallel work its own team of worker threads.
+    With a team per gRPC worker thread there are more OpenMP threads than cores, and the runtime then
+    stops spinning between parallel regions: every op pays a sleep/wake-up, and a step ran 2-3x slower
+    than the same step on the thread that loaded the model (measured here, 2 cores). One thread, one
+    team. Until `run_until` runs (in-process tests), calls run on the caller's thread.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.active = False
+        self.lock = threading.Lock()  # `active` and the queue change together: no job is queued after the drain
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the engine thread; its result or its exception."""
+        future: futures.Future | None = None
+        with self.lock:
+            if self.active:
+                future = futures.Future()
+                self.jobs.put((future, fn, args))
+        return fn(*args) if future is None else future.result()
+
+    def run_until(self, stopped: threading.Event, poll_s: float = 0.05) -> None:
+        """Run submitted calls on this thread until `stopped`; calls still queued then fail (ShuttingDown)."""
+        self.active = True
+        try:
+            while not stopped.is_set():
+                try:
+                    future, fn, args = self.jobs.get(timeout=poll_s)
+                except queue.Empty:
+                    continue
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as err:  # the caller's RPC raises it (the interceptor maps it)
+                        future.set_exception(err)
+        finally:
+            with self.lock:
+                self.active = False
+                while not self.jobs.empty():
+                    future, _, _ = self.jobs.get_nowait()
+                    future.set_exception(ShuttingDown("the shard is shutting down"))
+
+
 class TextGenerationService:
     """The eight RPCs of generate.v3.TextGenerationService."""
 
-    def __init__(self, shard: Shard, urls: list[str]) -> None:
+    def __init__(self, shard: Shard, urls: list[str], runner: EngineRunner | None = None) -> None:
         self.shard = shard
         self.urls = urls
+        self.runner = runner or EngineRunner()
         self.pb2, _ = load_pb()
 
     def Info(self, request, context):
@@ -56,15 +109,16 @@ class TextGenerationService:
         return self.pb2.ServiceDiscoveryResponse(urls=self.urls)
 
     def ClearCache(self, request, context):
-        self.shard.clear(request.id if request.HasField("id") else None)
+        self.runner.call(self.shard.clear, request.id if request.HasField("id") else None)
         return self.pb2.ClearCacheResponse()
 
     def FilterBatch(self, request, context):
-        batch = self.shard.filter(request.batch_id, list(request.request_ids))
+        batch = self.runner.call(self.shard.filter, request.batch_id, list(request.request_ids))
         return self.pb2.FilterBatchResponse(batch=batch.to_pb(self.pb2))
 
     def Warmup(self, request, context):
-        result = self.shard.warmup(
+        result = self.runner.call(
+            self.shard.warmup,
             request.batch,
             request.max_input_tokens if request.HasField("max_input_tokens") else None,
             request.max_total_tokens if request.HasField("max_total_tokens") else None,
@@ -78,10 +132,10 @@ class TextGenerationService:
     def Prefill(self, request, context):
         if request.HasField("cached_batch"):
             raise InvalidRequest("cached_batch: prefill chunking is not supported (Info.support_chunking = false)")
-        return self._step_response(self.pb2.PrefillResponse, self.shard.prefill(request.batch))
+        return self._step_response(self.pb2.PrefillResponse, self.runner.call(self.shard.prefill, request.batch))
 
     def Decode(self, request, context):
-        result = self.shard.decode([b.id for b in request.batches])
+        result = self.runner.call(self.shard.decode, [b.id for b in request.batches])
         return self._step_response(self.pb2.DecodeResponse, result)
 
     def _step_response(self, response_type, result: StepResult):
@@ -105,15 +159,18 @@ def build_shard(options: ServeOptions) -> Shard:
     return Shard(engine, speculate, options.watermark, method=options.speculate_mode if speculate else "space")
 
 
-def create_server(shard: Shard, options: ServeOptions, max_workers: int = 4) -> grpc.Server:
-    """A started gRPC server on `unix://{uds_path}-{rank}` (a stale socket file is removed first)."""
+def create_server(
+    shard: Shard, options: ServeOptions, max_workers: int = 4, runner: EngineRunner | None = None
+) -> grpc.Server:
+    """A started gRPC server on `unix://{uds_path}-{rank}` (a stale socket file is removed first);
+    engine work runs through `runner` (inline on the RPC's thread when None)."""
     _, pb2_grpc = load_pb()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=[ExceptionInterceptor()],
         options=GRPC_OPTIONS,
     )
-    pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(shard, options.urls()), server)
+    pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(shard, options.urls(), runner), server)
     if os.path.exists(options.socket_path):
         os.unlink(options.socket_path)
     server.add_insecure_port(f"unix://{options.socket_path}")
@@ -131,7 +188,8 @@ def serve_forever(options: ServeOptions) -> None:
         "SPACE k=%d, block size %d, %d KV slots; mask rows use no cache slots (no scratch space)",
         info.speculate, info.block_size, shard.ctx.num_slots,
     )
-    server = create_server(shard, options)
+    runner = EngineRunner()
+    server = create_server(shard, options, runner=runner)
     log.info("Server started at unix://%s", options.socket_path)
     stopped = threading.Event()
 
@@ -141,7 +199,7 @@ def serve_forever(options: ServeOptions) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    stopped.wait()
+    runner.run_until(stopped)  # engine work on this thread, the one that loaded the model
     server.stop(grace=5).wait()
     if os.path.exists(options.socket_path):
         os.unlink(options.socket_path)

@@ -7,6 +7,7 @@ all engine and cache work, so gRPC may answer Health/Info from other threads.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ def _head(ids: list[int], n: int = 8) -> str:
     """A list of ids, cut after n."""
     return str(ids[:n])[:-1] + (", ...]" if len(ids) > n else "]")
 
+
+log = logging.getLogger(__name__)
 
 class BatchNotFound(KeyError):
     """A batch id the cache does not hold; becomes NOT_FOUND."""
@@ -149,7 +152,7 @@ class Shard:
         with self.lock:
             self.cache.clear()
             if self.engine.planned and self.ctx.speculate:  # probe t(rows, batch) before any traffic
-                self.engine.speculator.latency()
+                self._log_latency(self.engine.speculator)
             batch = SpaceBatch.from_pb_self_allocated(pb_batch, self.ctx)
             try:
                 self._step(batch)
@@ -171,6 +174,13 @@ class Shard:
                 "lower --max-total-tokens or give the shard more cache (TGI_SPACE_KV_CACHE_BYTES)"
             )
         return WarmupResult(capacity, max_input, max_total)
+
+    @staticmethod
+    def _log_latency(speculator) -> None:
+        """Probe the planner's t(rows, batch) now and log it (and a mask group's own cost) once."""
+        curve = speculator.latency().as_dict()
+        text = "; ".join(f"batch {b}: " + ", ".join(f"t({n})={ms:.1f}" for n, ms in c.items()) for b, c in curve.items())
+        log.info("planner latency probe (ms): %s; mask group step cost %.2f ms", text, 1000 * speculator.mask_step_cost)
 
     def prefill(self, pb_batch) -> StepResult:
         """First step of a new batch: KV of the prompts, the first token, the first candidates."""
