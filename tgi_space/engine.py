@@ -291,13 +291,14 @@ class Engine:
         if self.planned and not any(seq.sdsat for seq, _ in planned):  # the planner learns from SPACE steps only
             trees = [p.tree for _, p in planned if p.is_tree]
             accepted = sum(len(e) - 1 for (_, p), (_, e) in zip(planned, results) if p.is_tree and e)
-            self.speculator.end_step(len(trees), sum(len(t) for t in trees), accepted)
+            sampled = any(not seq.params.is_greedy for seq, _ in planned)
+            self.speculator.end_step(len(trees), sum(len(t) for t in trees), accepted, sampled)
             base = sum(p.num_uncached for p in plans)
             seconds = time.perf_counter() - start
             masks = any(p.anchors for p in plans)
             if base == len(plans):  # decode steps only: a prefill's time says nothing about speculation
                 kind = "masks" if masks else "tree" if any(p.num_candidates for p in plans) else "plain"
-                self.speculator.observe_rate(len(plans), seconds, sum(len(e) for _, e in results), kind)
+                self.speculator.observe_rate(len(plans), seconds, sum(len(e) for _, e in results), kind, sampled)
             if self.speculator.curve is not None and base == len(plans):  # decode steps: wall time vs surface
                 rows = sum(p.num_rows for p in plans)
                 self.speculator.observe_step(base, rows, len(plans), seconds, masks)

@@ -11,6 +11,7 @@ or draw-then-match sampling), and `draft_next` builds the next tree.
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -62,8 +63,12 @@ class Speculator:
         self.curve: LatencySurface | None = LatencySurface({1: LatencyCurve(pinned)}) if pinned else None
         self.calibration = Calibration()
         self.mask_gain = 1.0  # running mean of tokens the mask drafts got accepted per step
-        self.value_per_row = 0.5  # running mean of accepted nodes per node sent
-        self.overhead_per_seq = 0.0  # running mean of seconds of drafting, planning and tree walking per sequence
+        # Running means, apart for greedy steps and steps with sampled sequences (sampling accepts fewer
+        # drafts and costs more per node): accepted nodes per node sent; seconds of drafting, planning and
+        # tree walking per speculating sequence.
+        self.value_per_row: dict[bool, float] = {False: 0.5, True: 0.5}
+        self.overhead_per_seq: dict[bool, float] = {False: 0.0, True: 0.0}
+        self._cannot_pay = 0  # steps kept plain because rows could not pay (one in EXPLORE_EVERY tries anyway)
         # What steps really cost against the probed surface, learnt from every step (wall time of the
         # whole step, logits, verification and Python included): plain steps scale t(B, B); extra rows
         # cost marginal_factor times what the surface says they add.
@@ -73,9 +78,11 @@ class Speculator:
         self.adaptive = policy.latency_curve is None
         # Realised tokens per second of speculative and of plain steps, per batch bucket: when
         # speculation is measured to lose, steps stay plain (but for one probe every EXPLORE_EVERY).
-        self.rates: dict[int, dict[str, float]] = {b: {} for b in PROBE_BATCHES}
-        self._gated: dict[int, int] = {b: 0 for b in PROBE_BATCHES}
-        self._masks_gated: dict[int, int] = {b: 0 for b in PROBE_BATCHES}
+        # Kept apart for all-greedy steps and steps with sampled sequences ("1/greedy", "16/sampled", ...):
+        # drafts are accepted far less often when sampling hot, and that must not stop greedy speculation.
+        self.rates: dict[str, dict[str, float]] = defaultdict(dict)
+        self._gated: dict[str, int] = defaultdict(int)
+        self._masks_gated: dict[str, int] = defaultdict(int)
         self.mask_factor = 1.0  # measured / probed cost of a step's mask groups, learnt from masked steps
         self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self.marginal_factor = {b: 2.0 if self.adaptive else 1.0 for b in PROBE_BATCHES}
@@ -108,16 +115,18 @@ class Speculator:
         """Give each speculating sequence the tree nodes and mask groups worth their rows."""
         self._observe_gap(len(planned))
         spec = [i for i, (seq, _) in enumerate(planned) if seq.speculate and not seq.sdsat]  # SDSAT: sdsat.py
-        if not spec or not self._measured_to_pay(len(planned)) or not self._rows_can_pay(planned, len(spec)):
+        sampled = any(not seq.params.is_greedy for seq, _ in planned)
+        key = _rate_key(len(planned), sampled)
+        if not spec or not self._measured_to_pay(key) or not self._rows_can_pay(planned, len(spec), sampled):
             for i in spec:  # the next tree is drafted when speculation pays again
                 planned[i][0].draft_tree = None
             return planned  # plain decoding, without even drafting
         start = time.perf_counter()
         proposals = [self._proposal(*planned[i]) for i in spec]
         others = [p for i, (_, p) in enumerate(planned) if i not in set(spec)]
-        overhead = self.overhead_per_seq * len(spec) + self.outside[_bucket(len(planned))]
+        overhead = self.overhead_per_seq[sampled] * len(spec) + self.outside[_bucket(len(planned))]
         base_rows = sum(p.num_rows for _, p in planned)
-        if not self._masks_measured_to_pay(len(planned)):
+        if not self._masks_measured_to_pay(key):
             proposals = [dataclasses.replace(p, group_size=0) for p in proposals]
         choices = plan(proposals, lambda rows, n: self.step_cost(base_rows, rows, n) + overhead,
                        self.policy.max_step_query_tokens,
@@ -131,50 +140,57 @@ class Speculator:
         self._record_plan(out, proposals, choices)
         return out
 
-    def _measured_to_pay(self, num_seqs: int) -> bool:
+    def _measured_to_pay(self, key: str) -> bool:
         """False while speculative steps of this batch size have been measured slower (tokens per
         second, whole step) than plain ones by more than the noise; one step in EXPLORE_EVERY speculates
         anyway, to re-measure."""
         if not self.adaptive:
             return True
-        b = _bucket(num_seqs)
-        rates = self.rates[b]
+        rates = self.rates[key]
         spec = max((rates[k] for k in ("tree", "masks") if k in rates), default=None)
         if spec is None or "plain" not in rates or spec >= GATE_MARGIN * rates["plain"]:
             return True
-        self._gated[b] += 1
-        return self._gated[b] % EXPLORE_EVERY == 0
+        self._gated[key] += 1
+        return self._gated[key] % EXPLORE_EVERY == 0
 
-    def _masks_measured_to_pay(self, num_seqs: int) -> bool:
+    def _masks_measured_to_pay(self, key: str) -> bool:
         """False while steps carrying mask groups have been measured slower (tokens per second, whole
         step) than plain steps; one step in EXPLORE_EVERY sends groups anyway. Judged apart from the
         trees, so costly masks (a gated adapter) do not stop suffix drafts. (Not against steps with
         trees only: those are the steps after a good draft, and masks are what drafts them.)"""
         if not self.adaptive:
             return True
-        b = _bucket(num_seqs)
-        rates = self.rates[b]
+        rates = self.rates[key]
         if "masks" not in rates or "plain" not in rates or rates["masks"] >= GATE_MARGIN * rates["plain"]:
             return True
-        self._masks_gated[b] += 1
-        return self._masks_gated[b] % MASKS_EXPLORE_EVERY == 0
+        self._masks_gated[key] += 1
+        return self._masks_gated[key] % MASKS_EXPLORE_EVERY == 0
 
-    def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str) -> None:
+    def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: bool = False) -> None:
         """One step's realised tokens per second (wall time of the whole step), by kind ("plain": no
-        candidate and no group, "tree": candidates only, "masks": with mask groups) and batch bucket."""
-        rates = self.rates[_bucket(num_seqs)]
+        candidate and no group, "tree": candidates only, "masks": with mask groups), batch bucket, and
+        whether any sequence of the step samples."""
+        rates = self.rates[_rate_key(num_seqs, sampled)]
         rate = tokens / max(seconds + self.outside[_bucket(num_seqs)], 1e-9)
         rates[kind] = rate if kind not in rates else 0.8 * rates[kind] + 0.2 * rate
 
-    def _rows_can_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int) -> bool:
+    def _rows_can_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int, sampled: bool = False) -> bool:
         """Whether extra rows worth what sent nodes have been worth lately, per speculating sequence,
-        would raise tokens per second once drafting's own cost is paid."""
+        would raise tokens per second once drafting's own cost is paid. When not, one step in
+        EXPLORE_EVERY drafts anyway (else a bad patch would stop speculation for good: nothing would be
+        sent, so nothing would show that drafts pay again)."""
+        if self._rows_could_pay(planned, num_spec, sampled):
+            return True
+        self._cannot_pay += 1
+        return self.adaptive and self._cannot_pay % EXPLORE_EVERY == 0
+
+    def _rows_could_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int, sampled: bool) -> bool:
         num_seqs = len(planned)
         rows = num_seqs  # judged in the decode regime (one row each): drafts made while prefilling
         outside = self.outside[_bucket(num_seqs)]  # pay only if the decode steps after speculate too:
         plain = num_seqs / (self.step_cost(rows, rows, num_seqs) + outside)
-        overhead = self.overhead_per_seq * num_spec + outside
-        v = max(self.value_per_row, 0.05)
+        overhead = self.overhead_per_seq[sampled] * num_spec + outside
+        v = max(self.value_per_row[sampled], 0.05)
         sizes = [k * m for k in (1, 2, 4, 8, self.policy.max_tree_depth) for m in (1, num_spec)]
         return any((num_seqs + v * k) / (self.step_cost(rows, rows + k, num_seqs) + overhead) > plain for k in sizes)
 
@@ -217,12 +233,12 @@ class Speculator:
         """The engine finished a step (its tokens are going out now)."""
         self._step_end = time.perf_counter()
 
-    def end_step(self, num_spec: int, num_sent: int, num_accepted: int) -> None:
+    def end_step(self, num_spec: int, num_sent: int, num_accepted: int, sampled: bool = False) -> None:
         """After a planned step: update the per-sequence overhead and the value of a sent node."""
         if num_spec and self.adaptive:
-            self.overhead_per_seq = 0.9 * self.overhead_per_seq + 0.1 * self._busy / num_spec
+            self.overhead_per_seq[sampled] = 0.9 * self.overhead_per_seq[sampled] + 0.1 * self._busy / num_spec
         if num_sent:
-            self.value_per_row = 0.9 * self.value_per_row + 0.1 * num_accepted / num_sent
+            self.value_per_row[sampled] = 0.9 * self.value_per_row[sampled] + 0.1 * num_accepted / num_sent
         self._busy = 0.0
 
     def _proposal(self, seq: Sequence, base: SeqPlan) -> Proposal:
@@ -316,11 +332,12 @@ class Speculator:
         s = self.stats
         return {
             "latency_ms": self.curve.as_dict() if self.curve else None,
-            "overhead_ms_per_sequence": 1000 * self.overhead_per_seq, "value_per_row": self.value_per_row,
+            "overhead_ms_per_sequence": {("sampled" if k else "greedy"): 1000 * v for k, v in self.overhead_per_seq.items()},
+            "value_per_row": {("sampled" if k else "greedy"): v for k, v in self.value_per_row.items()},
             "plain_factor": self.plain_factor, "marginal_factor": self.marginal_factor,
             "mask_step_ms": 1000 * self.mask_step_cost, "mask_factor": self.mask_factor,
             "outside_ms_per_step": {b: 1000 * t for b, t in self.outside.items()},
-            "tokens_per_s_by_batch": self.rates,
+            "tokens_per_s_by_batch": dict(self.rates),
             "calibration": self.calibration.table(),
             "mask_gain": self.mask_gain,
             "steps": s.steps, "plain_fallback_rate": s.plain_steps / max(1, s.steps),
@@ -354,6 +371,11 @@ def _process_rows(logits: torch.Tensor, seq: Sequence, tree: DraftTree) -> torch
         return process(logits, params, seq.tokens)
     paths = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(len(tree))]
     return torch.cat([process(logits[r : r + 1], params, seq.tokens + paths[r]) for r in range(len(paths))])
+
+
+def _rate_key(num_seqs: int, sampled: bool) -> str:
+    """The governor's key of a step: its batch bucket and whether any of its sequences samples."""
+    return f"{_bucket(num_seqs)}/{'sampled' if sampled else 'greedy'}"
 
 
 def _bucket(num_seqs: int) -> int:
