@@ -32,7 +32,7 @@ from tgi_space.sdsat import Sdsat, check_checkpoint
 from tgi_space.sequence import Sequence, TokenInfo
 from tgi_space.space import SeqPlan, StepLayout, build_layout, split_logits
 from tgi_space.model.prepack import prepack_linears
-from tgi_space.speculation import Speculator, measure_forward, probe_row_counts
+from tgi_space.speculation import Speculator, any_sampled, measure_forward, probe_row_counts
 from tgi_space.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,7 @@ class Engine:
     def _context(self, kv_caches: list[torch.Tensor]) -> ForwardContext:
         ctx = ForwardContext(kv_caches, self.backend, self.rotary, self.config.gemm_row_block or None)
         ctx.packed = self.packed
-        if self.config.attention_backend == "fused":  # its module also has RMSNorm and rotary kernels
-            from tgi_space.attention.fused import kernel
-
-            ctx.kernels = kernel()
+        ctx.kernels = getattr(self.backend, "kernels", None)  # the fused backend's RMSNorm and rotary
         return ctx
 
     @torch.inference_mode()
@@ -291,7 +288,7 @@ class Engine:
         if self.planned and not any(seq.sdsat for seq, _ in planned):  # the planner learns from SPACE steps only
             trees = [p.tree for _, p in planned if p.is_tree]
             accepted = sum(len(e) - 1 for (_, p), (_, e) in zip(planned, results) if p.is_tree and e)
-            sampled = any(not seq.params.is_greedy for seq, _ in planned)
+            sampled = any_sampled(planned)
             self.speculator.end_step(len(trees), sum(len(t) for t in trees), accepted, sampled)
             base = sum(p.num_uncached for p in plans)
             seconds = time.perf_counter() - start

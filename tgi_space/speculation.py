@@ -68,7 +68,7 @@ class Speculator:
         # tree walking per speculating sequence.
         self.value_per_row: dict[bool, float] = {False: 0.5, True: 0.5}
         self.overhead_per_seq: dict[bool, float] = {False: 0.0, True: 0.0}
-        self._cannot_pay = 0  # steps kept plain because rows could not pay (one in EXPLORE_EVERY tries anyway)
+        self._cannot_pay: dict[bool, int] = defaultdict(int)  # steps kept plain as rows could not pay, by regime
         # What steps really cost against the probed surface, learnt from every step (wall time of the
         # whole step, logits, verification and Python included): plain steps scale t(B, B); extra rows
         # cost marginal_factor times what the surface says they add.
@@ -115,7 +115,7 @@ class Speculator:
         """Give each speculating sequence the tree nodes and mask groups worth their rows."""
         self._observe_gap(len(planned))
         spec = [i for i, (seq, _) in enumerate(planned) if seq.speculate and not seq.sdsat]  # SDSAT: sdsat.py
-        sampled = any(not seq.params.is_greedy for seq, _ in planned)
+        sampled = any_sampled(planned)
         key = _rate_key(len(planned), sampled)
         if not spec or not self._measured_to_pay(key) or not self._rows_can_pay(planned, len(spec), sampled):
             for i in spec:  # the next tree is drafted when speculation pays again
@@ -150,8 +150,7 @@ class Speculator:
         spec = max((rates[k] for k in ("tree", "masks") if k in rates), default=None)
         if spec is None or "plain" not in rates or spec >= GATE_MARGIN * rates["plain"]:
             return True
-        self._gated[key] += 1
-        return self._gated[key] % EXPLORE_EVERY == 0
+        return _explore(self._gated, key, EXPLORE_EVERY)
 
     def _masks_measured_to_pay(self, key: str) -> bool:
         """False while steps carrying mask groups have been measured slower (tokens per second, whole
@@ -163,8 +162,7 @@ class Speculator:
         rates = self.rates[key]
         if "masks" not in rates or "plain" not in rates or rates["masks"] >= GATE_MARGIN * rates["plain"]:
             return True
-        self._masks_gated[key] += 1
-        return self._masks_gated[key] % MASKS_EXPLORE_EVERY == 0
+        return _explore(self._masks_gated, key, MASKS_EXPLORE_EVERY)
 
     def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: bool = False) -> None:
         """One step's realised tokens per second (wall time of the whole step), by kind ("plain": no
@@ -181,8 +179,7 @@ class Speculator:
         sent, so nothing would show that drafts pay again)."""
         if self._rows_could_pay(planned, num_spec, sampled):
             return True
-        self._cannot_pay += 1
-        return self.adaptive and self._cannot_pay % EXPLORE_EVERY == 0
+        return self.adaptive and _explore(self._cannot_pay, sampled, EXPLORE_EVERY)
 
     def _rows_could_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int, sampled: bool) -> bool:
         num_seqs = len(planned)
@@ -371,6 +368,17 @@ def _process_rows(logits: torch.Tensor, seq: Sequence, tree: DraftTree) -> torch
         return process(logits, params, seq.tokens)
     paths = [[]] + [[tree.tokens[j] for j in tree.path(i)] for i in range(len(tree))]
     return torch.cat([process(logits[r : r + 1], params, seq.tokens + paths[r]) for r in range(len(paths))])
+
+
+def any_sampled(planned: list[tuple[Sequence, SeqPlan]]) -> bool:
+    """Whether any sequence of the step samples (the planner keeps its figures apart for such steps)."""
+    return any(not seq.params.is_greedy for seq, _ in planned)
+
+
+def _explore(gated: dict, key, every: int) -> bool:
+    """Count one step kept from what it would try under `key`; True for one in `every` (it tries anyway)."""
+    gated[key] += 1
+    return gated[key] % every == 0
 
 
 def _rate_key(num_seqs: int, sampled: bool) -> str:

@@ -65,6 +65,7 @@ class FusedBackend:
         if reason is not None:
             raise RuntimeError(f"attention_backend 'fused': the CPU kernel does not build here ({reason}); "
                                "use 'matmul' or install g++ and ninja")
+        self.kernels = kernel()  # also RMSNorm and rotary: the model's ForwardContext uses them
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
@@ -73,5 +74,5 @@ class FusedBackend:
         """Attention output [N, num_heads, head_dim]; stores kept rows' K/V first."""
         write_kv(k, v, kv_cache, meta)
         f = meta.fused
-        return kernel().fused_attention(q, k, v, kv_cache, f.cu_q, f.cu_ctx, f.prefix, f.visibility, f.cu_visibility,
+        return self.kernels.fused_attention(q, k, v, kv_cache, f.cu_q, f.cu_ctx, f.prefix, f.visibility, f.cu_visibility,
                                         f.items, scale)

@@ -3,10 +3,12 @@
 `F.linear` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call;
 for the decode regime (1-64 rows) that reorder costs as much as the multiplication. Packing each
 projection's weight once at start-up and calling oneDNN's linear on the packed copy halves the
-time of a 384 x 2048 projection at 1-32 rows (benchmarks/engine_latency.py, docs/performance.md).
+time of a 384 x 2048 projection at 1-32 rows (measured with `tgi-space bench-engine`; README, "The
+engine itself").
 
 The packed call gives every row exactly the bits `F.linear` gives it alone (packed for one row:
-no K-blocked kernel at any row count; tests/test_prepack.py), so greedy outputs do not change.
+no K-blocked kernel at any row count; tests/test_prepack.py, docs/lossless.md), so greedy outputs
+do not change.
 Costs one extra copy of the projection weights (the originals stay for adapters and checks).
 """
 

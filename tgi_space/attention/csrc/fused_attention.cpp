@@ -97,46 +97,32 @@ inline vf exp_neg(vf x) {
   return lo != 0.0f ? vf{} : out;
 }
 
-// One query (a row and a head) against its sequence's visible keys; writes out[0 .. d).
-template <int64_t C, typename T>
+// One query (a row and a head) against its sequence's visible keys, for a head dimension that is
+// not 64 or 128 (`attend_block` takes those); the same arithmetic as there; writes out[0 .. d).
+template <typename T>
 void attend(const float* qf, int64_t d, int64_t len, int64_t ctx, const uint8_t* visible, const T* const* keys,
             const T* const* values, float scale, float* s, float* a, T* out) {
   const int64_t padded = (len + W - 1) / W * W;
   float best = -std::numeric_limits<float>::infinity();
-  int64_t j = 0;
-  for (; j + 4 <= len; j += 4) {  // four independent dot products at a time (each the same arithmetic)
-    const float s0 = dot<C>(qf, keys[j], d), s1 = dot<C>(qf, keys[j + 1], d);
-    const float s2 = dot<C>(qf, keys[j + 2], d), s3 = dot<C>(qf, keys[j + 3], d);
-    s[j] = s0 * scale, s[j + 1] = s1 * scale, s[j + 2] = s2 * scale, s[j + 3] = s3 * scale;
-  }
-  for (; j < len; ++j) s[j] = dot<C>(qf, keys[j], d) * scale;
-  for (j = 0; j < len; ++j) {
+  for (int64_t j = 0; j < len; ++j) {
+    s[j] = dot<0>(qf, keys[j], d) * scale;
     if (j < ctx || visible[j - ctx]) best = std::max(best, s[j]);
   }
-  for (j = len; j < padded; ++j) s[j] = best;
+  for (int64_t j = len; j < padded; ++j) s[j] = best;
   for (int64_t j0 = 0; j0 < padded; j0 += W) store(s + j0, exp_neg(load(s + j0) - best));
   float total = 0.f;
-  for (j = 0; j < len; ++j) {  // hidden keys get an exact 0; the sum in key order
+  for (int64_t j = 0; j < len; ++j) {  // hidden keys get an exact 0; the sum in key order
     if (j >= ctx && !visible[j - ctx]) s[j] = 0.f;
     total = total + s[j];
   }
-  const int64_t chunks = C > 0 ? C : d / W;
-  vf acc[C > 0 ? C : 1];
-  for (int64_t c = 0; c < (C > 0 ? C : 1); ++c) acc[c] = vf{};
+  const int64_t whole = d / W * W;
   std::fill(a, a + d, 0.f);
-  for (j = 0; j < len; ++j) {  // sum of p_j v_j in key order; p = 0 skipped
+  for (int64_t j = 0; j < len; ++j) {  // sum of p_j v_j in key order; p = 0 skipped
     const float pj = s[j];
     if (pj == 0.f) continue;
     const T* vj = values[j];
-    if (C > 0) {
-      for (int64_t c = 0; c < C; ++c) acc[c] = acc[c] + pj * load(vj + c * W);
-    } else {
-      for (int64_t c = 0; c < chunks; ++c) store(a + c * W, load(a + c * W) + pj * load(vj + c * W));
-      for (int64_t i = chunks * W; i < d; ++i) a[i] = a[i] + pj * static_cast<float>(vj[i]);
-    }
-  }
-  if (C > 0) {
-    for (int64_t c = 0; c < C; ++c) store(a + c * W, acc[c]);
+    for (int64_t i = 0; i < whole; i += W) store(a + i, load(a + i) + pj * load(vj + i));
+    for (int64_t i = whole; i < d; ++i) a[i] = a[i] + pj * static_cast<float>(vj[i]);
   }
   for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(a[i] / total);
 }
@@ -249,7 +235,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor
         for (int64_t m = 0; m < rows * group; ++m) {
           scores.resize((len + W - 1) / W * W);
           acc.resize(d);
-          attend<0, T>(qf.data() + m * d, d, len, ctx, visible + (m / group) * n, keys.data(), values.data(), fscale,
+          attend<T>(qf.data() + m * d, d, len, ctx, visible + (m / group) * n, keys.data(), values.data(), fscale,
                        scores.data(), acc.data(), out_of(m));
         }
       }
