@@ -39,13 +39,40 @@ def step(ctx: list[int], new: list[int], d: int, dtype, seed: int, chain: bool =
     return q, k, v, cache, meta
 
 
-@pytest.mark.parametrize("d", [64, 128, 48])  # the unrolled head sizes and the generic path
+@pytest.mark.parametrize("d", [64, 128, 48, 40])  # the unrolled head sizes, the generic path, a partial chunk
 @pytest.mark.parametrize("chain", [True, False])
 def test_float32_equals_sdpa(d, chain):
     q, k, v, cache, meta = step([0, 5, 70, 33], [9, 1, 20, 3], d, torch.float32, seed=d, chain=chain)
     ref = SdpaBackend().forward(q, k, v, cache.clone(), meta, d**-0.5)
     ours = FusedBackend().forward(q, k, v, cache.clone(), meta, d**-0.5)
     torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_strided_views_of_a_fused_projection_give_the_contiguous_result(dtype):
+    q, k, v, cache, meta = step([30, 4], [5, 11], 64, dtype, seed=9)
+    qkv = torch.cat([q, k, v], dim=1)  # [N, h + 2 kvh, d]: q, k and v are row-strided views of it
+    views = qkv[:, :HEADS], qkv[:, HEADS : HEADS + KV_HEADS], qkv[:, HEADS + KV_HEADS :]
+    assert not any(t.is_contiguous() for t in views)
+    ref = FusedBackend().forward(q, k, v, cache.clone(), meta, 0.125)
+    assert torch.equal(FusedBackend().forward(*views, cache.clone(), meta, 0.125), ref)
+
+
+def test_store_kv_writes_what_index_copy_writes_and_nothing_else():
+    from tgi_space.attention.fused import kernel
+
+    g = torch.Generator().manual_seed(10)
+    qkv = torch.randn(7, HEADS + 2 * KV_HEADS, 64, generator=g).bfloat16()
+    k, v = qkv[:, HEADS : HEADS + KV_HEADS], qkv[:, HEADS + KV_HEADS :]  # strided views, as in the model
+    cache = torch.randn(2, 20, KV_HEADS, 64, generator=g).bfloat16()
+    rows, slots = torch.tensor([0, 3, 6, 4]), torch.tensor([19, 2, 7, 11])
+    ref = cache.clone()
+    ref[0].index_copy_(0, slots, k.index_select(0, rows))
+    ref[1].index_copy_(0, slots, v.index_select(0, rows))
+    kernel().store_kv(k, v, cache, rows, slots)
+    assert torch.equal(cache, ref)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel().store_kv(k, v, cache, rows, torch.tensor([19, 2, 7, 20]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -116,6 +143,37 @@ def test_rms_norm_kernel_equals_the_module_and_is_row_wise():
     torch.testing.assert_close(ours.float(), norm.to(torch.bfloat16)(xb).float(), atol=0.05, rtol=0.02)
     alone = torch.cat([kernel().rms_norm(xb[r : r + 1], wb, norm.eps) for r in range(37)])
     assert torch.equal(ours, alone)
+
+
+def test_residual_add_then_norm_is_a_torch_add_then_the_module():
+    from tgi_space.attention.fused import kernel
+    from tgi_space.model.llama import RMSNorm
+
+    g = torch.Generator().manual_seed(6)
+    norm = RMSNorm(384, 1e-6).to(torch.bfloat16)
+    norm.weight.data = torch.randn(384, generator=g).bfloat16()
+    x, delta = (torch.randn(21, 384, generator=g) * 3).bfloat16(), torch.randn(21, 384, generator=g).bfloat16()
+    summed = x + delta  # torch's bf16 add: float32 sum, one rounding
+    stream = x.clone()
+    ours = kernel().rms_norm(stream, norm.weight.data, norm.eps, delta)
+    assert torch.equal(stream, summed)  # the residual stream, updated in place
+    assert torch.equal(ours, kernel().rms_norm(summed, norm.weight.data, norm.eps))
+    torch.testing.assert_close(ours.float(), norm(summed).float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel_equals_silu_times_up_and_is_row_wise(dtype):
+    from tgi_space.attention.fused import kernel
+
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(13, 2 * 200, generator=g) * 4).to(dtype)  # 200: a tail past the last 16 lanes
+    x[0, :5] = torch.tensor([0.0, -90.0, 90.0, -1e-3, 1e-3])  # zero, saturation, tiny inputs
+    gate, up = x.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    ours = kernel().swiglu(x)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(ours, ref, **tol)
+    assert torch.equal(ours, torch.cat([kernel().swiglu(x[r : r + 1]) for r in range(13)]))
 
 
 def test_rotary_kernel_equals_the_reference_rotation_on_a_strided_view():

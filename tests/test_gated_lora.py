@@ -362,3 +362,29 @@ def test_shard_server_reads_tgi_space_adapter(base, adapter):
     assert from_launcher(str(base), env={}).speculate_mode == "none"  # the base alone has no mask token
     assert shard.choose(["serve", str(base)], env) == "space"
     assert shard.choose(["serve", str(base)], {}) == "tgi"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_delta_kernel_adds_what_the_torch_path_adds_on_the_mask_rows_only(dtype):
+    from tgi_space.attention.fused import available, kernel
+    from tgi_space.model.adapter import GatedDelta
+
+    if available() is not None:
+        pytest.skip(f"fused kernels do not build: {available()}")
+    g = torch.Generator().manual_seed(12)
+    r, sizes, inp = 4, [40, 24], 72  # two shards of a fused projection; 72: a tail past the last 16 lanes
+    a = torch.randn(2 * r, inp, generator=g)
+    b = torch.zeros(sum(sizes), 2 * r)
+    b[:40, :r], b[40:, r:] = torch.randn(40, r, generator=g), torch.randn(24, r, generator=g)
+    delta = GatedDelta(a, b, [(0, r, 0, 40), (r, 2 * r, 40, 64)])
+    x, y = torch.randn(9, inp, generator=g).to(dtype), torch.randn(9, 64, generator=g).to(dtype)
+    rows = torch.tensor([1, 4, 8])
+    ref, ours = y.clone(), y.clone()
+    delta.add_to(ref, x, rows)  # reference: index_add_ of the float32 delta rounded to y's dtype
+    delta.add_to(ours, x, rows, kernel())
+    others = torch.ones(9, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(ours[others], y[others])  # ordinary rows keep their bits
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    torch.testing.assert_close(ours[rows], ref[rows], **tol)
+    assert not torch.equal(ours[rows], y[rows])

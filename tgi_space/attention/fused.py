@@ -1,9 +1,12 @@
 """Fused attention for CPU: one C++ call per layer for the whole ragged batch, batch-invariant.
 
-The kernel (csrc/fused_attention.cpp) computes each (query row, head) with one fixed float32 loop
+The kernel (csrc/fused_attention.cpp) computes each (query row, head) with one fixed computation
 over that row's visible keys: the cached prefix in position order, then the visible new rows of its
-own sequence. Nothing else in the step enters that loop, so a row gets the same bits whatever else
+own sequence (keys transposed 64 at a time so a vector holds 16 keys; bf16 pair products where the
+CPU has AVX512-BF16). Nothing else in the step enters it, so a row gets the same bits whatever else
 is in the batch, in bf16, fp16 and fp32 alike; and no key is gathered, padded or masked in Python.
+The same module holds the step's other row-wise kernels: RMSNorm with the residual add, rotary,
+SwiGLU, the K/V store and a gated adapter's mask-row deltas (docs/lossless.md).
 
 Built with torch's JIT extension loader (g++ and ninja) the first time it is used on a machine and
 cached in torch's extension folder afterwards (TORCH_EXTENSIONS_DIR). `available()` says whether it
@@ -19,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from tgi_space.attention.backend import write_kv
 from tgi_space.attention.metadata import AttentionMetadata
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_attention.cpp"
@@ -72,7 +74,8 @@ class FusedBackend:
         scale: float,
     ) -> torch.Tensor:
         """Attention output [N, num_heads, head_dim]; stores kept rows' K/V first."""
-        write_kv(k, v, kv_cache, meta)
+        if meta.write_rows.numel():
+            self.kernels.store_kv(k, v, kv_cache, meta.write_rows, meta.write_slots)
         f = meta.fused
         return self.kernels.fused_attention(q, k, v, kv_cache, f.cu_q, f.cu_ctx, f.prefix, f.visibility, f.cu_visibility,
                                         f.items, scale)

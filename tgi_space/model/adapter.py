@@ -147,14 +147,25 @@ class GatedDelta(nn.Module):
     cost 3-4x less in float32 than in oneDNN's bf16 on CPU, and mask rows never reach verification.
     """
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, spans: list[tuple[int, int, int, int]] | None = None) -> None:
         super().__init__()
         self.register_buffer("a", a)
         self.register_buffer("b", b)
+        self.register_buffer("bt", b.t().contiguous())  # [S*r, out], for the fused CPU kernel
+        spans = spans if spans is not None else [(0, a.shape[0], 0, b.shape[0])]
+        self.register_buffer("spans", torch.tensor(spans, dtype=torch.long).reshape(-1, 4))  # B's nonzero blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Delta rows [n, out] of input rows x [n, in]."""
         return F.linear(F.linear(x.float(), self.a), self.b)
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, kernels=None) -> None:
+        """y[rows] += delta(x[rows]) rounded to y's dtype, in place; one fused call when `kernels` (the
+        fused CPU kernels, attention/fused.py) are given (the same float32 math, only B's blocks read)."""
+        if kernels is not None and y.device.type == "cpu" and y.stride(-1) == 1 and x.stride(-1) == 1:
+            kernels.lora_delta_(y, x, rows, self.a, self.bt, self.spans)
+        else:
+            y.index_add_(0, rows, self(x[rows]).to(y.dtype))
 
 
 @dataclass
@@ -246,13 +257,15 @@ def _fused_delta(model: nn.Module, module: nn.Linear, fused: str, names: list[st
     sizes = model.shard_sizes(fused) if names[0] in model.packed_modules else [module.out_features]
     a = torch.empty(len(names) * r, module.in_features)
     b = torch.zeros(module.out_features, len(names) * r)
+    spans = []
     for j, name in enumerate(names):
         shard = model.packed_modules.get(name, (fused, 0))[1]
         start = sum(sizes[:shard])
         a[j * r : (j + 1) * r] = _lora_tensor(tensors, layer, name, "A", (r, module.in_features))
         rows = slice(start, start + sizes[shard])
         b[rows, j * r : (j + 1) * r] = _lora_tensor(tensors, layer, name, "B", (sizes[shard], r))
-    return GatedDelta(a, b * config.scale)
+        spans.append((j * r, (j + 1) * r, start, start + sizes[shard]))
+    return GatedDelta(a, b * config.scale, spans)
 
 
 def _lora_tensor(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +66,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
-        gate, up = ctx.linear(self.gate_up_proj, x).chunk(2, dim=-1)
-        return ctx.linear(self.down_proj, F.silu(gate) * up)
+        return ctx.linear(self.down_proj, ctx.swiglu(ctx.linear(self.gate_up_proj, x)))
 
 
 class DecoderLayer(nn.Module):
@@ -81,9 +79,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: "RopeTables", ctx: "ForwardContext", layer: int) -> torch.Tensor:
-        x = x + self.self_attn(ctx.norm(self.input_layernorm, x), rope, ctx, layer)
-        return x + self.mlp(ctx.norm(self.post_attention_layernorm, x), ctx)
+    def forward(
+        self, x: torch.Tensor, delta: torch.Tensor | None, rope: "RopeTables", ctx: "ForwardContext", layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, this layer's MLP output): the caller adds the latter, fused with the next norm."""
+        x, h = ctx.add_norm(self.input_layernorm, x, delta)
+        x, h = ctx.add_norm(self.post_attention_layernorm, x, self.self_attn(h, rope, ctx, layer))
+        return x, self.mlp(h, ctx)
 
 
 class ForwardContext:
@@ -105,11 +107,22 @@ class ForwardContext:
         self.packed: dict[nn.Module, torch.Tensor] = {}  # projection -> its oneDNN-packed weight (prepack.py)
         self.kernels = None  # the fused CPU kernels' module (attention/fused.py) when that backend runs
 
-    def norm(self, module: "RMSNorm", x: torch.Tensor) -> torch.Tensor:
-        """module(x), in one fused CPU call when the fused kernels run (the same rounding steps)."""
+    def add_norm(
+        self, module: "RMSNorm", x: torch.Tensor, delta: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, module(x + delta)), or (x, module(x)) without a delta; in one fused CPU call when
+        the fused kernels run (x updated in place; the same rounding steps as a torch add, then the norm)."""
         if self.kernels is None or x.dim() != 2 or module.weight.dtype != x.dtype:
-            return module(x)
-        return self.kernels.rms_norm(x, module.weight, module.eps)
+            x = x if delta is None else x + delta
+            return x, module(x)
+        return x, self.kernels.rms_norm(x, module.weight, module.eps, delta)
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of [gate | up] rows, in one fused CPU call when the fused kernels run."""
+        if self.kernels is None or gate_up.dim() != 2:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return self.kernels.swiglu(gate_up)
 
     def rotate(self, rope: "RopeTables", x: torch.Tensor) -> torch.Tensor:
         """rope.rotate(x), in one fused CPU call (float32 tables, one rounding) when the fused kernels run."""
@@ -123,8 +136,7 @@ class ForwardContext:
         y = self.gemm(layer, x, layer.in_features)
         delta = self.gate.deltas.get(layer) if self.gate is not None else None
         if delta is not None:
-            rows = self.gate.rows  # [n]
-            y.index_add_(0, rows, delta(x[rows]).to(y.dtype))
+            delta.add_to(y, x, self.gate.rows, self.kernels)
         return y
 
     def gemm(self, fn: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -133,10 +145,12 @@ class ForwardContext:
         oneDNN's bf16 GEMM switches to a K-blocked kernel above 32 rows when K >= 512
         (measured on AMX CPUs; K = 384 never does), which rounds some rows differently;
         calls of <= 32 rows give every row the bits it gets alone, whatever else is in the batch.
+        A packed weight (prepack.py) keeps one kernel for every row count: one call
+        (tests/test_prepack.py checks 1 to 300 rows against rows alone).
         """
         packed = self.packed.get(fn)
         if packed is not None:
-            fn = partial(packed_linear, packed, fn.bias)
+            return packed_linear(packed, fn.bias, x)
         block = self.gemm_row_block
         if block is None or x.shape[0] <= block or k < GEMM_BLOCKED_MIN_K:
             return fn(x)
@@ -178,10 +192,11 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         self.ctx.gate = self.adapter.open_gate(input_ids, x, mask_rows) if self.adapter is not None else None
         rope = self.ctx.rotary.tables(positions)  # once per step, shared by every layer
+        delta = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, self.ctx, i)
+            x, delta = layer(x, delta, rope, self.ctx, i)
         self.ctx.gate = None  # this step's rows only: a later linear call (lm_head, checks) sees no gate
-        return self.ctx.norm(self.norm, x)
+        return self.ctx.add_norm(self.norm, x, delta)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [n, vocab] of selected hidden rows [n, hidden]."""

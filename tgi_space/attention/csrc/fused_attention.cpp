@@ -1,28 +1,38 @@
 // Fused, batch-invariant attention over a ragged batch and a paged KV cache (CPU).
 //
-// Work is split by (sequence, block of up to ROW_BLOCK rows, kv head). Each (query row, head) runs one
-// fixed computation over the keys it may see, the cached prefix in position order and then the visible
-// new rows of its own sequence, reading them where they are (cache slots or this step's rows):
-//   score_j = scale * dot(q, k_j)  (W-lane partial sums over the head dimension, a fixed tree),
+// Work is split by (sequence, block of up to ROW_BLOCK rows, kv head), handed out to the threads one
+// item at a time. An item converts its sequence's visible keys to float32 once, transposed (head
+// dimension by key), and its values to float32, then runs each (query row, head) as one fixed
+// computation over the keys it may see, the cached prefix in position order and then the visible new
+// rows of its own sequence:
+//   score_j = scale * (sum over i in order of q_i k_ji, one fused multiply-add per term, per lane = key),
 //   m = max of the visible scores,  p_j = exp_neg(score_j - m)  (0 for a hidden key),
-//   total = p_j summed in key order,  out = (sum in key order of p_j v_j) / total.
-// Every operation on a row's numbers is per lane (GCC vector extensions) or sequential, in a fixed
-// order, and the file is built with -ffp-contract=off (no multiply-add is fused), so a row gets the
-// same bits whatever else is in the batch, wherever its keys fall in a vector, and however the work is
-// split over threads.
+//   total = p_j summed per lane over blocks of W keys, then a fixed tree over the lanes,
+//   out = (sum in key order of p_j v_j, one fused multiply-add per key) / total.
+// Every operation on a row's numbers is per lane (GCC vector extensions; fused multiply-adds are
+// explicit, nothing else is contracted: -ffp-contract=off) or in a fixed order, so a row gets the same
+// bits whatever else is in the batch, wherever its keys fall in a vector, and however the work is split
+// over threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t ROW_BLOCK = 16;  // query rows of one sequence per work item
-constexpr int64_t W = 16;          // lanes of one vector: keys scored together, head-dimension chunk
+constexpr int64_t ROW_BLOCK = 8;    // query rows of one sequence per work item
+constexpr int64_t W = 16;           // lanes of one vector: keys scored together, head-dimension chunk
+constexpr int64_t MAX_CHUNKS = 16;  // head dimension at most MAX_CHUNKS * W
+constexpr int64_t TILE = 64;        // keys transposed at a time (a multiple of W; with d = 64, 16 KiB of float32)
 
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
@@ -53,6 +63,56 @@ inline vf load(const c10::Half* p) {
 
 inline void store(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(vf)); }
 
+// v rounded to T (round to nearest even, as c10's conversions) and back to float32, per lane.
+template <typename T>
+inline vf rounded(vf v);
+
+template <>
+inline vf rounded<float>(vf v) { return v; }
+
+template <>
+inline vf rounded<c10::BFloat16>(vf v) {
+  vu bits;
+  __builtin_memcpy(&bits, &v, sizeof(vf));
+  bits = ((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16) << 16;
+  bits = v != v ? vu{} + 0x7FC00000u : bits;  // NaN stays a (quiet) NaN
+  vf out;
+  __builtin_memcpy(&out, &bits, sizeof(vf));
+  return out;
+}
+
+template <>
+inline vf rounded<c10::Half>(vf v) {
+  for (int64_t l = 0; l < W; ++l) v[l] = static_cast<float>(static_cast<c10::Half>(v[l]));
+  return v;
+}
+
+// Store v as W values of T (rounded as `rounded` rounds).
+inline void store(c10::BFloat16* p, vf v) {
+  vu bits;
+  const vf r = rounded<c10::BFloat16>(v);
+  __builtin_memcpy(&bits, &r, sizeof(vf));
+  const vh h = __builtin_convertvector(bits >> 16, vh);
+  __builtin_memcpy(p, &h, sizeof(vh));
+}
+
+inline void store(c10::Half* p, vf v) {
+  for (int64_t l = 0; l < W; ++l) p[l] = static_cast<c10::Half>(v[l]);
+}
+
+// a * b + c per lane with one rounding (the hardware instruction where there is one, else std::fma:
+// the same bits either way).
+inline vf fma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+                                              reinterpret_cast<__m512>(c)));
+#else
+  vf r;
+  for (int64_t l = 0; l < W; ++l) r[l] = std::fma(a[l], b[l], c[l]);
+  return r;
+#endif
+}
+
 inline float reduce(vf v) {  // a fixed pairwise tree over the lanes: lane l += lane l + width, width 8, 4, 2, 1
   v = v + __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
   v = v + __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
@@ -61,22 +121,15 @@ inline float reduce(vf v) {  // a fixed pairwise tree over the lanes: lane l += 
   return v[0];
 }
 
-// q . k over the head dimension: W-lane partial sums chunk by chunk, the rest lane by lane, then `reduce`.
-// C > 0: the head dimension is C * W, known at compile time (the loops unroll; same arithmetic).
-template <int64_t C, typename T>
-inline float dot(const float* q, const T* k, int64_t d) {
-  vf lane = {};
-  const int64_t whole = C > 0 ? C * W : d / W * W;
-  for (int64_t i = 0; i < whole; i += W) lane = lane + load(q + i) * load(k + i);
-  if (C == 0) {
-    for (int64_t i = whole; i < d; ++i) lane[i - whole] = lane[i - whole] + q[i] * static_cast<float>(k[i]);
-  }
-  return reduce(lane);
+inline float reduce_max(vf v) {  // max is exact: any order gives the same value
+  float best = v[0];
+  for (int64_t l = 1; l < W; ++l) best = std::max(best, v[l]);
+  return best;
 }
 
 // exp(x) for x <= 0, per lane: x = k ln2 + r with k = round(x / ln2) (by the 1.5 * 2^23 trick),
 // exp(r) by a degree-6 Taylor polynomial in Horner form, times 2^k built in the exponent bits.
-// Relative error < 3e-7; below -87 the result is 0.
+// Relative error < 3e-7; below -87 (and for -inf) the result is 0.
 inline vf exp_neg(vf x) {
   const vf lo = x < -87.0f ? vf{} + 1.0f : vf{};
   x = x < -87.0f ? vf{} - 87.0f : x;
@@ -97,100 +150,370 @@ inline vf exp_neg(vf x) {
   return lo != 0.0f ? vf{} : out;
 }
 
-// One query (a row and a head) against its sequence's visible keys, for a head dimension that is
-// not 64 or 128 (`attend_block` takes those); the same arithmetic as there; writes out[0 .. d).
-template <typename T>
-void attend(const float* qf, int64_t d, int64_t len, int64_t ctx, const uint8_t* visible, const T* const* keys,
-            const T* const* values, float scale, float* s, float* a, T* out) {
-  const int64_t padded = (len + W - 1) / W * W;
-  float best = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < len; ++j) {
-    s[j] = dot<0>(qf, keys[j], d) * scale;
-    if (j < ctx || visible[j - ctx]) best = std::max(best, s[j]);
+// One stage of a 16 x 16 transpose: rows t and t + s swap their off-diagonal s-lane blocks.
+template <int S>
+inline void transpose_stage(vf* r) {
+  vi lo, hi;
+  for (int l = 0; l < W; ++l) {
+    lo[l] = (l & S) == 0 ? l : W + l - S;
+    hi[l] = (l & S) == 0 ? l + S : W + l;
   }
-  for (int64_t j = len; j < padded; ++j) s[j] = best;
-  for (int64_t j0 = 0; j0 < padded; j0 += W) store(s + j0, exp_neg(load(s + j0) - best));
-  float total = 0.f;
-  for (int64_t j = 0; j < len; ++j) {  // hidden keys get an exact 0; the sum in key order
-    if (j >= ctx && !visible[j - ctx]) s[j] = 0.f;
-    total = total + s[j];
+  for (int t = 0; t < W; ++t) {
+    if (t & S) continue;
+    const vf a = r[t], b = r[t + S];
+    r[t] = __builtin_shuffle(a, b, lo);
+    r[t + S] = __builtin_shuffle(a, b, hi);
   }
-  const int64_t whole = d / W * W;
-  std::fill(a, a + d, 0.f);
-  for (int64_t j = 0; j < len; ++j) {  // sum of p_j v_j in key order; p = 0 skipped
-    const float pj = s[j];
-    if (pj == 0.f) continue;
-    const T* vj = values[j];
-    for (int64_t i = 0; i < whole; i += W) store(a + i, load(a + i) + pj * load(vj + i));
-    for (int64_t i = whole; i < d; ++i) a[i] = a[i] + pj * static_cast<float>(vj[i]);
-  }
-  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(a[i] / total);
 }
 
-// A block of queries (rows r0.. of one sequence, the heads of one kv head) with the head dimension
-// C * W known at compile time: each key and value is converted once and used by every query of the
-// block. Per query the arithmetic is exactly `attend`'s: the same dot, max, exp, key-order sums.
+// Keys j0 .. j0 + count (count <= TILE, a multiple of W) of one kv head, transposed to float32 kt [d][TILE]
+// (keys past `len` are 0). Conversion is exact, so the layout changes no value.
+template <typename T>
+void transpose_keys(const T* const* keys, int64_t j0, int64_t count, int64_t len, int64_t d, float* kt) {
+  vf tile[W];
+  for (int64_t b = 0; b < count; b += W) {
+    for (int64_t c = 0; c < d; c += W) {
+      for (int64_t t = 0; t < W; ++t) {
+        const int64_t j = j0 + b + t;
+        if (j < len && c + W <= d) {
+          tile[t] = load(keys[j] + c);
+        } else {
+          tile[t] = vf{};
+          for (int64_t i = c; j < len && i < d; ++i) tile[t][i - c] = static_cast<float>(keys[j][i]);
+        }
+      }
+      transpose_stage<8>(tile);
+      transpose_stage<4>(tile);
+      transpose_stage<2>(tile);
+      transpose_stage<1>(tile);
+      for (int64_t i = 0; i < W && c + i < d; ++i) store(kt + (c + i) * TILE + b, tile[i]);
+    }
+  }
+}
+
+// Scores of Q queries (rows of qf, stride dp) against U blocks of W transposed keys, scaled, into s
+// (row stride `stride`): per lane, the terms q_i k_ji added in the order of i.
+template <int Q, int U>
+inline void score_tile(const float* qf, int64_t dp, const float* kt, int64_t d, float scale, float* s,
+                       int64_t stride) {
+  vf acc[Q][U] = {};
+  for (int64_t i = 0; i < d; ++i) {
+    vf k[U];
+    for (int u = 0; u < U; ++u) k[u] = load(kt + i * TILE + u * W);
+    for (int q = 0; q < Q; ++q) {
+      const vf qi = vf{} + qf[q * dp + i];
+      for (int u = 0; u < U; ++u) acc[q][u] = fma(qi, k[u], acc[q][u]);
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    for (int u = 0; u < U; ++u) store(s + q * stride + u * W, acc[q][u] * scale);
+  }
+}
+
+template <int Q>
+inline void score_queries(const float* qf, int64_t dp, const float* kt, int64_t blocks, int64_t d, float scale,
+                          float* s, int64_t stride) {
+  switch (blocks) {
+    case 4: return score_tile<Q, 4>(qf, dp, kt, d, scale, s, stride);
+    case 3: return score_tile<Q, 3>(qf, dp, kt, d, scale, s, stride);
+    case 2: return score_tile<Q, 2>(qf, dp, kt, d, scale, s, stride);
+    default: return score_tile<Q, 1>(qf, dp, kt, d, scale, s, stride);
+  }
+}
+
+// Scores -> probabilities in place (hidden keys and padding get exactly 0); returns their total.
+inline float softmax(float* s, int64_t len, int64_t padded, int64_t ctx, const uint8_t* visible) {
+  const float none = -std::numeric_limits<float>::infinity();
+  for (int64_t j = ctx; j < len; ++j) {
+    if (!visible[j - ctx]) s[j] = none;
+  }
+  for (int64_t j = len; j < padded; ++j) s[j] = none;
+  vf top = vf{} + none;
+  for (int64_t j0 = 0; j0 < padded; j0 += W) {
+    const vf x = load(s + j0);
+    top = x > top ? x : top;
+  }
+  const float best = reduce_max(top);
+  vf lanes = {};
+  for (int64_t j0 = 0; j0 < padded; j0 += W) {
+    const vf p = exp_neg(load(s + j0) - best);
+    store(s + j0, p);
+    lanes = lanes + p;
+  }
+  return reduce(lanes);
+}
+
+// acc_q += p_qj v_j for keys j0 .. j1 in order (one fused multiply-add per key and lane), Q queries;
+// acc [Q][dp] in memory between calls, so a query's sum does not depend on where the calls split it.
+template <int Q, int64_t C, typename T>
+inline void weigh(const float* s, int64_t stride, const T* const* values, int64_t j0, int64_t j1, int64_t d,
+                  int64_t dp, float* acc) {
+  constexpr int64_t N = C > 0 ? C : MAX_CHUNKS;
+  const int64_t chunks = C > 0 ? C : dp / W;
+  vf a[Q][N];
+  for (int q = 0; q < Q; ++q) {
+    for (int64_t c = 0; c < chunks; ++c) a[q][c] = load(acc + q * dp + c * W);
+  }
+  float tail[W] = {};
+  for (int64_t j = j0; j < j1; ++j) {
+    vf v[N];
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (c * W + W <= d) {
+        v[c] = load(values[j] + c * W);
+      } else {
+        for (int64_t i = c * W; i < d; ++i) tail[i - c * W] = static_cast<float>(values[j][i]);
+        v[c] = load(tail);
+      }
+    }
+    for (int q = 0; q < Q; ++q) {
+      const vf p = vf{} + s[q * stride + j];
+      for (int64_t c = 0; c < chunks; ++c) a[q][c] = fma(p, v[c], a[q][c]);
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    for (int64_t c = 0; c < chunks; ++c) store(acc + q * dp + c * W, a[q][c]);
+  }
+}
+
+#if defined(__AVX512BF16__)
+// bf16 on CPUs with AVX512-BF16: the same computation with bf16 pair products (one VDPBF16PS adds
+// a_2i b_2i and a_2i+1 b_2i+1 into a float32 lane), half the instructions of the float32 path.
+// Keys stay bf16, transposed by pairs of dimensions (a 32-bit unit: the 16 x 16 transpose above moves
+// bits only); probabilities are rounded to bf16 (round to nearest even) before P V, as a bf16
+// SDPA does; the total and the division stay float32. Per row the arithmetic is still fixed.
+constexpr bool BF16_DOT = true;
+
+inline vf dot_pairs(vf acc, vf a, vf b) {
+  return reinterpret_cast<vf>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(acc), reinterpret_cast<__m512bh>(a),
+                                               reinterpret_cast<__m512bh>(b)));
+}
+
+inline vf broadcast_pair(const uint16_t* p) {  // the 32-bit unit (p[0], p[1]) in every lane
+  uint32_t bits;
+  __builtin_memcpy(&bits, p, sizeof(bits));
+  return reinterpret_cast<vf>(_mm512_set1_epi32(static_cast<int>(bits)));
+}
+
+// Keys j0 .. j0 + count as bf16 pairs, transposed: kt [d / 2][TILE] 32-bit units (keys past len are 0).
+inline void transpose_key_pairs(const c10::BFloat16* const* keys, int64_t j0, int64_t count, int64_t len, int64_t d,
+                                float* kt) {
+  vf tile[W];
+  for (int64_t b = 0; b < count; b += W) {
+    for (int64_t c = 0; c < d / 2; c += W) {
+      for (int64_t t = 0; t < W; ++t) {
+        const int64_t j = j0 + b + t;
+        if (j < len) {
+          __builtin_memcpy(&tile[t], keys[j] + 2 * c, sizeof(vf));
+        } else {
+          tile[t] = vf{};
+        }
+      }
+      transpose_stage<8>(tile);
+      transpose_stage<4>(tile);
+      transpose_stage<2>(tile);
+      transpose_stage<1>(tile);
+      for (int64_t i = 0; i < W; ++i) store(kt + (c + i) * TILE + b, tile[i]);
+    }
+  }
+}
+
+template <int Q, int U>
+inline void score_tile_pairs(const uint16_t* qb, int64_t d, const float* kt, float scale, float* s, int64_t stride) {
+  vf acc[Q][U] = {};
+  for (int64_t i = 0; i < d / 2; ++i) {
+    vf k[U];
+    for (int u = 0; u < U; ++u) k[u] = load(kt + i * TILE + u * W);
+    for (int q = 0; q < Q; ++q) {
+      const vf qi = broadcast_pair(qb + q * d + 2 * i);
+      for (int u = 0; u < U; ++u) acc[q][u] = dot_pairs(acc[q][u], qi, k[u]);
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    for (int u = 0; u < U; ++u) store(s + q * stride + u * W, acc[q][u] * scale);
+  }
+}
+
+template <int Q>
+inline void score_pairs(const uint16_t* qb, int64_t d, const float* kt, int64_t blocks, float scale, float* s,
+                        int64_t stride) {
+  switch (blocks) {
+    case 4: return score_tile_pairs<Q, 4>(qb, d, kt, scale, s, stride);
+    case 3: return score_tile_pairs<Q, 3>(qb, d, kt, scale, s, stride);
+    case 2: return score_tile_pairs<Q, 2>(qb, d, kt, scale, s, stride);
+    default: return score_tile_pairs<Q, 1>(qb, d, kt, scale, s, stride);
+  }
+}
+
+// Values of keys j0 .. j1 (j1 - j0 <= TILE) in pairs of keys: vp [pair][chunk] holds, for W dimensions,
+// (v_j[i], v_j+1[i]) as 32-bit units; a missing partner is 0.
+inline void pair_values(const c10::BFloat16* const* values, int64_t j0, int64_t j1, int64_t d, vf* vp) {
+  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const int64_t chunks = d / W;
+  for (int64_t j = j0; j < j1; j += 2) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values[j] + c * W));
+      const __m256i b = j + 1 < j1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values[j + 1] + c * W))
+                                   : _mm256_setzero_si256();
+      vp[(j - j0) / 2 * chunks + c] = reinterpret_cast<vf>(
+          _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b)));
+    }
+  }
+}
+
+// acc_q += pb_qj v_j + pb_qj+1 v_j+1 for the key pairs of vp (keys j0 .. j1, j0 even), Q queries.
+template <int Q, int64_t C>
+inline void weigh_pairs(const uint16_t* pb, int64_t stride, const vf* vp, int64_t j0, int64_t j1, float* acc) {
+  vf a[Q][C];
+  for (int q = 0; q < Q; ++q) {
+    for (int64_t c = 0; c < C; ++c) a[q][c] = load(acc + q * C * W + c * W);
+  }
+  for (int64_t j = j0; j < j1; j += 2) {
+    const vf* v = vp + (j - j0) / 2 * C;
+    for (int q = 0; q < Q; ++q) {
+      const vf p = broadcast_pair(pb + q * stride + j);
+      for (int64_t c = 0; c < C; ++c) a[q][c] = dot_pairs(a[q][c], p, v[c]);
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    for (int64_t c = 0; c < C; ++c) store(acc + q * C * W + c * W, a[q][c]);
+  }
+}
+
+// Probabilities s [padded] (float32) -> bf16 (round to nearest even), into pb (padded + 1 entries: the
+// last is the 0 partner of an odd key count).
+inline void round_probabilities(const float* s, int64_t padded, uint16_t* pb) {
+  for (int64_t j0 = 0; j0 < padded; j0 += W) {
+    const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(load(s + j0)));
+    __builtin_memcpy(pb + j0, &h, sizeof(h));
+  }
+  pb[padded] = 0;
+}
+#else
+constexpr bool BF16_DOT = false;
+#endif
+
+struct Scratch {
+  std::vector<float> kt, qf, s, acc, total;
+  std::vector<uint16_t> qb, pb;  // the bf16-pair path: queries and rounded probabilities
+  std::vector<vf> vp;            // the bf16-pair path: a tile of values in pairs of keys
+};
+
+// A block of m_count queries (rows r0.. of one sequence, the heads of one kv head; query m is row
+// m / group). Keys are taken TILE at a time (transposed once, then used by every query from L1).
+// Per query the arithmetic is fixed: it does not depend on m_count, on the queries it is grouped
+// with, or on where the block starts.
 template <int64_t C, typename T>
-void attend_block(const float* qf, int64_t m_count, int64_t group, int64_t len, int64_t ctx, int64_t n,
-                  const uint8_t* visible, const T* const* keys, const T* const* values, float scale,
-                  std::vector<float>& s, std::vector<float>& acc, const std::function<T*(int64_t)>& out) {
-  constexpr int64_t D = C * W;
+void attend_block(Scratch& w, int64_t m_count, int64_t group, int64_t len, int64_t ctx, int64_t n,
+                  const uint8_t* visible, const T* const* keys, const T* const* values, int64_t d, int64_t dp,
+                  float scale, const std::function<T*(int64_t)>& out) {
+  constexpr int Q = C > 0 && C <= 4 ? 4 : C > 0 ? 2 : 1;  // queries per register tile
   const int64_t padded = (len + W - 1) / W * W;
-  s.resize(m_count * padded);
-  acc.assign(m_count * D, 0.f);
-  for (int64_t j = 0; j < len; ++j) {
-    vf k[C];
-    for (int64_t c = 0; c < C; ++c) k[c] = load(keys[j] + c * W);
-    for (int64_t m = 0; m < m_count; ++m) {
-      vf lane = {};
-      for (int64_t c = 0; c < C; ++c) lane = lane + load(qf + m * D + c * W) * k[c];
-      s[m * padded + j] = reduce(lane) * scale;
+  const float* qf = w.qf.data();
+  float* s = w.s.data();
+  for (int64_t j0 = 0; j0 < padded; j0 += TILE) {
+    const int64_t count = std::min(TILE, padded - j0);
+    transpose_keys<T>(keys, j0, count, len, d, w.kt.data());
+    for (int64_t m = 0; m < m_count; m += Q) {
+      const float* qm = qf + m * dp;
+      float* sm = s + m * padded + j0;
+      switch (std::min<int64_t>(Q, m_count - m)) {
+        case 4: score_queries<4>(qm, dp, w.kt.data(), count / W, d, scale, sm, padded); break;
+        case 3: score_queries<3>(qm, dp, w.kt.data(), count / W, d, scale, sm, padded); break;
+        case 2: score_queries<2>(qm, dp, w.kt.data(), count / W, d, scale, sm, padded); break;
+        default: score_queries<1>(qm, dp, w.kt.data(), count / W, d, scale, sm, padded);
+      }
     }
   }
-  std::vector<float> total(m_count);
-  for (int64_t m = 0; m < m_count; ++m) {
-    float* sm = s.data() + m * padded;
-    const uint8_t* vis = visible + (m / group) * n;
-    float best = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < len; ++j) {
-      if (j < ctx || vis[j - ctx]) best = std::max(best, sm[j]);
-    }
-    for (int64_t j = len; j < padded; ++j) sm[j] = best;
-    for (int64_t j0 = 0; j0 < padded; j0 += W) store(sm + j0, exp_neg(load(sm + j0) - best));
-    float sum = 0.f;
-    for (int64_t j = 0; j < len; ++j) {
-      if (j >= ctx && !vis[j - ctx]) sm[j] = 0.f;
-      sum = sum + sm[j];
-    }
-    total[m] = sum;
-  }
-  for (int64_t j = 0; j < len; ++j) {
-    vf v[C];
-    for (int64_t c = 0; c < C; ++c) v[c] = load(values[j] + c * W);
-    for (int64_t m = 0; m < m_count; ++m) {
-      const float pj = s[m * padded + j];
-      if (pj == 0.f) continue;
-      float* a = acc.data() + m * D;
-      for (int64_t c = 0; c < C; ++c) store(a + c * W, load(a + c * W) + pj * v[c]);
+  for (int64_t m = 0; m < m_count; ++m) w.total[m] = softmax(s + m * padded, len, padded, ctx, visible + (m / group) * n);
+  std::fill(w.acc.begin(), w.acc.end(), 0.f);
+  for (int64_t j0 = 0; j0 < len; j0 += TILE) {
+    const int64_t j1 = std::min(len, j0 + TILE);
+    for (int64_t m = 0; m < m_count; m += Q) {
+      const float* sm = s + m * padded;
+      float* am = w.acc.data() + m * dp;
+      switch (std::min<int64_t>(Q, m_count - m)) {
+        case 4: weigh<C <= 4 ? 4 : 1, C, T>(sm, padded, values, j0, j1, d, dp, am); break;
+        case 3: weigh<C <= 4 ? 3 : 1, C, T>(sm, padded, values, j0, j1, d, dp, am); break;
+        case 2: weigh<2, C, T>(sm, padded, values, j0, j1, d, dp, am); break;
+        default: weigh<1, C, T>(sm, padded, values, j0, j1, d, dp, am);
+      }
     }
   }
   for (int64_t m = 0; m < m_count; ++m) {
     T* o = out(m);
-    for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[m * D + i] / total[m]);
+    const float* a = w.acc.data() + m * dp;
+    for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(a[i] / w.total[m]);
   }
 }
+
+#if defined(__AVX512BF16__)
+// attend_block with bf16 pair products (BF16_DOT); the queries are in w.qb as bf16 bits [m][d], d = C * W.
+template <int64_t C>
+void attend_block_pairs(Scratch& w, int64_t m_count, int64_t group, int64_t len, int64_t ctx, int64_t n,
+                        const uint8_t* visible, const c10::BFloat16* const* keys, const c10::BFloat16* const* values,
+                        float scale, const std::function<c10::BFloat16*(int64_t)>& out) {
+  constexpr int64_t D = C * W;
+  constexpr int Q = C <= 4 ? 4 : 2;
+  const int64_t padded = (len + W - 1) / W * W;
+  const uint16_t* qb = w.qb.data();
+  float* s = w.s.data();
+  for (int64_t j0 = 0; j0 < padded; j0 += TILE) {
+    const int64_t count = std::min(TILE, padded - j0);
+    transpose_key_pairs(keys, j0, count, len, D, w.kt.data());
+    for (int64_t m = 0; m < m_count; m += Q) {
+      const uint16_t* qm = qb + m * D;
+      float* sm = s + m * padded + j0;
+      switch (std::min<int64_t>(Q, m_count - m)) {
+        case 4: score_pairs<4>(qm, D, w.kt.data(), count / W, scale, sm, padded); break;
+        case 3: score_pairs<3>(qm, D, w.kt.data(), count / W, scale, sm, padded); break;
+        case 2: score_pairs<2>(qm, D, w.kt.data(), count / W, scale, sm, padded); break;
+        default: score_pairs<1>(qm, D, w.kt.data(), count / W, scale, sm, padded);
+      }
+    }
+  }
+  const int64_t stride = padded + 1;
+  w.pb.resize(m_count * stride);
+  for (int64_t m = 0; m < m_count; ++m) {
+    w.total[m] = softmax(s + m * padded, len, padded, ctx, visible + (m / group) * n);
+    round_probabilities(s + m * padded, padded, w.pb.data() + m * stride);
+  }
+  std::fill(w.acc.begin(), w.acc.end(), 0.f);
+  w.vp.resize(TILE / 2 * C);
+  for (int64_t j0 = 0; j0 < len; j0 += TILE) {
+    const int64_t j1 = std::min(len, j0 + TILE);
+    pair_values(values, j0, j1, D, w.vp.data());
+    for (int64_t m = 0; m < m_count; m += Q) {
+      const uint16_t* pm = w.pb.data() + m * stride;
+      float* am = w.acc.data() + m * D;
+      switch (std::min<int64_t>(Q, m_count - m)) {
+        case 4: weigh_pairs<C <= 4 ? 4 : 1, C>(pm, stride, w.vp.data(), j0, j1, am); break;
+        case 3: weigh_pairs<C <= 4 ? 3 : 1, C>(pm, stride, w.vp.data(), j0, j1, am); break;
+        case 2: weigh_pairs<2, C>(pm, stride, w.vp.data(), j0, j1, am); break;
+        default: weigh_pairs<1, C>(pm, stride, w.vp.data(), j0, j1, am);
+      }
+    }
+  }
+  for (int64_t m = 0; m < m_count; ++m) {
+    c10::BFloat16* o = out(m);
+    const float* am = w.acc.data() + m * D;
+    for (int64_t i = 0; i < D; ++i) o[i] = static_cast<c10::BFloat16>(am[i] / w.total[m]);
+  }
+}
+#endif
 
 template <typename T>
 void run(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
          const torch::Tensor& cache, const torch::Tensor& cu_q, const torch::Tensor& cu_ctx,
          const torch::Tensor& prefix, const torch::Tensor& vis, const torch::Tensor& cu_vis,
          const torch::Tensor& items, double scale, torch::Tensor& out) {
-  const int64_t heads = q.size(1), d = q.size(2);
+  const int64_t heads = q.size(1), d = q.size(2), dp = (d + W - 1) / W * W;
   const int64_t kv_heads = k_new.size(1), group = heads / kv_heads;
   const int64_t slots = cache.size(1);
   const T* qp = q.data_ptr<T>();
   const T* knp = k_new.data_ptr<T>();
   const T* vnp = v_new.data_ptr<T>();
+  const int64_t q_row = q.stride(0), k_row = k_new.stride(0), v_row = v_new.stride(0);  // rows may be strided
   const T* kcp = cache.data_ptr<T>();
   const T* vcp = kcp + slots * kv_heads * d;
   T* op = out.data_ptr<T>();
@@ -200,44 +523,67 @@ void run(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor
   const uint8_t* vp = vis.data_ptr<uint8_t>();
   const int64_t* cv = cu_vis.data_ptr<int64_t>();
   const int64_t* work = items.data_ptr<int64_t>();  // [W, 2]: (sequence, first row of the block)
-  const int64_t num_items = items.size(0);
+  const int64_t total = items.size(0) * kv_heads;
   const float fscale = static_cast<float>(scale);
+  std::atomic<int64_t> next{0};  // items go to whichever thread is free: a row's bits do not depend on it
 
-  at::parallel_for(0, num_items * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, scores, acc;
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), total), 1, [&](int64_t, int64_t) {
+    Scratch w;
     std::vector<const T*> keys, values;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = next++; item < total; item = next++) {
       const int64_t b = work[2 * (item / kv_heads)], r0 = work[2 * (item / kv_heads) + 1], g = item % kv_heads;
       const int64_t n = cq[b + 1] - cq[b], ctx = cc[b + 1] - cc[b], len = ctx + n;
-      const int64_t rows = std::min(ROW_BLOCK, n - r0);
+      const int64_t rows = std::min(ROW_BLOCK, n - r0), padded = (len + W - 1) / W * W;
       keys.resize(len);
       values.resize(len);
       for (int64_t j = 0; j < len; ++j) {  // the cached prefix in position order, then the new rows
-        const int64_t at = j < ctx ? (pre[cc[b] + j] * kv_heads + g) * d : ((cq[b] + j - ctx) * kv_heads + g) * d;
-        keys[j] = (j < ctx ? kcp : knp) + at;
-        values[j] = (j < ctx ? vcp : vnp) + at;
+        if (j < ctx) {
+          const int64_t at = (pre[cc[b] + j] * kv_heads + g) * d;
+          keys[j] = kcp + at;
+          values[j] = vcp + at;
+        } else {
+          keys[j] = knp + (cq[b] + j - ctx) * k_row + g * d;
+          values[j] = vnp + (cq[b] + j - ctx) * v_row + g * d;
+        }
       }
-      qf.resize(rows * group * d);
-      for (int64_t m = 0; m < rows * group; ++m) {  // query m: row r0 + m / group, head g * group + m % group
-        const int64_t row = cq[b] + r0 + m / group, h = g * group + m % group;
-        const T* qs = qp + (row * heads + h) * d;
-        for (int64_t i = 0; i < d; ++i) qf[m * d + i] = static_cast<float>(qs[i]);
-      }
+      w.kt.resize(d * TILE);
+      w.s.resize(rows * group * padded);
+      w.acc.resize(rows * group * dp);
+      w.total.resize(rows * group);
       auto out_of = [&](int64_t m) { return op + ((cq[b] + r0 + m / group) * heads + g * group + m % group) * d; };
       const uint8_t* visible = vp + cv[b] + r0 * n;
-      if (d == 64) {
-        attend_block<4, T>(qf.data(), rows * group, group, len, ctx, n, visible, keys.data(), values.data(), fscale,
-                           scores, acc, out_of);
-      } else if (d == 128) {
-        attend_block<8, T>(qf.data(), rows * group, group, len, ctx, n, visible, keys.data(), values.data(), fscale,
-                           scores, acc, out_of);
-      } else {
-        for (int64_t m = 0; m < rows * group; ++m) {
-          scores.resize((len + W - 1) / W * W);
-          acc.resize(d);
-          attend<T>(qf.data() + m * d, d, len, ctx, visible + (m / group) * n, keys.data(), values.data(), fscale,
-                       scores.data(), acc.data(), out_of(m));
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same<T, c10::BFloat16>::value) {
+        if (d == 64 || d == 128) {
+          w.qb.resize(rows * group * d);
+          for (int64_t m = 0; m < rows * group; ++m) {
+            const int64_t row = cq[b] + r0 + m / group, h = g * group + m % group;
+            __builtin_memcpy(w.qb.data() + m * d, qp + row * q_row + h * d, d * sizeof(uint16_t));
+          }
+          if (d == 64) {
+            attend_block_pairs<4>(w, rows * group, group, len, ctx, n, visible, keys.data(), values.data(), fscale, out_of);
+          } else {
+            attend_block_pairs<8>(w, rows * group, group, len, ctx, n, visible, keys.data(), values.data(), fscale, out_of);
+          }
+          continue;
         }
+      }
+#endif
+      w.qf.assign(rows * group * dp, 0.f);
+      for (int64_t m = 0; m < rows * group; ++m) {  // query m: row r0 + m / group, head g * group + m % group
+        const int64_t row = cq[b] + r0 + m / group, h = g * group + m % group;
+        const T* qs = qp + row * q_row + h * d;
+        for (int64_t i = 0; i < d; ++i) w.qf[m * dp + i] = static_cast<float>(qs[i]);
+      }
+      if (dp == 64) {
+        attend_block<4, T>(w, rows * group, group, len, ctx, n, visible, keys.data(), values.data(), d, dp, fscale,
+                           out_of);
+      } else if (dp == 128) {
+        attend_block<8, T>(w, rows * group, group, len, ctx, n, visible, keys.data(), values.data(), d, dp, fscale,
+                           out_of);
+      } else {
+        attend_block<0, T>(w, rows * group, group, len, ctx, n, visible, keys.data(), values.data(), d, dp, fscale,
+                           out_of);
       }
     }
   });
@@ -254,14 +600,15 @@ torch::Tensor fused_attention(torch::Tensor q, torch::Tensor k_new, torch::Tenso
               "fused_attention: q, k, v and the cache must share a dtype");
   TORCH_CHECK(q.size(1) % k_new.size(1) == 0, "fused_attention: heads must be a multiple of kv heads");
   TORCH_CHECK(cache.is_contiguous(), "fused_attention: the KV cache must be contiguous");
+  TORCH_CHECK(q.size(2) <= MAX_CHUNKS * W, "fused_attention: head dimension at most ", MAX_CHUNKS * W);
   TORCH_CHECK(items.scalar_type() == torch::kLong && cu_q.scalar_type() == torch::kLong && cu_ctx.scalar_type() == torch::kLong &&
                   prefix.scalar_type() == torch::kLong && cu_vis.scalar_type() == torch::kLong &&
                   vis.scalar_type() == torch::kByte,
               "fused_attention: index tensors must be int64 (visibility uint8)");
-  q = q.contiguous();
-  k_new = k_new.contiguous();
-  v_new = v_new.contiguous();
-  auto out = torch::empty_like(q);
+  for (torch::Tensor* t : {&q, &k_new, &v_new}) {  // rows may be strided views; heads and d contiguous
+    if (t->stride(2) != 1 || t->stride(1) != t->size(2)) *t = t->contiguous();
+  }
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   switch (q.scalar_type()) {
     case torch::kFloat:
       run<float>(q, k_new, v_new, cache, cu_q, cu_ctx, prefix, vis, cu_vis, items, scale, out);
@@ -278,17 +625,24 @@ torch::Tensor fused_attention(torch::Tensor q, torch::Tensor k_new, torch::Tenso
   return out;
 }
 
-// RMSNorm of each row of x [N, H]: r = 1 / sqrt(sum(x^2) / H + eps) with the sum in 16-lane partial
-// sums and a fixed tree, then out = T(w * T(x * r)), as the reference module rounds (docs/lossless.md).
+// RMSNorm of each row of x [N, H], after adding y to x in place when y is given (x = T(x + y), as a
+// torch add rounds): r = 1 / sqrt(sum(x^2) / H + eps) with the sum in 16-lane partial sums and a fixed
+// tree, then out = T(w * T(x * r)), as the reference module rounds (docs/lossless.md).
 template <typename T>
-void rms_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, float eps) {
+void rms_rows(T* x, const T* y, const T* w, T* out, int64_t rows, int64_t h, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> xf(h);
+    const int64_t whole = h / W * W;
     for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * h;
-      for (int64_t i = 0; i < h; ++i) xf[i] = static_cast<float>(xr[i]);
+      T* xr = x + r * h;
+      if (y != nullptr) {  // x = T(x + y)
+        const T* yr = y + r * h;
+        for (int64_t i = 0; i < whole; i += W) store(xr + i, load(xr + i) + load(yr + i));
+        for (int64_t i = whole; i < h; ++i) xr[i] = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(yr[i]));
+      }
+      for (int64_t i = 0; i < whole; i += W) store(xf.data() + i, load(xr + i));
+      for (int64_t i = whole; i < h; ++i) xf[i] = static_cast<float>(xr[i]);
       vf lane = {};
-      const int64_t whole = h / W * W;
       for (int64_t i = 0; i < whole; i += W) {
         const vf v = load(xf.data() + i);
         lane = lane + v * v;
@@ -296,35 +650,89 @@ void rms_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, float eps
       for (int64_t i = whole; i < h; ++i) lane[i - whole] = lane[i - whole] + xf[i] * xf[i];
       const float inv = 1.0f / std::sqrt(reduce(lane) / static_cast<float>(h) + eps);
       T* o = out + r * h;
-      for (int64_t i = 0; i < h; ++i) {
-        const float y = static_cast<float>(static_cast<T>(xf[i] * inv));
-        o[i] = static_cast<T>(static_cast<float>(w[i]) * y);
+      for (int64_t i = 0; i < whole; i += W) store(o + i, load(w + i) * rounded<T>(load(xf.data() + i) * inv));
+      for (int64_t i = whole; i < h; ++i) {
+        const float v = static_cast<float>(static_cast<T>(xf[i] * inv));
+        o[i] = static_cast<T>(static_cast<float>(w[i]) * v);
       }
     }
   });
 }
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+template <typename T>
+void rms_typed(torch::Tensor& x, const c10::optional<torch::Tensor>& y, const torch::Tensor& weight,
+               torch::Tensor& out, float eps) {
+  rms_rows<T>(x.data_ptr<T>(), y.has_value() ? y->data_ptr<T>() : nullptr, weight.data_ptr<T>(), out.data_ptr<T>(),
+              x.size(0), x.size(1), eps);
+}
+
+// rms_norm(x) or, with `residual`, x += residual (in place) then rms_norm(x).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && x.size(1) == weight.size(0), "rms_norm: x [N, H], weight [H]");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must share a dtype");
-  x = x.contiguous();
+  if (residual.has_value()) {
+    TORCH_CHECK(x.is_contiguous(), "rms_norm: x must be contiguous to add the residual in place");
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                "rms_norm: residual must match x");
+    residual = residual->contiguous();
+  } else {
+    x = x.contiguous();
+  }
   weight = weight.contiguous();
   auto out = torch::empty_like(x);
-  const auto n = x.size(0), h = x.size(1);
   const float e = static_cast<float>(eps);
   switch (x.scalar_type()) {
-    case torch::kFloat:
-      rms_rows<float>(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), n, h, e);
-      break;
+    case torch::kFloat: rms_typed<float>(x, residual, weight, out, e); break;
+    case torch::kBFloat16: rms_typed<c10::BFloat16>(x, residual, weight, out, e); break;
+    case torch::kHalf: rms_typed<c10::Half>(x, residual, weight, out, e); break;
+    default: TORCH_CHECK(false, "rms_norm: dtype must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
+// SwiGLU of x [N, 2I] = [gate | up]: out = T(T(silu(gate)) * up), each product in float32 and rounded
+// once, as torch's silu then mul round. silu(g) = g * sigmoid(g), sigmoid from exp_neg(-|g|) per lane.
+template <typename T>
+inline vf silu(vf g) {
+  const vf e = exp_neg(g < 0.f ? g : -g);  // exp(-|g|)
+  const vf one = vf{} + 1.0f;
+  return g * ((g < 0.f ? e : one) / (one + e));
+}
+
+template <typename T>
+void swiglu_rows(const T* x, T* out, int64_t rows, int64_t inner) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    const int64_t whole = inner / W * W;
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gr = x + r * 2 * inner;
+      const T* ur = gr + inner;
+      T* o = out + r * inner;
+      for (int64_t i = 0; i < whole; i += W) store(o + i, rounded<T>(silu<T>(load(gr + i))) * load(ur + i));
+      if (whole < inner) {
+        float g[W] = {}, u[W] = {};
+        for (int64_t i = whole; i < inner; ++i) {
+          g[i - whole] = static_cast<float>(gr[i]);
+          u[i - whole] = static_cast<float>(ur[i]);
+        }
+        store(g, rounded<T>(silu<T>(load(g))) * load(u));
+        for (int64_t i = whole; i < inner; ++i) o[i] = static_cast<T>(g[i - whole]);
+      }
+    }
+  });
+}
+
+torch::Tensor swiglu(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "swiglu: x [N, 2 * I]");
+  x = x.contiguous();
+  const auto n = x.size(0), inner = x.size(1) / 2;
+  auto out = torch::empty({n, inner}, x.options());
+  switch (x.scalar_type()) {
+    case torch::kFloat: swiglu_rows<float>(x.data_ptr<float>(), out.data_ptr<float>(), n, inner); break;
     case torch::kBFloat16:
-      rms_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(),
-                              out.data_ptr<c10::BFloat16>(), n, h, e);
+      swiglu_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), n, inner);
       break;
-    case torch::kHalf:
-      rms_rows<c10::Half>(x.data_ptr<c10::Half>(), weight.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), n, h, e);
-      break;
-    default:
-      TORCH_CHECK(false, "rms_norm: dtype must be float32, bfloat16 or float16");
+    case torch::kHalf: swiglu_rows<c10::Half>(x.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), n, inner); break;
+    default: TORCH_CHECK(false, "swiglu: dtype must be float32, bfloat16 or float16");
   }
   return out;
 }
@@ -379,8 +787,121 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
+// cache[0][slots[w]] = k[rows[w]], cache[1][slots[w]] = v[rows[w]]: the kept rows' K/V into their slots
+// (k, v [N, kv_heads, d] with heads and d contiguous; rows may be strided). Bits are copied unchanged.
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor cache, torch::Tensor rows, torch::Tensor slots) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && cache.dim() == 4 && cache.is_contiguous(), "store_kv: bad ranks");
+  TORCH_CHECK(k.scalar_type() == cache.scalar_type() && v.scalar_type() == cache.scalar_type(), "store_kv: dtypes");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == cache.size(2) && k.size(2) == cache.size(3),
+              "store_kv: k, v [N, kv_heads, d] as the cache's slots");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && slots.scalar_type() == torch::kLong && rows.numel() == slots.numel(),
+              "store_kv: rows and slots int64, one slot per row");
+  for (torch::Tensor* t : {&k, &v}) {
+    if (t->stride(2) != 1 || t->stride(1) != t->size(2)) *t = t->contiguous();
+  }
+  rows = rows.contiguous();
+  slots = slots.contiguous();
+  const int64_t unit = cache.size(2) * cache.size(3) * cache.element_size(), num_slots = cache.size(1);
+  const int64_t n = rows.numel(), kn = k.size(0);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t w = 0; w < n; ++w) {
+    TORCH_CHECK(r[w] >= 0 && r[w] < kn && sl[w] >= 0 && sl[w] < num_slots, "store_kv: row or slot out of range");
+  }
+  auto* kc = static_cast<char*>(cache.data_ptr());
+  auto* vc = kc + num_slots * unit;
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t k_row = k.stride(0) * k.element_size(), v_row = v.stride(0) * v.element_size();
+  for (int64_t w = 0; w < n; ++w) {
+    __builtin_memcpy(kc + sl[w] * unit, kp + r[w] * k_row, unit);
+    __builtin_memcpy(vc + sl[w] * unit, vp + r[w] * v_row, unit);
+  }
+}
+
+// A gated adapter's delta on the mask rows of one projection, in float32, added in place:
+// y[row] += T(B (A x[row])) for each row in `rows`, where A is a [R, in] and B^T is bt [R, out]; B is
+// block-diagonal, given by spans [S, 4] = (first column, end column, first output, end output) of each
+// shard, so only its blocks are read and outputs outside them keep their bits.
+template <typename T>
+void lora_rows(T* y, int64_t y_row, const T* x, int64_t x_row, const int64_t* rows, int64_t n, const float* a,
+               const float* bt, const int64_t* spans, int64_t num_spans, int64_t in, int64_t r_total, int64_t out) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(in), t(r_total), d(out);
+    const int64_t whole = in / W * W;
+    for (int64_t w = begin; w < end; ++w) {
+      const T* xr = x + rows[w] * x_row;
+      for (int64_t i = 0; i < in; ++i) xf[i] = static_cast<float>(xr[i]);
+      for (int64_t j = 0; j < r_total; ++j) {  // t = A x: W-lane partial sums, then the fixed tree
+        const float* aj = a + j * in;
+        vf lane = {};
+        for (int64_t i = 0; i < whole; i += W) lane = fma(load(aj + i), load(xf.data() + i), lane);
+        for (int64_t i = whole; i < in; ++i) lane[i - whole] = std::fma(aj[i], xf[i], lane[i - whole]);
+        t[j] = reduce(lane);
+      }
+      T* yr = y + rows[w] * y_row;
+      for (int64_t s = 0; s < num_spans; ++s) {
+        const int64_t j0 = spans[4 * s], j1 = spans[4 * s + 1], o0 = spans[4 * s + 2], o1 = spans[4 * s + 3];
+        std::fill(d.begin() + o0, d.begin() + o1, 0.f);
+        for (int64_t j = j0; j < j1; ++j) {  // d = B t over this shard's outputs, lanes over outputs
+          const vf tj = vf{} + t[j];
+          const float* bj = bt + j * out;
+          int64_t o = o0;
+          for (; o + W <= o1; o += W) store(d.data() + o, fma(tj, load(bj + o), load(d.data() + o)));
+          for (; o < o1; ++o) d[o] = std::fma(t[j], bj[o], d[o]);
+        }
+        for (int64_t o = o0; o < o1; ++o) {
+          yr[o] = static_cast<T>(static_cast<float>(yr[o]) + static_cast<float>(static_cast<T>(d[o])));
+        }
+      }
+    }
+  });
+}
+
+void lora_delta_(torch::Tensor y, torch::Tensor x, torch::Tensor rows, torch::Tensor a, torch::Tensor bt,
+                 torch::Tensor spans) {
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.stride(1) == 1 && x.stride(1) == 1, "lora_delta_: y, x [N, *] rows");
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "lora_delta_: y and x must share a dtype");
+  TORCH_CHECK(a.scalar_type() == torch::kFloat && bt.scalar_type() == torch::kFloat && a.is_contiguous() &&
+                  bt.is_contiguous() && a.size(1) == x.size(1) && bt.size(0) == a.size(0) && bt.size(1) == y.size(1),
+              "lora_delta_: a [R, in] and bt [R, out] float32");
+  TORCH_CHECK(spans.scalar_type() == torch::kLong && spans.dim() == 2 && spans.size(1) == 4 && spans.is_contiguous(),
+              "lora_delta_: spans [S, 4] int64");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong, "lora_delta_: rows int64");
+  rows = rows.contiguous();
+  const int64_t n = rows.numel(), r_total = a.size(0), out = y.size(1);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t w = 0; w < n; ++w) TORCH_CHECK(rp[w] >= 0 && rp[w] < y.size(0) && rp[w] < x.size(0), "lora_delta_: row out of range");
+  const int64_t* sp = spans.data_ptr<int64_t>();
+  for (int64_t s = 0; s < spans.size(0); ++s) {
+    TORCH_CHECK(0 <= sp[4 * s] && sp[4 * s] <= sp[4 * s + 1] && sp[4 * s + 1] <= r_total && 0 <= sp[4 * s + 2] &&
+                    sp[4 * s + 2] <= sp[4 * s + 3] && sp[4 * s + 3] <= out,
+                "lora_delta_: span out of range");
+  }
+  switch (y.scalar_type()) {
+    case torch::kFloat:
+      lora_rows<float>(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), rp, n, a.data_ptr<float>(),
+                       bt.data_ptr<float>(), sp, spans.size(0), x.size(1), r_total, out);
+      break;
+    case torch::kBFloat16:
+      lora_rows<c10::BFloat16>(y.data_ptr<c10::BFloat16>(), y.stride(0), x.data_ptr<c10::BFloat16>(), x.stride(0), rp,
+                               n, a.data_ptr<float>(), bt.data_ptr<float>(), sp, spans.size(0), x.size(1), r_total, out);
+      break;
+    case torch::kHalf:
+      lora_rows<c10::Half>(y.data_ptr<c10::Half>(), y.stride(0), x.data_ptr<c10::Half>(), x.stride(0), rp, n,
+                           a.data_ptr<float>(), bt.data_ptr<float>(), sp, spans.size(0), x.size(1), r_total, out);
+      break;
+    default:
+      TORCH_CHECK(false, "lora_delta_: dtype must be float32, bfloat16 or float16");
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_attention", &fused_attention, "Fused batch-invariant attention (CPU)");
-  m.def("rms_norm", &rms_norm, "Row-wise RMSNorm (CPU)");
+  m.def("rms_norm", &rms_norm, "Row-wise RMSNorm, after an in-place residual add when one is given (CPU)",
+        py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
+  m.def("lora_delta_", &lora_delta_, "A gated adapter's delta added on the mask rows, in place (CPU)");
+  m.def("store_kv", &store_kv, "Kept rows' K/V into their cache slots (CPU)");
+  m.def("swiglu", &swiglu, "silu(gate) * up of [gate | up] rows (CPU)");
   m.def("rotary", &rotary, "Rotary embedding, halves layout (CPU)");
 }
