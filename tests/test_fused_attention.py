@@ -75,6 +75,42 @@ def test_store_kv_writes_what_index_copy_writes_and_nothing_else():
         kernel().store_kv(k, v, cache, rows, torch.tensor([19, 2, 7, 20]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ctx", [5, 37, 64, 90, 111, 128])
+def test_hidden_keys_between_visible_ones_change_no_bit(dtype, ctx):
+    """A tree node sees its ancestors, not its siblings: the same row computed with its visible keys
+    contiguous (a chain), with hidden rows between them (a tree), and with its ancestors cached (the
+    plain-decoding case) must agree bit for bit, wherever its keys fall in a vector or a tile."""
+    g = torch.Generator().manual_seed(ctx)
+    d, depth, hidden = 64, 21, 2  # the node has 20 ancestors in the step; 2 hidden siblings before each
+    cache = torch.randn(2, ctx + depth, KV_HEADS, d, generator=g).to(dtype)
+    q_row = torch.randn(1, HEADS, d, generator=g).to(dtype)
+    kv = cache[:, ctx : ctx + depth].clone()  # the step's chain keys/values: ancestors then the node
+
+    def run(order: list[int], vis_rows, num_ctx: int):
+        n = len(order)
+        k_new = torch.stack([kv[0, i] if i >= 0 else torch.randn(KV_HEADS, d, generator=g).to(dtype) for i in order])
+        v_new = torch.stack([kv[1, i] if i >= 0 else torch.randn(KV_HEADS, d, generator=g).to(dtype) for i in order])
+        q = torch.randn(n, HEADS, d, generator=g).to(dtype)
+        q[-1] = q_row[0]
+        meta = AttentionMetadata(
+            cu_seqlens_q=[0, n], context_lens=[num_ctx], prefix_slots=[torch.arange(num_ctx)], visibility=[vis_rows],
+            write_rows=torch.arange(0), write_slots=torch.arange(0), num_kv_heads=KV_HEADS,
+        )
+        return FusedBackend().forward(q, k_new, v_new, cache, meta, 0.125)[-1]
+
+    chain = list(range(depth))
+    tree = [j for i in chain for j in ([-1] * hidden if 0 < i else []) + [i]]  # siblings before each ancestor
+    tree_vis = torch.zeros(len(tree), len(tree), dtype=torch.bool)
+    tree_vis[-1] = torch.tensor([i >= 0 for i in tree])
+    tree_vis |= torch.eye(len(tree), dtype=torch.bool)
+    as_chain = run(chain, torch.ones(depth, depth, dtype=torch.bool).tril(), ctx)
+    as_tree = run(tree, tree_vis, ctx)
+    cached = run([depth - 1], torch.ones(1, 1, dtype=torch.bool), ctx + depth - 1)  # ancestors in the cache
+    assert torch.equal(as_tree, as_chain)
+    assert torch.equal(cached, as_chain)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_is_close_to_float32(dtype):
     q, k, v, cache, meta = step([40, 3], [4, 17], 64, torch.float32, seed=3)

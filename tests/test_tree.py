@@ -176,6 +176,7 @@ def test_planner_attaches_a_mask_group_where_the_walk_likely_ends():
 
 
 @pytest.mark.parametrize("bad", [dict(drafters=("masks", "ngram")), dict(max_tree_nodes=0), dict(max_tree_depth=-1),
+                                 dict(max_tree_depth=33),
                                  dict(suffix_min_match=5, suffix_max_match=3), dict(latency_curve={1: -1.0})])
 def test_bad_settings_fail_at_start_naming_the_setting(bad):
     name = next(iter(bad))

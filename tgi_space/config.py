@@ -15,6 +15,7 @@ ATTENTION_BACKENDS = ("auto", "fused", "matmul", "sdpa", "flash")
 SPECULATE_MODES = ("space", "sdsat", "none")  # a request's, or a server's, way to decode
 SPECULATION_METHODS = ("space", "sdsat")  # SpacePolicy.speculate_mode: what a speculating request runs
 TRAINING_METHODS = ("space", "sdsat")  # config.json space_method: recipes whose masks mean the same thing
+MAX_TREE_DEPTH = 32  # with k <= 16, a step holds at most 48 rows past a sequence's leading chain
 DRAFTERS = ("masks", "suffix")
 SDSAT_TREE_SIZES = (4, 8, 8, 5, 3)  # SDSAT's reference nucleus tree: nodes per depth
 
@@ -185,6 +186,8 @@ class SpacePolicy:
         for name in ("max_tree_nodes", "max_tree_depth", "mask_top_m", "suffix_min_match", "suffix_max_match"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tree_depth > MAX_TREE_DEPTH:  # the fused kernel's AMX bound assumes shallow trees
+            raise ValueError(f"max_tree_depth must be <= {MAX_TREE_DEPTH}, got {self.max_tree_depth}")
         if self.suffix_min_match > self.suffix_max_match:
             raise ValueError(f"suffix_min_match ({self.suffix_min_match}) must be <= suffix_max_match "
                              f"({self.suffix_max_match})")

@@ -2,8 +2,8 @@
 
 The kernel (csrc/fused_attention.cpp) computes each (query row, head) with one fixed computation
 over that row's visible keys: the cached prefix in position order, then the visible new rows of its
-own sequence (keys transposed 64 at a time so a vector holds 16 keys; bf16 pair products where the
-CPU has AVX512-BF16). Nothing else in the step enters it, so a row gets the same bits whatever else
+own sequence (keys transposed 64 at a time so a vector holds 16 keys; in bf16 on CPUs with AMX,
+AMX tile products, 16 queries by 16 keys at a time). Nothing else in the step enters it, so a row gets the same bits whatever else
 is in the batch, in bf16, fp16 and fp32 alike; and no key is gathered, padded or masked in Python.
 The same module holds the step's other row-wise kernels: RMSNorm with the residual add, rotary,
 SwiGLU, the K/V store and a gated adapter's mask-row deltas (docs/lossless.md).

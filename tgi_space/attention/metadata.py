@@ -80,7 +80,7 @@ class AttentionMetadata:
         )
 
 
-FUSED_ROW_BLOCK = 8  # = ROW_BLOCK in csrc/fused_attention.cpp: rows of a sequence per work item
+FUSED_ROW_BLOCK = 16  # = ROW_BLOCK in csrc/fused_attention.cpp: rows of a sequence per work item
 
 
 @dataclass
