@@ -15,7 +15,7 @@ from tgi_space.config import EngineConfig, SpacePolicy
 from tgi_space.llm import LLM
 from tgi_space.planner import LatencyCurve, Proposal, plan
 from tgi_space.sampling import SamplingParams
-from tgi_space.speculation import MASKS_EXPLORE_EVERY, Speculator
+from tgi_space.speculation import EXPLORE_BURST, EXPLORE_EVERY, MASKS_EXPLORE_EVERY, Speculator
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
 
@@ -81,7 +81,9 @@ def test_mask_groups_measured_to_lose_against_plain_steps_stop_but_trees_go_on()
     spec.observe_rate(1, 1.0, 600, "tree")
     assert spec._measured_to_pay("1/greedy")  # trees pay: speculation goes on
     sent = [spec._masks_measured_to_pay("1/greedy") for _ in range(4 * MASKS_EXPLORE_EVERY)]
-    assert sum(sent) == 4  # one exploring step in MASKS_EXPLORE_EVERY
+    assert sum(sent) == 4 * EXPLORE_BURST  # EXPLORE_BURST exploring steps in MASKS_EXPLORE_EVERY
+    first = [i for i, x in enumerate(sent[:MASKS_EXPLORE_EVERY]) if x]
+    assert first == list(range(first[0], first[0] + EXPLORE_BURST))  # consecutive: drafts get verified
 
 
 def test_mask_groups_are_not_judged_against_tree_only_steps():
@@ -101,7 +103,7 @@ def test_sampled_steps_measured_to_lose_do_not_stop_greedy_speculation():
     spec.observe_rate(1, 1.0, 90, "tree", sampled=True)
     spec.observe_rate(1, 1.0, 80, "masks", sampled=True)
     assert all(spec._measured_to_pay("1/greedy") for _ in range(16))
-    assert sum(spec._measured_to_pay("1/sampled") for _ in range(16)) == 16 // 8  # explores only
+    assert sum(spec._measured_to_pay("1/sampled") for _ in range(EXPLORE_EVERY)) == EXPLORE_BURST  # explores only
 
 
 def test_time_outside_the_engine_is_learnt_and_idle_pauses_are_not():
@@ -130,11 +132,9 @@ def test_a_fixed_cost_outside_the_forward_makes_more_rows_worth_sending():
 
 def test_rows_judged_unable_to_pay_still_draft_now_and_then():
     """Nothing sent means nothing learnt: a low value per node must not stop speculation for good."""
-    from tgi_space.speculation import EXPLORE_EVERY
-
     spec = Speculator(SpacePolicy(latency_curve=None), 4, lambda *a: 1e-3 * (1 + a[1]), max_batch=1, max_probe_rows=64)
     spec.value_per_row[False] = 0.0  # a bad patch: no sent node was accepted lately
     assert not spec._rows_could_pay([(None, None)], 1, False)
     tries = [spec._rows_can_pay([(None, None)], 1, False) for _ in range(4 * EXPLORE_EVERY)]
-    assert sum(tries) == 4
+    assert sum(tries) == 4 * EXPLORE_BURST
     assert spec.value_per_row[True] == 0.5  # sampled steps keep their own figure

@@ -231,3 +231,24 @@ def test_suffix_drafts_serve_a_checkpoint_without_mask_token(tmp_path):
     plain = llm.generate([prompt], params, speculate="none")[0]
     spec = llm.generate([prompt], params, speculate="space")[0]
     assert spec.token_ids == plain.token_ids
+
+
+def test_suffix_drafts_capped_keep_the_best_scored_nodes_as_a_tree():
+    from tgi_space.drafters import Calibration, SuffixIndex, suffix_tree
+
+    index = SuffixIndex(max_n=8)
+    rng = random.Random(3)
+    # a repeated motif followed by varied continuations: a bushy trie of what followed "1 2 3"
+    tokens = []
+    for _ in range(10):
+        tokens += [1, 2, 3] + [rng.randrange(4, 9) for _ in range(6)]
+    index.extend(tokens + [1, 2, 3])
+    full = suffix_tree(index, Calibration(), min_n=1, max_depth=6)
+    capped = suffix_tree(index, Calibration(), min_n=1, max_depth=6, max_nodes=7)
+    assert len(full) > 7 and len(capped) == 7
+    assert all(p == -1 or p < i for i, p in enumerate(capped.parents))  # a tree, parents first
+    paths = lambda t: {tuple(t.tokens[j] for j in t.path(i)): t.scores[i] for i in range(len(t))}
+    full_paths, capped_paths = paths(full), paths(capped)
+    assert all(full_paths[p] == s for p, s in capped_paths.items())  # the same nodes, the same scores
+    dropped = [s for p, s in full_paths.items() if p not in capped_paths]
+    assert max(dropped) <= min(capped_paths.values())  # the best-scored ones were kept

@@ -111,8 +111,10 @@ class SuffixIndex:
 
 
 def suffix_tree(index: SuffixIndex, calibration: Calibration, min_n: int, max_depth: int,
-                max_matches: int = 8) -> DraftTree:
-    """A trie of what followed the longest repeated suffix; node confidence = its share of the matches."""
+                max_matches: int = 8, max_nodes: int | None = None) -> DraftTree:
+    """A trie of what followed the longest repeated suffix; node confidence = its share of the matches.
+    With `max_nodes`, only that many best-scored nodes (a node never outscores its parent, so they form
+    a tree)."""
     tree = DraftTree()
     _, conts = index.continuations(min_n, max_depth, max_matches)
     if not conts:
@@ -121,22 +123,30 @@ def suffix_tree(index: SuffixIndex, calibration: Calibration, min_n: int, max_de
     for cont in conts:
         for d in range(1, len(cont) + 1):
             counts[tuple(cont[:d])] += 1
-    nodes: dict[tuple[int, ...], int] = {(): ROOT}
+    order = sorted(counts, key=lambda p: (len(p), -counts[p]))  # parents first
     scores: dict[tuple[int, ...], float] = {(): 1.0}
-    for prefix in sorted(counts, key=lambda p: (len(p), -counts[p])):
+    confidences: dict[tuple[int, ...], float] = {}
+    for prefix in order:
         parent = prefix[:-1]
-        if parent not in nodes:
+        if parent not in scores:
             continue
-        parent_count = counts[parent] if parent else len(conts)
-        confidence = counts[prefix] / parent_count
-        score = scores[parent] * calibration.estimate("suffix", len(prefix), confidence)
-        nodes[prefix] = tree.add(prefix[-1], nodes[parent], score, "suffix", confidence)
-        scores[prefix] = score
+        confidences[prefix] = counts[prefix] / (counts[parent] if parent else len(conts))
+        scores[prefix] = scores[parent] * calibration.estimate("suffix", len(prefix), confidences[prefix])
+    kept = [p for p in order if p in confidences]
+    if max_nodes is not None and len(kept) > max_nodes:
+        best = set(sorted(kept, key=lambda p: (-scores[p], len(p)))[:max_nodes])  # ties: the parent first
+        kept = [p for p in kept if p in best]
+    nodes: dict[tuple[int, ...], int] = {(): ROOT}
+    for prefix in kept:
+        nodes[prefix] = tree.add(prefix[-1], nodes[prefix[:-1]], scores[prefix], "suffix", confidences[prefix])
     return tree
 
 
 def merge(trees: list[DraftTree]) -> DraftTree:
     """Union of trees: nodes with the same token path are one node (highest score kept)."""
+    trees = [t for t in trees if len(t)]
+    if len(trees) == 1:
+        return trees[0]
     out = DraftTree()
     for tree in trees:
         index = {ROOT: ROOT}

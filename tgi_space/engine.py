@@ -281,9 +281,12 @@ class Engine:
         logits = self._forward(layout, prefix_slots, write_slots, self._chain_rows(layout, plans), keep_hidden)
         self.num_steps += 1
         results, self._moves = [], []
+        offsets = layout.logit_offsets
+        argmax = logits.argmax(-1).tolist() if any(p.is_tree for p in plans) else None  # once for the step
         for i, (seq, plan) in enumerate(planned):
-            seq_logits = logits[layout.logit_offsets[i] : layout.logit_offsets[i + 1]]
-            results.append((seq, self._advance_alone(seq, plan, seq_logits, slots)))
+            seq_logits = logits[offsets[i] : offsets[i + 1]]
+            seq_argmax = argmax[offsets[i] : offsets[i] + plan.num_candidates + 1] if argmax is not None else None
+            results.append((seq, self._advance_alone(seq, plan, seq_logits, slots, seq_argmax)))
         self._move_accepted_kv()
         if self.planned and not any(seq.sdsat for seq, _ in planned):  # the planner learns from SPACE steps only
             trees = [p.tree for _, p in planned if p.is_tree]
@@ -293,8 +296,10 @@ class Engine:
             base = sum(p.num_uncached for p in plans)
             seconds = time.perf_counter() - start
             masks = any(p.anchors for p in plans)
-            if base == len(plans):  # decode steps only: a prefill's time says nothing about speculation
-                kind = "masks" if masks else "tree" if any(p.num_candidates for p in plans) else "plain"
+            candidates = any(p.num_candidates for p in plans)
+            if base == len(plans) and (candidates or not masks):  # decode steps only: a prefill's time says
+                # nothing about speculation; nor does a step sending groups with no drafts yet to verify
+                kind = "masks" if masks else "tree" if candidates else "plain"
                 self.speculator.observe_rate(len(plans), seconds, sum(len(e) for _, e in results), kind, sampled)
             if self.speculator.curve is not None and base == len(plans):  # decode steps: wall time vs surface
                 rows = sum(p.num_rows for p in plans)
@@ -323,11 +328,14 @@ class Engine:
         for cache in self.kv_caches:
             cache.index_copy_(1, dst, cache.index_select(1, src))
 
-    def _advance_alone(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource) -> list[TokenInfo]:
-        """`_advance`, but a failure ends this request only (finish reason "error", `seq.error` set)."""
+    def _advance_alone(
+        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource, argmax: list[int] | None = None
+    ) -> list[TokenInfo]:
+        """`_advance`, but a failure ends this request only (finish reason "error", `seq.error` set).
+        `argmax`: the argmax of the sequence's verify rows, when the step took it for all rows at once."""
         try:
             if plan.is_tree:
-                return self._advance_tree(seq, plan, logits, slots)
+                return self._advance_tree(seq, plan, logits, slots, argmax)
             return self._advance(seq, plan, logits)
         except Exception as err:  # one request's failure must not fail the others in the step
             log.warning("request %d failed in step %d: %s", seq.seq_id, self.num_steps, err)
@@ -397,10 +405,12 @@ class Engine:
         self._draft_next(seq, plan, groups, accepted)
         return emitted
 
-    def _advance_tree(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource) -> list[TokenInfo]:
+    def _advance_tree(
+        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource, argmax: list[int] | None = None
+    ) -> list[TokenInfo]:
         """Walk seq's candidate tree, emit, move the accepted path's K/V out of scratch, draft the next tree."""
         verify_logits, groups = split_logits(plan, logits)  # [n + 1, V], [G, g, V]
-        path, bonus, target = self.speculator.verify(seq, plan, verify_logits)
+        path, bonus, target = self.speculator.verify(seq, plan, verify_logits, argmax)
         seq.num_cached += plan.num_uncached
         if path:
             scratch = self._scratch_of(plan, seq, path)

@@ -82,6 +82,7 @@ class Speculator:
         # drafts are accepted far less often when sampling hot, and that must not stop greedy speculation.
         self.rates: dict[str, dict[str, float]] = defaultdict(dict)
         self._gated: dict[str, int] = defaultdict(int)
+        self._exploring: dict[str, bool] = defaultdict(bool)  # this step speculates only to re-measure
         self._masks_gated: dict[str, int] = defaultdict(int)
         self.mask_factor = 1.0  # measured / probed cost of a step's mask groups, learnt from masked steps
         self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
@@ -126,9 +127,9 @@ class Speculator:
         others = [p for i, (_, p) in enumerate(planned) if i not in set(spec)]
         overhead = self.overhead_per_seq[sampled] * len(spec) + self.outside[_bucket(len(planned))]
         base_rows = sum(p.num_rows for _, p in planned)
-        if not self._masks_measured_to_pay(key):
+        if not self._exploring[key] and not self._masks_measured_to_pay(key):  # an exploring step tries masks too
             proposals = [dataclasses.replace(p, group_size=0) for p in proposals]
-        choices = plan(proposals, lambda rows, n: self.step_cost(base_rows, rows, n) + overhead,
+        choices = plan(proposals, self._cost_of_rows(base_rows, len(planned), overhead),
                        self.policy.max_step_query_tokens,
                        other_rows=sum(p.num_rows for p in others), other_seqs=len(others),
                        group_cost=self.mask_factor * self.mask_step_cost)
@@ -144,13 +145,15 @@ class Speculator:
         """False while speculative steps of this batch size have been measured slower (tokens per
         second, whole step) than plain ones by more than the noise; one step in EXPLORE_EVERY speculates
         anyway, to re-measure."""
+        self._exploring[key] = False
         if not self.adaptive:
             return True
         rates = self.rates[key]
         spec = max((rates[k] for k in ("tree", "masks") if k in rates), default=None)
         if spec is None or "plain" not in rates or spec >= GATE_MARGIN * rates["plain"]:
             return True
-        return _explore(self._gated, key, EXPLORE_EVERY)
+        self._exploring[key] = _explore(self._gated, key, EXPLORE_EVERY)
+        return self._exploring[key]
 
     def _masks_measured_to_pay(self, key: str) -> bool:
         """False while steps carrying mask groups have been measured slower (tokens per second, whole
@@ -193,9 +196,22 @@ class Speculator:
 
     def step_cost(self, base_rows: int, rows: int, num_seqs: int) -> float:
         """Predicted seconds of a step of `rows` rows whose sequences alone need `base_rows` (corrected online)."""
+        return self._cost_of_rows(base_rows, num_seqs)(rows, num_seqs)
+
+    def _cost_of_rows(self, base_rows: int, num_seqs: int, fixed: float = 0.0) -> Callable[[int, int], float]:
+        """step_cost(base_rows, rows, num_seqs) + fixed as a function of rows (the batch size is
+        num_seqs), remembered per row count: the planner asks for the same counts many times."""
         surface, b = self.latency(), _bucket(num_seqs)
         plain = surface(base_rows, num_seqs)
-        return self.plain_factor[b] * plain + self.marginal_factor[b] * (surface(rows, num_seqs) - plain)
+        known: dict[int, float] = {}
+
+        def cost(rows: int, _num_seqs: int = num_seqs) -> float:
+            if rows not in known:
+                extra = surface(rows, num_seqs) - plain
+                known[rows] = self.plain_factor[b] * plain + self.marginal_factor[b] * extra + fixed
+            return known[rows]
+
+        return cost
 
     def observe_step(self, base_rows: int, rows: int, num_seqs: int, seconds: float, masks: bool = False) -> None:
         """Learn the correction factors from one step's wall time (not with a pinned curve); `masks`:
@@ -242,10 +258,11 @@ class Speculator:
         remaining = seq.params.max_new_tokens - len(seq.output_ids)
         tree = self._current_tree(seq)
         depth_cap = min(self.policy.max_tree_depth, remaining - 1)
-        keep = [i for i in range(len(tree)) if tree.depth(i) <= depth_cap]
-        keep = sorted(keep, key=lambda i: -tree.scores[i])[: self.policy.max_tree_nodes]
+        if len(tree) > self.policy.max_tree_nodes or tree.max_depth > depth_cap:
+            keep = [i for i in range(len(tree)) if tree.depth(i) <= depth_cap]
+            tree = tree.subtree(sorted(keep, key=lambda i: -tree.scores[i])[: self.policy.max_tree_nodes])
         group = self.group_size if remaining > 1 else 0
-        return Proposal(len(base.chain), tree.subtree(keep), group, self.mask_gain)
+        return Proposal(len(base.chain), tree, group, self.mask_gain)
 
     def _current_tree(self, seq: Sequence) -> DraftTree:
         """The drafted tree of the last step, or (first step) suffix drafts from the prompt."""
@@ -265,14 +282,18 @@ class Speculator:
     # ---- verification --------------------------------------------------------------------
 
     def verify(
-        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor
+        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, argmax: list[int] | None = None
     ) -> tuple[list[int], int, torch.Tensor]:
-        """(accepted node indices, bonus token, processed target rows [len(path) + 1, V] of the emitted tokens)."""
+        """(accepted node indices, bonus token, processed target rows [len(path) + 1, V] of the emitted tokens).
+
+        `argmax`: the rows' argmax of the raw logits, taken for the whole step at once (used when the
+        request's processing leaves greedy logits unchanged: no penalty, no watermark)."""
         start = time.perf_counter()
         tree = plan.tree
         target = _process_rows(logits, seq, tree)  # [n + 1, V]
         if seq.params.is_greedy:
-            path, bonus = verify_tree_greedy(target.argmax(-1).tolist(), tree)
+            raw = argmax is not None and not seq.params.has_penalties and seq.params.watermark is None
+            path, bonus = verify_tree_greedy(argmax if raw else target.argmax(-1).tolist(), tree)
         elif tree.sampled is not None:  # children drawn from q (SDSAT): recursive rejection
             path, bonus = verify_tree_rejection(target, tree, tree.sampled, seq.generator)
         else:
@@ -322,7 +343,8 @@ class Speculator:
         if seq.suffix_index is None:
             seq.suffix_index = SuffixIndex(self.policy.suffix_max_match)
         seq.suffix_index.extend(seq.tokens[len(seq.suffix_index.tokens) :])
-        return suffix_tree(seq.suffix_index, self.calibration, self.policy.suffix_min_match, self.policy.max_tree_depth)
+        return suffix_tree(seq.suffix_index, self.calibration, self.policy.suffix_min_match, self.policy.max_tree_depth,
+                           max_nodes=self.policy.max_tree_nodes)
 
     def info(self) -> dict:
         """The latency curve, the calibration and the running figures (for /info, logs, benchmarks)."""
@@ -376,9 +398,10 @@ def any_sampled(planned: list[tuple[Sequence, SeqPlan]]) -> bool:
 
 
 def _explore(gated: dict, key, every: int) -> bool:
-    """Count one step kept from what it would try under `key`; True for one in `every` (it tries anyway)."""
+    """Count one step kept from what it would try under `key`; True for the last EXPLORE_BURST of every
+    `every` (it tries anyway, for consecutive steps: a step's mask drafts are verified by the next one)."""
     gated[key] += 1
-    return gated[key] % every == 0
+    return gated[key] % every >= every - EXPLORE_BURST
 
 
 def _rate_key(num_seqs: int, sampled: bool) -> str:
@@ -391,8 +414,9 @@ def _bucket(num_seqs: int) -> int:
     return next((b for b in PROBE_BATCHES if num_seqs <= b), PROBE_BATCHES[-1])
 
 
-EXPLORE_EVERY = 8  # while speculation is measured to lose at a batch size, one step in this many tries it
-MASKS_EXPLORE_EVERY = 32  # the same for mask groups (rarer: a losing masked step can cost ~2 plain steps)
+EXPLORE_EVERY = 24  # while speculation is measured to lose at a batch size, EXPLORE_BURST steps in this many try it
+MASKS_EXPLORE_EVERY = 48  # the same for mask groups (rarer: a losing masked step can cost ~2 plain steps)
+EXPLORE_BURST = 3  # consecutive steps per try: the first sends mask groups, the next ones verify their drafts
 MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
 GATE_MARGIN = 0.9  # speculation is stopped only when measured clearly slower than plain (noise is ~10%)
