@@ -15,7 +15,7 @@ from tgi_space.config import EngineConfig, SpacePolicy
 from tgi_space.llm import LLM
 from tgi_space.planner import LatencyCurve, Proposal, plan
 from tgi_space.sampling import SamplingParams
-from tgi_space.speculation import EXPLORE_BURST, EXPLORE_EVERY, MASKS_EXPLORE_EVERY, MAX_EXPLORE_EVERY, Speculator
+from tgi_space.speculation import EXPLORE_BURST, EXPLORE_EVERY, MASKS_EXPLORE_EVERY, Speculator
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
 
@@ -104,24 +104,6 @@ def test_sampled_steps_measured_to_lose_do_not_stop_greedy_speculation():
     spec.observe_rate(1, 1.0, 80, "masks", sampled=True)
     assert all(spec._measured_to_pay("1/greedy") for _ in range(16))
     assert sum(spec._measured_to_pay("1/sampled") for _ in range(EXPLORE_EVERY)) == EXPLORE_BURST  # explores only
-
-
-def test_exploration_backs_off_while_speculation_keeps_losing_and_resets_when_it_pays():
-    spec = _speculator()
-    spec.observe_rate(1, 1.0, 250, "plain", sampled=True)
-    spec.observe_rate(1, 1.0, 90, "tree", sampled=True)
-    periods, tries = [], []
-    for _ in range(1 + (EXPLORE_EVERY * 2 + EXPLORE_EVERY * 4)):  # the first three periods
-        tries.append(spec._measured_to_pay("1/sampled"))
-        periods.append(spec._period["1/sampled"])
-    assert periods[0] == EXPLORE_EVERY and periods[EXPLORE_EVERY] == 2 * EXPLORE_EVERY
-    assert periods[3 * EXPLORE_EVERY] == 4 * EXPLORE_EVERY
-    assert sum(tries[:EXPLORE_EVERY]) == sum(tries[EXPLORE_EVERY : 3 * EXPLORE_EVERY]) == EXPLORE_BURST
-    for _ in range(64 * MAX_EXPLORE_EVERY // EXPLORE_EVERY):
-        spec._measured_to_pay("1/sampled")
-    assert spec._period["1/sampled"] == MAX_EXPLORE_EVERY  # capped
-    spec.observe_rate(1, 0.1, 900, "tree", sampled=True)  # speculation measured to pay again
-    assert spec._measured_to_pay("1/sampled") and spec._period["1/sampled"] == EXPLORE_EVERY
 
 
 def test_time_outside_the_engine_is_learnt_and_idle_pauses_are_not():

@@ -83,7 +83,6 @@ class Speculator:
         self.rates: dict[str, dict[str, float]] = defaultdict(dict)
         self._gated: dict[str, int] = defaultdict(int)
         self._exploring: dict[str, bool] = defaultdict(bool)  # this step speculates only to re-measure
-        self._period: dict[str, int] = {}  # the current exploring period while speculation loses (backs off)
         self._masks_gated: dict[str, int] = defaultdict(int)
         self.mask_factor = 1.0  # measured / probed cost of a step's mask groups, learnt from masked steps
         self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
@@ -144,23 +143,16 @@ class Speculator:
 
     def _measured_to_pay(self, key: str) -> bool:
         """False while speculative steps of this batch size have been measured slower (tokens per
-        second, whole step) than plain ones by more than the noise; EXPLORE_BURST steps of every period
-        speculate anyway, to re-measure. The period starts at EXPLORE_EVERY steps and doubles, up to
-        MAX_EXPLORE_EVERY, each time a whole period ends with speculation still measured to lose (a
-        regime where it never pays, hot sampling or a saturated batch, then costs little); it is reset
-        as soon as speculation is measured to pay."""
+        second, whole step) than plain ones by more than the noise; one step in EXPLORE_EVERY speculates
+        anyway, to re-measure."""
         self._exploring[key] = False
         if not self.adaptive:
             return True
         rates = self.rates[key]
         spec = max((rates[k] for k in ("tree", "masks") if k in rates), default=None)
         if spec is None or "plain" not in rates or spec >= GATE_MARGIN * rates["plain"]:
-            self._period[key] = EXPLORE_EVERY
             return True
-        period = self._period.setdefault(key, EXPLORE_EVERY)
-        self._exploring[key] = _explore(self._gated, key, period)
-        if self._gated[key] % period == 0:  # a whole period, exploration included, and still losing
-            self._gated[key], self._period[key] = 0, min(2 * period, MAX_EXPLORE_EVERY)
+        self._exploring[key] = _explore(self._gated, key, EXPLORE_EVERY)
         return self._exploring[key]
 
     def _masks_measured_to_pay(self, key: str) -> bool:
@@ -425,7 +417,6 @@ def _bucket(num_seqs: int) -> int:
 EXPLORE_EVERY = 24  # while speculation is measured to lose at a batch size, EXPLORE_BURST steps in this many try it
 MASKS_EXPLORE_EVERY = 48  # the same for mask groups (rarer: a losing masked step can cost ~2 plain steps)
 EXPLORE_BURST = 3  # consecutive steps per try: the first sends mask groups, the next ones verify their drafts
-MAX_EXPLORE_EVERY = 192  # the exploring period's cap while speculation keeps losing
 MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
 GATE_MARGIN = 0.9  # speculation is stopped only when measured clearly slower than plain (noise is ~10%)
