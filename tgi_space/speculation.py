@@ -143,8 +143,8 @@ class Speculator:
 
     def _measured_to_pay(self, key: str) -> bool:
         """False while speculative steps of this batch size have been measured slower (tokens per
-        second, whole step) than plain ones by more than the noise; one step in EXPLORE_EVERY speculates
-        anyway, to re-measure."""
+        second, whole step) than plain ones by more than the noise; EXPLORE_BURST steps in EXPLORE_EVERY
+        speculate anyway, to re-measure (those steps are `_exploring`: they try mask groups too)."""
         self._exploring[key] = False
         if not self.adaptive:
             return True
@@ -157,7 +157,7 @@ class Speculator:
 
     def _masks_measured_to_pay(self, key: str) -> bool:
         """False while steps carrying mask groups have been measured slower (tokens per second, whole
-        step) than plain steps; one step in EXPLORE_EVERY sends groups anyway. Judged apart from the
+        step) than plain steps; EXPLORE_BURST steps in MASKS_EXPLORE_EVERY send groups anyway. Judged apart from the
         trees, so costly masks (a gated adapter) do not stop suffix drafts. (Not against steps with
         trees only: those are the steps after a good draft, and masks are what drafts them.)"""
         if not self.adaptive:
@@ -177,8 +177,8 @@ class Speculator:
 
     def _rows_can_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int, sampled: bool = False) -> bool:
         """Whether extra rows worth what sent nodes have been worth lately, per speculating sequence,
-        would raise tokens per second once drafting's own cost is paid. When not, one step in
-        EXPLORE_EVERY drafts anyway (else a bad patch would stop speculation for good: nothing would be
+        would raise tokens per second once drafting's own cost is paid. When not, EXPLORE_BURST steps in
+        EXPLORE_EVERY draft anyway (else a bad patch would stop speculation for good: nothing would be
         sent, so nothing would show that drafts pay again)."""
         if self._rows_could_pay(planned, num_spec, sampled):
             return True

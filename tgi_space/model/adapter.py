@@ -150,14 +150,13 @@ class GatedDelta(nn.Module):
     def __init__(self, a: torch.Tensor, b: torch.Tensor, spans: list[tuple[int, int, int, int]] | None = None) -> None:
         super().__init__()
         self.register_buffer("a", a)
-        self.register_buffer("b", b)
-        self.register_buffer("bt", b.t().contiguous())  # [S*r, out], for the fused CPU kernel
+        self.register_buffer("bt", b.t().contiguous())  # B transposed, [S*r, out]: the fused kernel reads its rows
         spans = spans if spans is not None else [(0, a.shape[0], 0, b.shape[0])]
         self.register_buffer("spans", torch.tensor(spans, dtype=torch.long).reshape(-1, 4))  # B's nonzero blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Delta rows [n, out] of input rows x [n, in]."""
-        return F.linear(F.linear(x.float(), self.a), self.b)
+        return F.linear(F.linear(x.float(), self.a), self.bt.t())
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, kernels=None) -> None:
         """y[rows] += delta(x[rows]) rounded to y's dtype, in place; one fused call when `kernels` (the
