@@ -29,9 +29,10 @@ import numpy as np
 log = logging.getLogger("build_space_models")
 
 PROMPT_TOKENS, NEW_TOKENS = 96, 128
-NUM_PROMPTS = 2400
+NUM_PROMPTS = 9600  # 2400 until 2026-12: the 600-step controls below were trained on those
 DISTILL_BATCH = 48
 SEED = 4321
+SMOKE_STEPS = 0  # --smoke: every run this many steps
 K = 5
 NUM_MASK_BLOCKS = 48  # masks are the adapter's only loss: many blocks per example
 SEQ_LEN = 256  # 96 prompt + 128 continuation tokens fit
@@ -47,12 +48,15 @@ class Run:
     name: str
     data: str  # distilled | original
     args: tuple[str, ...]
+    steps: int = 600
 
 
-RUN_STEPS, RUN_BATCH = 600, 8
+RUN_BATCH = 8
+SHIPPED_STEPS = 2400  # the shipped adapter: 4x the controls' steps, two passes over 9600 distilled prompts
 RUNS = {
     "adapter-distilled": Run("adapter-distilled", "distilled", (
-        "--adapter", "gated-lora", "--lora-r", "32", "--lora-alpha", "64", "--lr", "1e-3", "--p-ar", "0")),
+        "--adapter", "gated-lora", "--lora-r", "32", "--lora-alpha", "64", "--lr", "1e-3", "--p-ar", "0"),
+        SHIPPED_STEPS),
     "adapter-original": Run("adapter-original", "original", (
         "--adapter", "gated-lora", "--lora-r", "32", "--lora-alpha", "64", "--lr", "1e-3", "--p-ar", "0")),
     "sar-distilled": Run("sar-distilled", "distilled", ("--lr", "3e-4", "--p-ar", "0.5", "--weight-decay", "0.1")),
@@ -110,7 +114,7 @@ def train_run(run: Run, base: Path, work: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     args = cli(
         "train", "--model", str(base), "--data", str(work / f"{run.data}.jsonl"), "--output", str(out),
-        "--k", str(K), "--num-mask-blocks", str(NUM_MASK_BLOCKS), "--max-steps", str(RUN_STEPS),
+        "--k", str(K), "--num-mask-blocks", str(NUM_MASK_BLOCKS), "--max-steps", str(SMOKE_STEPS or run.steps),
         "--batch-size", str(RUN_BATCH), "--seq-len", str(SEQ_LEN), "--warmup-steps", "30",
         "--save-steps", "100", "--logging-steps", "10", "--seed", str(SEED), *run.args,
     )
@@ -120,7 +124,7 @@ def train_run(run: Run, base: Path, work: Path) -> dict:
         subprocess.run(args, check=True)
     finally:
         clock.write_text(str(before + time.time() - t0))
-    info = {"steps": RUN_STEPS, "batch": RUN_BATCH, "args": list(run.args), "data": run.data,
+    info = {"steps": SMOKE_STEPS or run.steps, "batch": RUN_BATCH, "args": list(run.args), "data": run.data,
             "wall_seconds": round(before + time.time() - t0, 1)}
     done.write_text(json.dumps(info))
     return info
@@ -193,10 +197,10 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=Path("build/tiny-model"), help="build_tiny_model.py's --work")
     parser.add_argument("--smoke", action="store_true", help="a few prompts and steps, to check the pipeline")
     args = parser.parse_args()
-    global CORPUS, NUM_PROMPTS, RUN_STEPS, TPS_PROMPTS, HELDOUT_WINDOWS
+    global CORPUS, NUM_PROMPTS, SMOKE_STEPS, TPS_PROMPTS, HELDOUT_WINDOWS
     CORPUS = args.corpus
     if args.smoke:
-        NUM_PROMPTS, RUN_STEPS, TPS_PROMPTS, HELDOUT_WINDOWS = 8, 3, 2, 8
+        NUM_PROMPTS, SMOKE_STEPS, TPS_PROMPTS, HELDOUT_WINDOWS = 8, 3, 2, 8
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     base_bf16 = args.work / "base-bf16"
@@ -238,7 +242,7 @@ def build_report(args, base_bf16: Path, stages: dict) -> dict:
         "base_stage": base_info,
         "base_progress": [json.loads(x) for x in progress.read_text().splitlines()] if progress.exists() else [],
         "stages": stages, "tokens_per_step_k4": tps, "heldout": quality, "heldout_windows": HELDOUT_WINDOWS,
-        "run_settings": {"steps": RUN_STEPS, "batch": RUN_BATCH, "k": K, "num_mask_blocks": NUM_MASK_BLOCKS,
+        "run_settings": {"steps": {n: r.steps for n, r in RUNS.items()}, "batch": RUN_BATCH, "k": K, "num_mask_blocks": NUM_MASK_BLOCKS,
                          "seq_len": SEQ_LEN, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS},
     }
 

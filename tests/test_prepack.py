@@ -4,6 +4,7 @@ planner's costs for mask groups (a gated adapter's fixed cost per step, judged a
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from tgi_space.config import EngineConfig, SpacePolicy
 from tgi_space.llm import LLM
 from tgi_space.planner import LatencyCurve, Proposal, plan
 from tgi_space.sampling import SamplingParams
-from tgi_space.speculation import EXPLORE_BURST, EXPLORE_EVERY, MASKS_EXPLORE_EVERY, Speculator
+from tgi_space.speculation import (
+    EXPLORE_BURST, EXPLORE_EVERY, EXPLORE_FRACTION, MASKS_EXPLORE_EVERY, Speculator, explore_share,
+)
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
 
@@ -135,6 +138,54 @@ def test_rows_judged_unable_to_pay_still_draft_now_and_then():
     spec = Speculator(SpacePolicy(latency_curve=None), 4, lambda *a: 1e-3 * (1 + a[1]), max_batch=1, max_probe_rows=64)
     spec.value_per_row[False] = 0.0  # a bad patch: no sent node was accepted lately
     assert not spec._rows_could_pay([(None, None)], 1, False)
-    tries = [spec._rows_can_pay([(None, None)], 1, False) for _ in range(4 * EXPLORE_EVERY)]
+    planned = [(SimpleNamespace(seq_id=0), None)]
+    tries = [spec._speculating(planned, [0], "1/greedy", False) == [0] for _ in range(4 * EXPLORE_EVERY)]
     assert sum(tries) == 4 * EXPLORE_BURST
     assert spec.value_per_row[True] == 0.5  # sampled steps keep their own figure
+
+
+def _gated_speculator(num_seqs: int) -> Speculator:
+    """A speculator whose rates say speculation loses at this batch size (plain 1000 tok/s, trees 500)."""
+    spec = Speculator(SpacePolicy(latency_curve=None), 4, lambda *a: 1e-3, max_batch=64, max_probe_rows=64)
+    spec.value_per_row[False] = 1.0  # rows could pay: only the measured rates gate
+    spec.observe_rate(num_seqs, num_seqs / 1000, num_seqs, "plain")
+    spec.observe_rate(num_seqs, num_seqs / 500, num_seqs, "tree")
+    return spec
+
+
+def test_exploring_a_large_batch_drafts_for_a_share_of_it_that_turns_over():
+    spec = _gated_speculator(64)
+    planned = [(SimpleNamespace(seq_id=100 + i), None) for i in range(64)]
+    steps = [spec._speculating(planned, list(range(64)), "64/greedy", False) for _ in range(4 * EXPLORE_EVERY)]
+    drafting = [s for s in steps if s]
+    assert len(drafting) == 4 * EXPLORE_BURST  # still EXPLORE_BURST steps in EXPLORE_EVERY ...
+    assert all(len(s) == 64 // EXPLORE_FRACTION for s in drafting)  # ... each for a quarter of the batch
+    bursts = [drafting[i : i + EXPLORE_BURST] for i in range(0, len(drafting), EXPLORE_BURST)]
+    assert all(b[0] == b[1] == b[2] for b in bursts)  # a burst keeps its share: drafts get verified
+    assert len({tuple(b[0]) for b in bursts}) == len(bursts)  # and the share turns over between bursts
+    assert len(set().union(*map(set, drafting))) > 64 // EXPLORE_FRACTION
+
+
+def test_a_small_batch_explores_whole():
+    spec = _gated_speculator(4)
+    planned = [(SimpleNamespace(seq_id=i), None) for i in range(4)]
+    steps = [spec._speculating(planned, [0, 1, 2, 3], "4/greedy", False) for _ in range(EXPLORE_EVERY)]
+    assert [s for s in steps if s] == [[0, 1, 2, 3]] * EXPLORE_BURST
+    assert explore_share([0, 1, 2, 3], [7, 8, 9, 10], 5) == [0, 1, 2, 3]
+
+
+def test_an_exploring_share_is_judged_as_if_everybody_had_drafted():
+    """16 of 64 sequences drafted; the step emitted 32 extra tokens in 4 ms more than a plain step
+    (64 tokens in 64 ms). Had all 64 drafted: 64 + 128 tokens in 64 + 16 ms, 2400 tok/s."""
+    spec = _gated_speculator(64)
+    planned = [(SimpleNamespace(seq_id=i), None) for i in range(64)]
+    share = []
+    while not share:
+        share = spec._speculating(planned, list(range(64)), "64/greedy", False)
+    assert spec._step_scale == 4.0
+    spec.rates["64/greedy"].pop("tree")
+    spec.observe_rate(64, 0.068, 96, "tree")
+    assert spec.rates["64/greedy"]["tree"] == pytest.approx(192 / 0.080)
+    spec._step_scale = 1.0  # a step where everybody drafts is taken as it is
+    spec.observe_rate(64, 0.068, 96, "masks")
+    assert spec.rates["64/greedy"]["masks"] == pytest.approx(96 / 0.068)

@@ -39,8 +39,8 @@ def oracle_drafts(monkeypatch, truth: dict[tuple[int, ...], list[int]], error_ra
     rng = random.Random(seed)
     original = Sdsat.draft_next
 
-    def draft_next(self, seq, plan, groups):
-        original(self, seq, plan, groups)
+    def draft_next(self, seq, plan, groups, stats):
+        original(self, seq, plan, groups, stats)
         if not seq.draft_tree:
             return
         ref = truth[tuple(seq.tokens[: seq.num_prompt])]

@@ -190,7 +190,7 @@ def oracle_trees(monkeypatch, truth: dict[tuple[int, ...], list[int]], error_rat
     """Next trees = the true continuation as a chain, corrupted at random, plus random wrong branches."""
     rng = random.Random(seed)
 
-    def draft_next(self, seq, plan, groups, path):
+    def draft_next(self, seq, plan, groups, path, stats):
         ref = truth[tuple(seq.tokens[: seq.num_prompt])]
         start = len(seq.output_ids)
         tree, parent = DraftTree(), ROOT

@@ -59,12 +59,18 @@ class Calibration:
 
 def mask_tree(group_logits: torch.Tensor, calibration: Calibration, top_m: int) -> DraftTree:
     """From a mask group's logits [g, V]: the top-1 chain, plus the next `top_m - 1` tokens at depth 1."""
-    tree = DraftTree()
     if group_logits.shape[0] == 0:
+        return DraftTree()
+    top_p, top_ids = group_logits.float().softmax(-1).topk(max(1, top_m), dim=-1)  # [g, m]
+    return mask_tree_of(list(zip(top_ids.tolist(), top_p.tolist())), calibration)
+
+
+def mask_tree_of(tops: list[tuple[list[int], list[float]]], calibration: Calibration) -> DraftTree:
+    """The same tree from each group row's best tokens and their probabilities, best first: [(ids, probs)]."""
+    tree = DraftTree()
+    if not tops:
         return tree
-    probs = group_logits.float().softmax(-1)
-    top_p, top_ids = probs.topk(max(1, top_m), dim=-1)  # [g, m]
-    top_p, top_ids = top_p.tolist(), top_ids.tolist()
+    top_ids, top_p = [ids for ids, _ in tops], [p for _, p in tops]
     parent, score = ROOT, 1.0
     for depth, (p, token) in enumerate(zip(top_p, top_ids), start=1):
         score *= calibration.estimate("masks", depth, p[0])

@@ -22,11 +22,13 @@ from tgi_space.sampling import (
     FINISH_LENGTH,
     FINISH_STOP,
     SamplingParams,
+    accept_greedy,
     draft,
     process,
     verify_greedy,
     verify_sampled,
 )
+from tgi_space.logit_stats import LogitStats, logit_stats, reads_stats
 from tgi_space.scheduler import Scheduler
 from tgi_space.sdsat import Sdsat, check_checkpoint
 from tgi_space.sequence import Sequence, TokenInfo
@@ -282,11 +284,10 @@ class Engine:
         self.num_steps += 1
         results, self._moves = [], []
         offsets = layout.logit_offsets
-        argmax = logits.argmax(-1).tolist() if any(p.is_tree for p in plans) else None  # once for the step
+        stats = logit_stats(logits, self.model.ctx.kernels)  # every row's best tokens and logsumexp, at once
         for i, (seq, plan) in enumerate(planned):
             seq_logits = logits[offsets[i] : offsets[i + 1]]
-            seq_argmax = argmax[offsets[i] : offsets[i] + plan.num_candidates + 1] if argmax is not None else None
-            results.append((seq, self._advance_alone(seq, plan, seq_logits, slots, seq_argmax)))
+            results.append((seq, self._advance_alone(seq, plan, seq_logits, slots, stats.of(offsets[i]))))
         self._move_accepted_kv()
         if self.planned and not any(seq.sdsat for seq, _ in planned):  # the planner learns from SPACE steps only
             trees = [p.tree for _, p in planned if p.is_tree]
@@ -329,14 +330,14 @@ class Engine:
             cache.index_copy_(1, dst, cache.index_select(1, src))
 
     def _advance_alone(
-        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource, argmax: list[int] | None = None
+        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource, stats: LogitStats
     ) -> list[TokenInfo]:
         """`_advance`, but a failure ends this request only (finish reason "error", `seq.error` set).
-        `argmax`: the argmax of the sequence's verify rows, when the step took it for all rows at once."""
+        `stats`: the step's logit statistics, from the sequence's first logit row on."""
         try:
             if plan.is_tree:
-                return self._advance_tree(seq, plan, logits, slots, argmax)
-            return self._advance(seq, plan, logits)
+                return self._advance_tree(seq, plan, logits, slots, stats)
+            return self._advance(seq, plan, logits, stats)
         except Exception as err:  # one request's failure must not fail the others in the step
             log.warning("request %d failed in step %d: %s", seq.seq_id, self.num_steps, err)
             seq.error = f"{type(err).__name__}: {err}"
@@ -387,41 +388,44 @@ class Engine:
         self.last_step = (layout, hidden) if keep_hidden else None  # prompt logprobs (TGI prefill_logprobs)
         return self.model.compute_logits(hidden[layout.logit_rows.to(device)])
 
-    def _advance(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor) -> list[TokenInfo]:
+    def _advance(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, stats: LogitStats) -> list[TokenInfo]:
         """Verify seq's candidates, emit tokens until a stop, keep accepted K/V, draft the next ones."""
         verify_logits, groups = split_logits(plan, logits)  # [n + 1, V], [G, g, V]
         candidates = plan.chain[len(plan.chain) - plan.num_candidates :]
-        target = process(verify_logits, seq.params, seq.tokens, candidates)  # [n + 1, V]
-        if seq.params.is_greedy:
+        target = None if reads_stats(seq.params) else process(verify_logits, seq.params, seq.tokens, candidates)
+        if target is None:  # raw greedy: the rows' argmax, from the step's statistics
+            accepted, bonus = accept_greedy(stats.argmax(0, plan.num_candidates + 1), candidates)
+        elif seq.params.is_greedy:
             accepted, bonus = verify_greedy(target, candidates)
         else:
             q = seq.draft_probs[: plan.num_candidates] if plan.num_candidates else None
             accepted, bonus = verify_sampled(target, candidates, q, seq.generator)
         new_tokens = candidates[:accepted] + [bonus]
         seq.num_cached += len(plan.chain) - plan.num_candidates + accepted  # uncached tokens + accepted
-        emitted = self._emit(seq, new_tokens, target)
+        emitted = self._emit(seq, new_tokens, target, stats, list(range(len(new_tokens))))
         seq.stats.record(plan.num_candidates, accepted, len(emitted))
         self.scheduler.observe(plan.num_candidates, accepted)
         self._draft_next(seq, plan, groups, accepted)
         return emitted
 
     def _advance_tree(
-        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource, argmax: list[int] | None = None
+        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource, stats: LogitStats
     ) -> list[TokenInfo]:
         """Walk seq's candidate tree, emit, move the accepted path's K/V out of scratch, draft the next tree."""
         verify_logits, groups = split_logits(plan, logits)  # [n + 1, V], [G, g, V]
-        path, bonus, target = self.speculator.verify(seq, plan, verify_logits, argmax)
+        path, bonus, target = self.speculator.verify(seq, plan, verify_logits, stats)
         seq.num_cached += plan.num_uncached
         if path:
             scratch = self._scratch_of(plan, seq, path)
             self._moves.append((scratch, slots.slots(seq.seq_id, seq.num_cached, seq.num_cached + len(path))))
             seq.num_cached += len(path)
-        emitted = self._emit(seq, [plan.tree.tokens[i] for i in path] + [bonus], target)
+        emitted = self._emit(seq, [plan.tree.tokens[i] for i in path] + [bonus], target, stats,
+                             [0] + [i + 1 for i in path])
         seq.stats.record(plan.tree.max_depth, len(path), len(emitted))
         if seq.sdsat:
-            self.sdsat.draft_next(seq, plan, groups)
+            self.sdsat.draft_next(seq, plan, groups, stats)
         else:
-            self.speculator.draft_next(seq, plan, groups, path)
+            self.speculator.draft_next(seq, plan, groups, path, stats)
         return emitted
 
     def _scratch_of(self, plan: SeqPlan, seq: Sequence, path: list[int]) -> torch.Tensor:
@@ -429,9 +433,16 @@ class Engine:
         offset = self._scratch_offsets[seq.seq_id]
         return self.scratch_slots[[offset + i for i in path]]
 
-    def _emit(self, seq: Sequence, new_tokens: list[int], target: torch.Tensor) -> list[TokenInfo]:
-        """Append tokens one at a time, stopping exactly where plain decoding would."""
-        logprobs = target[: len(new_tokens)].log_softmax(-1)  # [a + 1, V]
+    def _emit(
+        self, seq: Sequence, new_tokens: list[int], target: torch.Tensor | None, stats: LogitStats, rows: list[int]
+    ) -> list[TokenInfo]:
+        """Append tokens one at a time, stopping exactly where plain decoding would. target: the processed
+        rows [a + 1, V] of the new tokens, or None when each token is its logit row's argmax (`rows`), whose
+        log-probability the step's statistics hold."""
+        if target is None:
+            logprobs = [stats.best_logprob(r) for r in rows[: len(new_tokens)]]
+        else:
+            logprobs = target[: len(new_tokens)].log_softmax(-1)  # [a + 1, V]
         top_n = seq.params.top_n_tokens
         emitted = []
         for i, token in enumerate(new_tokens):
@@ -439,7 +450,8 @@ class Engine:
             if top_n:
                 values, ids = logprobs[i].topk(top_n)
                 top = list(zip(ids.tolist(), values.tolist()))
-            info = TokenInfo(token, float(logprobs[i, token]), top, self.num_steps)
+            logprob = logprobs[i] if target is None else float(logprobs[i, token])
+            info = TokenInfo(token, logprob, top, self.num_steps)
             seq.tokens.append(token)
             seq.outputs.append(info)
             emitted.append(info)

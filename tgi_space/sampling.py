@@ -76,6 +76,12 @@ class SamplingParams:
         return not (self.do_sample or has_warper)
 
     @property
+    def is_raw_greedy(self) -> bool:
+        """Greedy on the model's own logits (no penalty, no watermark): each token is its row's argmax,
+        taken with the step's logit statistics for all rows at once (logit_stats.py)."""
+        return self.is_greedy and not self.has_penalties and self.watermark is None
+
+    @property
     def has_penalties(self) -> bool:
         """Whether logits depend on the token history."""
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
@@ -154,7 +160,11 @@ def process(
 
 def verify_greedy(target_logits: torch.Tensor, candidates: list[int]) -> tuple[int, int]:
     """(accepted count, bonus token). target_logits [n + 1, V] checks candidates [n] in order."""
-    targets = target_logits.argmax(-1).tolist()  # [n + 1]
+    return accept_greedy(target_logits.argmax(-1).tolist(), candidates)
+
+
+def accept_greedy(targets: list[int], candidates: list[int]) -> tuple[int, int]:
+    """(accepted count, bonus token) from the argmax of each verify row, targets [n + 1]."""
     accepted = 0
     while accepted < len(candidates) and candidates[accepted] == targets[accepted]:
         accepted += 1

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tgi_space.config import TRAINING_METHODS, ModelConfig, SpacePolicy
+from tgi_space.logit_stats import LogitStats
 from tgi_space.sampling import apply_warpers
 from tgi_space.sequence import Sequence
 from tgi_space.space import SeqPlan
@@ -115,14 +116,15 @@ class Sdsat:
             s.verify_passes += 1
             s.drafted_nodes += plan.num_candidates
 
-    def draft_next(self, seq: Sequence, plan: SeqPlan, groups: torch.Tensor) -> None:
-        """After a pass: a draft pass's group [1, g, V] becomes the next tree; after a verify pass, none."""
+    def draft_next(self, seq: Sequence, plan: SeqPlan, groups: torch.Tensor, stats: LogitStats) -> None:
+        """After a pass: a draft pass's group [1, g, V] becomes the next tree; after a verify pass, none.
+        `stats`: the step's logit statistics from the sequence's first row (the group follows row 0)."""
         seq.draft_tree = None
         if seq.is_finished or not plan.anchors:
             return
         group = groups[0]  # [g, V]
         if seq.params.is_greedy:
-            seq.draft_tree = adaptive_chain(group)
+            seq.draft_tree = adaptive_chain([stats.top(r, 1) for r in range(1, 1 + plan.group_size)])
         else:
             q = apply_warpers(group.float(), seq.params).softmax(-1)  # [g, V] the request's own warpers
             seq.draft_tree = adaptive_tree(q, self.policy.sdsat_tree_sizes, self.max_depth,
@@ -145,13 +147,12 @@ def _base_rows(seq: Sequence, plan: SeqPlan) -> int:
     return plan.num_uncached if seq.sdsat else plan.num_rows
 
 
-def adaptive_chain(group_logits: torch.Tensor) -> DraftTree:
-    """Greedy drafts: the argmax of each adaptive token, as a chain d1..dg. group_logits: [g, V]."""
+def adaptive_chain(tops: list[tuple[list[int], list[float]]]) -> DraftTree:
+    """Greedy drafts: the argmax of each adaptive token, as a chain d1..dg; tops: per adaptive token, its
+    best token and that token's probability ([id], [p]), from the step's logit statistics."""
     tree, parent = DraftTree(), ROOT
-    probs = group_logits.float().softmax(-1)
-    top_p, top_ids = probs.max(-1)
-    for p, token in zip(top_p.tolist(), top_ids.tolist()):
-        parent = tree.add(token, parent, 1.0, SOURCE, p)
+    for ids, probs in tops:
+        parent = tree.add(ids[0], parent, 1.0, SOURCE, probs[0])
     return tree
 
 

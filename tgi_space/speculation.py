@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 from tgi_space.config import SpacePolicy
-from tgi_space.drafters import Calibration, SuffixIndex, mask_tree, merge, suffix_tree
+from tgi_space.drafters import Calibration, SuffixIndex, mask_tree, mask_tree_of, merge, suffix_tree
+from tgi_space.logit_stats import MAX_TOP, LogitStats, reads_stats
 from tgi_space.planner import LatencyCurve, LatencySurface, Proposal, plan
 from tgi_space.sampling import process
 from tgi_space.sequence import Sequence
@@ -88,6 +89,10 @@ class Speculator:
         self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self.marginal_factor = {b: 2.0 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self._busy = 0.0  # this step's drafting / verification seconds so far
+        # Exploring steps of a large batch draft for a share of the sequences only (explore_share): which
+        # share turns over between bursts; _step_scale (all speculating / drafting, this step) scales that
+        # step's extra tokens and seconds up to the whole batch when its rate is recorded.
+        self._explore_round, self._was_exploring, self._step_scale = 0, False, 1.0
         # Seconds a serving cycle spends outside the engine per step (the shard's gRPC answer, the router's
         # work before the next Decode), per batch bucket: measured between the end of one step and the start
         # of the next, so a step is judged by the wall time of the whole cycle. About 0 in `LLM.generate`.
@@ -118,9 +123,11 @@ class Speculator:
         spec = [i for i, (seq, _) in enumerate(planned) if seq.speculate and not seq.sdsat]  # SDSAT: sdsat.py
         sampled = any_sampled(planned)
         key = _rate_key(len(planned), sampled)
-        if not spec or not self._measured_to_pay(key) or not self._rows_can_pay(planned, len(spec), sampled):
-            for i in spec:  # the next tree is drafted when speculation pays again
-                planned[i][0].draft_tree = None
+        chosen = self._speculating(planned, spec, key, sampled)
+        for i in set(spec) - set(chosen):  # the next tree is drafted when speculation pays again
+            planned[i][0].draft_tree = None
+        spec = chosen
+        if not spec:
             return planned  # plain decoding, without even drafting
         start = time.perf_counter()
         proposals = [self._proposal(*planned[i]) for i in spec]
@@ -140,6 +147,33 @@ class Speculator:
             out[i] = (seq, _tree_plan(base, proposal, choice))
         self._record_plan(out, proposals, choices)
         return out
+
+    def _speculating(self, planned: list[tuple[Sequence, SeqPlan]], spec: list[int], key: str, sampled: bool) -> list[int]:
+        """Which of the speculating sequences draft this step: all when speculation is judged to pay;
+        when a gate opens only to explore, a share of them (`explore_share`), so that re-measuring
+        costs a bounded part of a large batch; none otherwise."""
+        chosen, exploring = self._speculating_all(planned, spec, key, sampled)
+        self._explore_round += self._was_exploring and not exploring  # a burst ended: the next takes a new share
+        self._was_exploring, self._step_scale = exploring, 1.0
+        if not chosen or not exploring:
+            return chosen
+        share = explore_share(spec, [planned[i][0].seq_id for i in spec], self._explore_round)
+        self._step_scale = len(spec) / len(share)
+        return share
+
+    def _speculating_all(self, planned: list[tuple[Sequence, SeqPlan]], spec: list[int], key: str,
+                         sampled: bool) -> tuple[list[int], bool]:
+        """(spec or [], whether that is only to explore), by the measured rates and the rows' worth."""
+        if not spec or not self._measured_to_pay(key):
+            return [], False
+        if self._rows_could_pay(planned, len(spec), sampled):
+            return spec, self._exploring[key]
+        # Rows worth what sent nodes have been worth lately would not pay: EXPLORE_BURST steps in
+        # EXPLORE_EVERY draft anyway (else a bad patch would stop speculation for good: nothing sent,
+        # nothing to show that drafts pay again).
+        if self.adaptive and _explore(self._cannot_pay, sampled, EXPLORE_EVERY):
+            return spec, True
+        return [], False
 
     def _measured_to_pay(self, key: str) -> bool:
         """False while speculative steps of this batch size have been measured slower (tokens per
@@ -172,17 +206,13 @@ class Speculator:
         candidate and no group, "tree": candidates only, "masks": with mask groups), batch bucket, and
         whether any sequence of the step samples."""
         rates = self.rates[_rate_key(num_seqs, sampled)]
-        rate = tokens / max(seconds + self.outside[_bucket(num_seqs)], 1e-9)
+        total = seconds + self.outside[_bucket(num_seqs)]
+        if kind != "plain" and self._step_scale > 1 and "plain" in rates:  # an exploring share: what
+            plain = num_seqs / rates["plain"]  # speculating everybody would give, from its extra tokens and time
+            tokens = num_seqs + (tokens - num_seqs) * self._step_scale
+            total = plain + (total - plain) * self._step_scale
+        rate = tokens / max(total, 1e-9)
         rates[kind] = rate if kind not in rates else 0.8 * rates[kind] + 0.2 * rate
-
-    def _rows_can_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int, sampled: bool = False) -> bool:
-        """Whether extra rows worth what sent nodes have been worth lately, per speculating sequence,
-        would raise tokens per second once drafting's own cost is paid. When not, EXPLORE_BURST steps in
-        EXPLORE_EVERY draft anyway (else a bad patch would stop speculation for good: nothing would be
-        sent, so nothing would show that drafts pay again)."""
-        if self._rows_could_pay(planned, num_spec, sampled):
-            return True
-        return self.adaptive and _explore(self._cannot_pay, sampled, EXPLORE_EVERY)
 
     def _rows_could_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int, sampled: bool) -> bool:
         num_seqs = len(planned)
@@ -282,25 +312,25 @@ class Speculator:
     # ---- verification --------------------------------------------------------------------
 
     def verify(
-        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, argmax: list[int] | None = None
-    ) -> tuple[list[int], int, torch.Tensor]:
-        """(accepted node indices, bonus token, processed target rows [len(path) + 1, V] of the emitted tokens).
-
-        `argmax`: the rows' argmax of the raw logits, taken for the whole step at once (used when the
-        request's processing leaves greedy logits unchanged: no penalty, no watermark)."""
+        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, stats: LogitStats
+    ) -> tuple[list[int], int, torch.Tensor | None]:
+        """(accepted node indices, bonus token, processed target rows [len(path) + 1, V] of the emitted
+        tokens, or None when `stats`, the step's logit statistics from the sequence's first row, hold
+        everything: raw greedy, `reads_stats`)."""
         start = time.perf_counter()
-        tree = plan.tree
-        target = _process_rows(logits, seq, tree)  # [n + 1, V]
-        if seq.params.is_greedy:
-            raw = argmax is not None and not seq.params.has_penalties and seq.params.watermark is None
-            path, bonus = verify_tree_greedy(argmax if raw else target.argmax(-1).tolist(), tree)
+        tree, params = plan.tree, seq.params
+        target = None if reads_stats(params) else _process_rows(logits, seq, tree)  # [n + 1, V]
+        if params.is_raw_greedy:  # the argmax of the raw rows, taken for the whole step at once
+            path, bonus = verify_tree_greedy(stats.argmax(0, len(tree) + 1), tree)
+        elif params.is_greedy:
+            path, bonus = verify_tree_greedy(target.argmax(-1).tolist(), tree)
         elif tree.sampled is not None:  # children drawn from q (SDSAT): recursive rejection
             path, bonus = verify_tree_rejection(target, tree, tree.sampled, seq.generator)
         else:
             path, bonus = verify_tree_sampled(target, tree, seq.generator)
         self._observe(tree, path)
         self._busy += time.perf_counter() - start
-        return path, bonus, target[[0] + [i + 1 for i in path]]
+        return path, bonus, None if target is None else target[[0] + [i + 1 for i in path]]
 
     def _observe(self, tree: DraftTree, path: list[int]) -> None:
         self.calibration.observe(tree, {ROOT, *path}, set(path))
@@ -317,25 +347,25 @@ class Speculator:
 
     # ---- drafting ------------------------------------------------------------------------
 
-    def draft_next(self, seq: Sequence, plan: SeqPlan, groups: torch.Tensor, path: list[int]) -> None:
-        """The next step's tree: mask drafts from the group on the accepted path nearest its end, and suffix drafts."""
+    def draft_next(
+        self, seq: Sequence, plan: SeqPlan, groups: torch.Tensor, path: list[int], stats: LogitStats
+    ) -> None:
+        """The next step's tree: mask drafts from the group on the accepted path nearest its end, and suffix
+        drafts. `stats`: the step's logit statistics from the sequence's first row (the groups' best tokens)."""
         start = time.perf_counter()
         trees = [self._suffix(seq)]
-        masks = self._mask_rows(seq, plan, groups, path)
-        if masks is not None and masks.shape[0]:
-            trees.append(mask_tree(masks, self.calibration, self.policy.mask_top_m))
+        found = _mask_rows(plan, path)
+        if found is not None and found[1] < plan.group_size:
+            j, offset = found
+            m = self.policy.mask_top_m
+            if m <= MAX_TOP:  # group rows follow the n + 1 verify rows
+                first = plan.num_candidates + 1 + j * plan.group_size
+                tops = [stats.top(r, m) for r in range(first + offset, first + plan.group_size)]
+                trees.append(mask_tree_of(tops, self.calibration))
+            else:
+                trees.append(mask_tree(groups[j, offset:], self.calibration, m))
         seq.draft_tree = merge(trees) if not seq.is_finished else DraftTree()
         self._busy += time.perf_counter() - start
-
-    def _mask_rows(self, seq: Sequence, plan: SeqPlan, groups: torch.Tensor, path: list[int]):
-        """Rows [g', V] of the group anchored at the deepest accepted node that has one, from the right offset."""
-        anchor_of = {a: j for j, a in enumerate(plan.anchors)}
-        chain = [ROOT] + path  # accepted nodes, root first; anchors count candidates: node i -> i + 1
-        for depth in range(len(chain) - 1, -1, -1):
-            j = anchor_of.get(chain[depth] + 1)
-            if j is not None:
-                return groups[j, len(chain) - 1 - depth :]
-        return None
 
     def _suffix(self, seq: Sequence) -> DraftTree:
         if "suffix" not in self.policy.drafters:
@@ -364,6 +394,18 @@ class Speculator:
             "predicted_tokens_per_step": s.predicted_tokens / max(1, s.steps),
             "accepted_by_drafter": s.accepted_by_drafter, "drafted_by_drafter": s.drafted_by_drafter,
         }
+
+
+def _mask_rows(plan: SeqPlan, path: list[int]) -> tuple[int, int] | None:
+    """(group index, first row in it) of the group anchored at the deepest accepted node that has one:
+    its rows from there on predict the positions after the new bonus token."""
+    anchor_of = {a: j for j, a in enumerate(plan.anchors)}
+    chain = [ROOT] + path  # accepted nodes, root first; anchors count candidates: node i -> i + 1
+    for depth in range(len(chain) - 1, -1, -1):
+        j = anchor_of.get(chain[depth] + 1)
+        if j is not None:
+            return j, len(chain) - 1 - depth
+    return None
 
 
 def _tree_plan(base: SeqPlan, proposal: Proposal, choice) -> SeqPlan:
@@ -404,6 +446,17 @@ def _explore(gated: dict, key, every: int) -> bool:
     return gated[key] % every >= every - EXPLORE_BURST
 
 
+def explore_share(spec: list[int], seq_ids: list[int], round_: int) -> list[int]:
+    """The members of `spec` that draft in an exploring step: all of a small batch, else about
+    1/EXPLORE_FRACTION of it (at least EXPLORE_MIN_SEQS), picked by a hash of sequence id and round, so
+    every sequence takes its turn and a burst's steps keep the same share."""
+    size = max(EXPLORE_MIN_SEQS, -(-len(spec) // EXPLORE_FRACTION))
+    if size >= len(spec):
+        return spec
+    order = sorted(range(len(spec)), key=lambda j: ((seq_ids[j] + round_) * 2654435761) % 2**32)
+    return sorted(spec[j] for j in order[:size])
+
+
 def _rate_key(num_seqs: int, sampled: bool) -> str:
     """The governor's key of a step: its batch bucket and whether any of its sequences samples."""
     return f"{_bucket(num_seqs)}/{'sampled' if sampled else 'greedy'}"
@@ -416,6 +469,8 @@ def _bucket(num_seqs: int) -> int:
 
 EXPLORE_EVERY = 24  # while speculation is measured to lose at a batch size, EXPLORE_BURST steps in this many try it
 MASKS_EXPLORE_EVERY = 48  # the same for mask groups (rarer: a losing masked step can cost ~2 plain steps)
+EXPLORE_MIN_SEQS = 4  # an exploring step drafts for all of a batch this small ...
+EXPLORE_FRACTION = 4  # ... and for about a quarter of a larger one
 EXPLORE_BURST = 3  # consecutive steps per try: the first sends mask groups, the next ones verify their drafts
 MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt

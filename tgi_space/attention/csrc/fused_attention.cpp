@@ -1,5 +1,6 @@
 // Fused, batch-invariant attention over a ragged batch and a paged KV cache (CPU), and the step's other
-// row-wise kernels (RMSNorm with the residual add, SwiGLU, rotary, the K/V store, gated adapter deltas).
+// row-wise kernels (RMSNorm with the residual add, SwiGLU, rotary, the K/V store, gated adapter deltas,
+// the logits' best two tokens and logsumexp).
 //
 // Attention work is split by (sequence, block of up to ROW_BLOCK rows, kv head), handed out to the
 // threads one item at a time. An item transposes its sequence's visible keys TILE at a time (head
@@ -698,6 +699,71 @@ void run(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor
   });
 }
 
+// ---- logit statistics: per row of the step's float32 logits, the two best tokens and log(sum(exp)) ----
+// Best value and index per lane (a strict > keeps a lane's first index), then the lowest index among
+// the lanes holding the maximum: the first index of a tie, as torch's argmax. The runner-up is the
+// same search with the best index left out. lse = max + log(total), total = per-lane sums of
+// exp_neg(x - max) in index order, then a fixed tree, then the tail in order: one row's numbers only.
+
+inline std::pair<float, int64_t> best_of(const float* x, int64_t n, int64_t skip) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  vf m = vf{} + ninf;
+  vi idx{}, lane;
+  for (int64_t l = 0; l < W; ++l) lane[l] = static_cast<int32_t>(l);
+  const int64_t vec_end = n - n % W;
+  for (int64_t j = 0; j < vec_end; j += W) {
+    const vi at = lane + static_cast<int32_t>(j);
+    vf v = load(x + j);
+    v = at == static_cast<int32_t>(skip) ? vf{} + ninf : v;
+    const vi gt = v > m;
+    m = gt ? v : m;
+    idx = gt ? at : idx;
+  }
+  float best = reduce_max(m);
+  int64_t where = -1;
+  for (int64_t l = 0; l < W; ++l)
+    if (m[l] == best && (where < 0 || idx[l] < where)) where = idx[l];
+  if (where < 0 || (where == skip && best == ninf)) where = (skip == 0 && n > 1) ? 1 : 0;
+  for (int64_t j = vec_end; j < n; ++j)
+    if (j != skip && x[j] > best) best = x[j], where = j;
+  return {best, where};
+}
+
+inline float log_sum_exp(const float* x, int64_t n, float m) {
+  if (m == -std::numeric_limits<float>::infinity()) return m;
+  vf total{};
+  const int64_t vec_end = n - n % W;
+  for (int64_t j = 0; j < vec_end; j += W) total += exp_neg(load(x + j) - m);
+  float sum = reduce(total);
+  for (int64_t j = vec_end; j < n; ++j) sum += std::exp(x[j] - m);
+  return m + std::log(sum);
+}
+
+std::vector<torch::Tensor> logit_stats(torch::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat32, "logit_stats: float32 [R, V] logits");
+  logits = logits.contiguous();
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  TORCH_CHECK(n >= 2 && n < (int64_t{1} << 31), "logit_stats: vocabulary of 2 to 2^31 - 1 tokens");
+  auto ids = torch::empty({rows, 2}, torch::kInt64);
+  auto vals = torch::empty({rows, 2}, torch::kFloat32);
+  auto lse = torch::empty({rows}, torch::kFloat32);
+  const float* x = logits.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* vp = vals.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  at::parallel_for(0, rows, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* row = x + r * n;
+      const auto first = best_of(row, n, -1);
+      const auto second = best_of(row, n, first.second);
+      ip[2 * r] = first.second, ip[2 * r + 1] = second.second;
+      vp[2 * r] = first.first, vp[2 * r + 1] = second.first;
+      lp[r] = log_sum_exp(row, n, first.first);
+    }
+  });
+  return {ids, vals, lse};
+}
+
 }  // namespace
 
 torch::Tensor fused_attention(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new, torch::Tensor cache,
@@ -1013,4 +1079,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &store_kv, "Kept rows' K/V into their cache slots (CPU)");
   m.def("swiglu", &swiglu, "silu(gate) * up of [gate | up] rows (CPU)");
   m.def("rotary", &rotary, "Rotary embedding, halves layout (CPU)");
+  m.def("logit_stats", &logit_stats, "Per row of float32 logits: the two best (ids, values) and logsumexp (CPU)");
 }
