@@ -275,7 +275,7 @@ class Engine:
         """
         if not planned:
             return []
-        start = time.perf_counter()
+        start = self.speculator.take_step_start() if self.planned else time.perf_counter()
         plans = [plan for _, plan in planned]
         layout = build_layout(plans, self.mask_token_id or 0)
         prefix_slots = [slots.slots(seq.seq_id, 0, plan.num_cached) for seq, plan in planned]

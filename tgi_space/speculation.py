@@ -98,6 +98,7 @@ class Speculator:
         # of the next, so a step is judged by the wall time of the whole cycle. About 0 in `LLM.generate`.
         self.outside: dict[int, float] = {b: 0.0 for b in PROBE_BATCHES}
         self._step_end: float | None = None
+        self.step_start: float | None = None  # set by plan(), read once by the engine's execute
         self.stats = SpeculationStats()
 
     # ---- planning ------------------------------------------------------------------------
@@ -119,6 +120,7 @@ class Speculator:
 
     def plan(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:
         """Give each speculating sequence the tree nodes and mask groups worth their rows."""
+        self.step_start = time.perf_counter()  # the step's wall time counts its planning too (`take_step_start`)
         self._observe_gap(len(planned))
         spec = [i for i, (seq, _) in enumerate(planned) if seq.speculate and not seq.sdsat]  # SDSAT: sdsat.py
         sampled = any_sampled(planned)
@@ -271,6 +273,11 @@ class Speculator:
         if gap < MAX_GAP:
             b = _bucket(num_seqs)
             self.outside[b] = 0.9 * self.outside[b] + 0.1 * gap
+
+    def take_step_start(self) -> float:
+        """When this step's planning began (now, if it was not planned); cleared for the next step."""
+        start, self.step_start = self.step_start, None
+        return start if start is not None else time.perf_counter()
 
     def step_done(self) -> None:
         """The engine finished a step (its tokens are going out now)."""
