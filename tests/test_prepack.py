@@ -144,9 +144,10 @@ def test_rows_judged_unable_to_pay_still_draft_now_and_then():
     assert spec.value_per_row[True] == 0.5  # sampled steps keep their own figure
 
 
-def _gated_speculator(num_seqs: int) -> Speculator:
+def _gated_speculator(num_seqs: int, drafters: tuple[str, ...] = ("masks", "suffix")) -> Speculator:
     """A speculator whose rates say speculation loses at this batch size (plain 1000 tok/s, trees 500)."""
-    spec = Speculator(SpacePolicy(latency_curve=None), 4, lambda *a: 1e-3, max_batch=64, max_probe_rows=64)
+    policy = SpacePolicy(latency_curve=None, drafters=drafters)
+    spec = Speculator(policy, 4, lambda *a: 1e-3, max_batch=64, max_probe_rows=64)
     spec.value_per_row[False] = 1.0  # rows could pay: only the measured rates gate
     spec.observe_rate(num_seqs, num_seqs / 1000, num_seqs, "plain")
     spec.observe_rate(num_seqs, num_seqs / 500, num_seqs, "tree")
@@ -189,3 +190,18 @@ def test_an_exploring_share_is_judged_as_if_everybody_had_drafted():
     spec._step_scale = 1.0  # a step where everybody drafts is taken as it is
     spec.observe_rate(64, 0.068, 96, "masks")
     assert spec.rates["64/greedy"]["masks"] == pytest.approx(96 / 0.068)
+
+
+@pytest.mark.parametrize("drafters", [("masks", "suffix"), ("masks",)])
+def test_exploring_bursts_measure_trees_alone_and_with_groups_in_turn(drafters):
+    """Else a kind measured once to lose (exploring steps sent groups every time) never shows trees alone pay.
+    With masks the only drafter there are no trees without groups: every burst sends them."""
+    spec = _gated_speculator(4, drafters)
+    planned = [(SimpleNamespace(seq_id=i), None) for i in range(4)]
+    bursts = []
+    for _ in range(4 * EXPLORE_EVERY):
+        if spec._speculating(planned, [0, 1, 2, 3], "4/greedy", False):
+            bursts.append(spec._sends_masks("4/greedy"))
+    groups = bursts[::EXPLORE_BURST]
+    assert len(groups) == 4 and all(b == bursts[i * EXPLORE_BURST + 1] for i, b in enumerate(groups))
+    assert groups == ([False, True, False, True] if "suffix" in drafters else [True] * 4)

@@ -92,7 +92,8 @@ class Speculator:
         # Exploring steps of a large batch draft for a share of the sequences only (explore_share): which
         # share turns over between bursts; _step_scale (all speculating / drafting, this step) scales that
         # step's extra tokens and seconds up to the whole batch when its rate is recorded.
-        self._explore_round, self._was_exploring, self._step_scale = 0, False, 1.0
+        # _in_burst: this step explores (before `_speculating` runs: the last step did).
+        self._explore_round, self._in_burst, self._step_scale = 0, False, 1.0
         # Seconds a serving cycle spends outside the engine per step (the shard's gRPC answer, the router's
         # work before the next Decode), per batch bucket: measured between the end of one step and the start
         # of the next, so a step is judged by the wall time of the whole cycle. About 0 in `LLM.generate`.
@@ -136,7 +137,7 @@ class Speculator:
         others = [p for i, (_, p) in enumerate(planned) if i not in set(spec)]
         overhead = self.overhead_per_seq[sampled] * len(spec) + self.outside[_bucket(len(planned))]
         base_rows = sum(p.num_rows for _, p in planned)
-        if not self._exploring[key] and not self._masks_measured_to_pay(key):  # an exploring step tries masks too
+        if not self._sends_masks(key):
             proposals = [dataclasses.replace(p, group_size=0) for p in proposals]
         choices = plan(proposals, self._cost_of_rows(base_rows, len(planned), overhead),
                        self.policy.max_step_query_tokens,
@@ -155,8 +156,8 @@ class Speculator:
         when a gate opens only to explore, a share of them (`explore_share`), so that re-measuring
         costs a bounded part of a large batch; none otherwise."""
         chosen, exploring = self._speculating_all(planned, spec, key, sampled)
-        self._explore_round += self._was_exploring and not exploring  # a burst ended: the next takes a new share
-        self._was_exploring, self._step_scale = exploring, 1.0
+        self._explore_round += self._in_burst and not exploring  # a burst ended: the next takes a new share
+        self._in_burst, self._step_scale = exploring, 1.0
         if not chosen or not exploring:
             return chosen
         share = explore_share(spec, [planned[i][0].seq_id for i in spec], self._explore_round)
@@ -190,6 +191,14 @@ class Speculator:
             return True
         self._exploring[key] = _explore(self._gated, key, EXPLORE_EVERY)
         return self._exploring[key]
+
+    def _sends_masks(self, key: str) -> bool:
+        """Whether this step may send mask groups. An exploring burst re-measures trees alone and trees with
+        groups in turn (bursts alternate), so that neither kind's rate goes stale; with no drafter but the
+        masks every burst sends groups (there are no trees without them)."""
+        if self._in_burst:
+            return "suffix" not in self.policy.drafters or self._explore_round % 2 == 1
+        return self._masks_measured_to_pay(key)
 
     def _masks_measured_to_pay(self, key: str) -> bool:
         """False while steps carrying mask groups have been measured slower (tokens per second, whole
