@@ -4,9 +4,9 @@ Stages (each resumable; a finished stage is skipped when the command is run agai
   distill           prompts cut from the training stream; the base's own greedy continuations
                     (distilled.jsonl) and the human-written continuations of the same prompts
                     (original.jsonl)
-  adapter-distilled gated-LoRA SPACE adapter trained on distilled.jsonl (base frozen)
-  adapter-original  the same adapter recipe on original.jsonl, same steps: the self-distillation control
-  sar-distilled     the paper's SAR-SFT (full fine-tune, p_ar 0.5) on distilled.jsonl, same steps
+  adapter-distilled gated-LoRA SPACE adapter trained on distilled.jsonl (base frozen), SHIPPED_STEPS steps
+  adapter-original  the same adapter recipe on original.jsonl, 600 steps: the self-distillation control
+  sar-distilled     the paper's SAR-SFT (full fine-tune, p_ar 0.5) on distilled.jsonl, 600 steps
   report            held-out AR loss / top-1 (previous bundled model, base, SAR-SFT model), tokens per step
                     of the fixed k=4 layout on HumanEval prompts for every drafter; exports the base with
                     the winning adapter to --out, writes the model card and training_report.json
@@ -283,8 +283,8 @@ def render_card(r: dict) -> str:
         for split, by_model in r["heldout"].items() for name, q in by_model.items()
     )
     b, st, rs = r["base_stage"], r["stages"], r["run_settings"]
-    runs = "\n".join(f"| {n} | {st[n]['data']} | {' '.join(st[n]['args'])} | {st[n]['wall_seconds'] / 60:.1f} min |"
-                      for n in RUNS)
+    runs = "\n".join(f"| {n} | {st[n]['data']} | {' '.join(st[n]['args'])} | {st[n]['steps']} | "
+                      f"{st[n]['wall_seconds'] / 60:.1f} min |" for n in RUNS)
     return f"""---
 license: apache-2.0
 library_name: transformers
@@ -343,11 +343,11 @@ Shipped: `{r['shipped_adapter']}`.
 
 {r['stages']['distill']['prompts']} prompts of {rs['prompt_tokens']} tokens cut from the training stream; the base's
 greedy continuations of {rs['new_tokens']} tokens (`tgi-space distill`, {r['stages']['distill']['wall_seconds'] / 60:.1f} min) and,
-as the control, the human-written continuations of the same prompts. Every run: {rs['steps']} steps of
-{rs['batch']} examples, k = {rs['k']}, {rs['num_mask_blocks']} mask blocks per example, sequence length {rs['seq_len']}.
+as the control, the human-written continuations of the same prompts. Every run: {rs['batch']} examples per
+step, k = {rs['k']}, {rs['num_mask_blocks']} mask blocks per example, sequence length {rs['seq_len']}.
 
-| run | data | settings | wall time |
-|---|---|---|---|
+| run | data | settings | steps | wall time |
+|---|---|---|---|---|
 {runs}
 
 ## Rebuild

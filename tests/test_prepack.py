@@ -205,3 +205,34 @@ def test_exploring_bursts_measure_trees_alone_and_with_groups_in_turn(drafters):
     groups = bursts[::EXPLORE_BURST]
     assert len(groups) == 4 and all(b == bursts[i * EXPLORE_BURST + 1] for i, b in enumerate(groups))
     assert groups == ([False, True, False, True] if "suffix" in drafters else [True] * 4)
+
+
+def test_warmed_gemm_kernels_change_no_bit():
+    """Building oneDNN's kernels for every decode row count at start-up only moves when they are built."""
+    from tgi_space.model.prepack import KERNEL_CACHE, _shapes, warm_rows
+
+    prompts = [humaneval_prompts(3)[i] for i in range(3)]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    cold = LLM(str(MODEL), warm_gemm_rows=0).generate(prompts, params, speculate="space")
+    warm = LLM(str(MODEL))
+    assert len(_shapes(warm.engine.packed)) * warm_rows(warm.engine.packed, 10**6) <= KERNEL_CACHE
+    out = warm.generate(prompts, params, speculate="space")
+    assert [o.token_ids for o in out] == [o.token_ids for o in cold]
+    assert [[t.logprob for t in o.tokens] for o in out] == [[t.logprob for t in o.tokens] for o in cold]
+
+
+def test_warm_gemm_rows_is_checked_at_start_up():
+    with pytest.raises(ValueError, match="warm_gemm_rows"):
+        EngineConfig(model_dir=str(MODEL), warm_gemm_rows=-1)
+
+
+def test_rows_are_priced_without_the_steps_drafting_time():
+    """Drafting and verification are priced per sequence; a step's rows must not be charged for them too."""
+    spec = Speculator(SpacePolicy(latency_curve=None), 4, lambda b, rows, *g: 1e-3 * rows, max_batch=1,
+                      max_probe_rows=64)
+    surface = spec.latency()
+    plain, extra = surface(1, 1), surface(9, 1) - surface(1, 1)
+    spec._busy = 0.004  # this step's drafting
+    spec.end_step(1, 8, 4)
+    spec.observe_step(1, 9, 1, spec.plain_factor[1] * plain + 1.0 * extra + 0.004)  # the rows cost what probed
+    assert spec.marginal_factor[1] == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)

@@ -252,3 +252,33 @@ def test_suffix_drafts_capped_keep_the_best_scored_nodes_as_a_tree():
     assert all(full_paths[p] == s for p, s in capped_paths.items())  # the same nodes, the same scores
     dropped = [s for p, s in full_paths.items() if p not in capped_paths]
     assert max(dropped) <= min(capped_paths.values())  # the best-scored ones were kept
+
+
+def test_suffix_trie_counts_what_followed_every_match():
+    """Against counting every prefix of the continuations by hand: each node's confidence is its share of
+    its parent's matches, its score the product of calibrated edges along its path."""
+    from tgi_space.drafters import Calibration, SuffixIndex, suffix_tree
+
+    rng = random.Random(5)
+    tokens = []
+    for _ in range(8):
+        tokens += [7, 8] + [rng.randrange(10, 13) for _ in range(5)]
+    index = SuffixIndex(max_n=8)
+    index.extend(tokens + [7, 8])
+    calibration = Calibration()
+    calibration.trials[("suffix", 2, 2)], calibration.hits[("suffix", 2, 2)] = 10.0, 3.0  # not the prior alone
+    tree = suffix_tree(index, calibration, min_n=1, max_depth=4)
+    _, conts = index.continuations(1, 4, 8)
+    counts: dict[tuple[int, ...], int] = {}
+    for cont in conts:
+        for d in range(1, len(cont) + 1):
+            counts[tuple(cont[:d])] = counts.get(tuple(cont[:d]), 0) + 1
+    want = {}
+    for prefix in sorted(counts, key=len):
+        parent = prefix[:-1]
+        share = counts[prefix] / (counts[parent] if parent else len(conts))
+        score = (want[parent][0] if parent else 1.0) * calibration.estimate("suffix", len(prefix), share)
+        want[prefix] = (score, share)
+    got = {tuple(tree.tokens[j] for j in tree.path(i)): (tree.scores[i], tree.confidences[i]) for i in range(len(tree))}
+    assert got.keys() == want.keys()
+    assert all(got[p] == pytest.approx(want[p]) for p in want)

@@ -236,6 +236,11 @@ class EngineConfig:
     # Pack every projection's weight once for oneDNN (model/prepack.py): None = on where it applies
     # (CPU, bf16); True where it does not apply is refused. Same bits, about half the GEMM time.
     prepack_weights: bool | None = None
+    # Row counts 1..N whose packed GEMMs are built at start-up (model/prepack.py, `warm_packed`): oneDNN
+    # builds a kernel the first time it sees a row count (~0.5 ms per weight shape), which a step would
+    # otherwise pay whenever its row count is new. None: every count a decode step can send, within
+    # oneDNN's kernel cache; 0: none.
+    warm_gemm_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -262,6 +267,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.warm_gemm_rows is not None and self.warm_gemm_rows < 0:
+            raise ValueError(f"warm_gemm_rows must be >= 0 (0: none), got {self.warm_gemm_rows}")
 
     def _check_prepack(self) -> None:
         from tgi_space.model.prepack import can_prepack

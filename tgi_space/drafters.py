@@ -12,6 +12,8 @@ really accepted, per drafter, depth and confidence bucket.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import defaultdict
 
 import numpy as np
@@ -118,43 +120,52 @@ class SuffixIndex:
 
 def suffix_tree(index: SuffixIndex, calibration: Calibration, min_n: int, max_depth: int,
                 max_matches: int = 8, max_nodes: int | None = None) -> DraftTree:
-    """A trie of what followed the longest repeated suffix; node confidence = its share of the matches.
-    With `max_nodes`, only that many best-scored nodes (a node never outscores its parent, so they form
-    a tree)."""
+    """A trie of what followed the longest repeated suffix; node confidence = its share of its parent's
+    matches. With `max_nodes`, only that many best-scored nodes: the trie is grown best score first (a
+    node never outscores its parent, so they form a tree, parents first), and nothing past them is built."""
     tree = DraftTree()
     _, conts = index.continuations(min_n, max_depth, max_matches)
     if not conts:
         return tree
-    counts: dict[tuple[int, ...], int] = defaultdict(int)
+    weights: dict[tuple[int, ...], int] = defaultdict(int)  # repeated text repeats its continuations
     for cont in conts:
-        for d in range(1, len(cont) + 1):
-            counts[tuple(cont[:d])] += 1
-    order = sorted(counts, key=lambda p: (len(p), -counts[p]))  # parents first
-    scores: dict[tuple[int, ...], float] = {(): 1.0}
-    confidences: dict[tuple[int, ...], float] = {}
-    for prefix in order:
-        parent = prefix[:-1]
-        if parent not in scores:
-            continue
-        confidences[prefix] = counts[prefix] / (counts[parent] if parent else len(conts))
-        scores[prefix] = scores[parent] * calibration.estimate("suffix", len(prefix), confidences[prefix])
-    kept = [p for p in order if p in confidences]
-    if max_nodes is not None and len(kept) > max_nodes:
-        best = set(sorted(kept, key=lambda p: (-scores[p], len(p)))[:max_nodes])  # ties: the parent first
-        kept = [p for p in kept if p in best]
-    nodes: dict[tuple[int, ...], int] = {(): ROOT}
-    for prefix in kept:
-        nodes[prefix] = tree.add(prefix[-1], nodes[prefix[:-1]], scores[prefix], "suffix", confidences[prefix])
+        weights[tuple(cont)] += 1
+    unique, counts = list(weights), list(weights.values())
+    limit = len(conts) * max_depth if max_nodes is None else max_nodes
+    frontier: list = []  # (-score, push order, parent node, depth, token, continuations holding it, confidence)
+    order = itertools.count()
+    _push_children(frontier, order, unique, counts, range(len(unique)), 0, ROOT, 1.0, calibration)
+    while frontier and len(tree) < limit:
+        neg, _, parent, depth, token, held, confidence = heapq.heappop(frontier)
+        node = tree.append(token, parent, -neg, "suffix", confidence)
+        _push_children(frontier, order, unique, counts, held, depth, node, -neg, calibration)
     return tree
 
 
+def _push_children(frontier: list, order, conts: list[tuple[int, ...]], counts: list[int], held, depth: int,
+                   node: int, score: float, calibration: Calibration) -> None:
+    """Push the children of `node`: the tokens at `depth` of the continuations it holds (`counts` matches
+    each), scored by their share of those matches."""
+    by_token: dict[int, list[int]] = {}
+    total = 0
+    for m in held:
+        total += counts[m]
+        if len(conts[m]) > depth:
+            by_token.setdefault(conts[m][depth], []).append(m)
+    for token, members in by_token.items():
+        confidence = sum(counts[m] for m in members) / total
+        child = score * calibration.estimate("suffix", depth + 1, confidence)
+        heapq.heappush(frontier, (-child, next(order), node, depth + 1, token, members, confidence))
+
+
 def merge(trees: list[DraftTree]) -> DraftTree:
-    """Union of trees: nodes with the same token path are one node (highest score kept)."""
-    trees = [t for t in trees if len(t)]
-    if len(trees) == 1:
-        return trees[0]
-    out = DraftTree()
-    for tree in trees:
+    """Union of trees: nodes with the same token path are one node (highest score kept). The largest
+    tree is extended in place and returned (drafters hand over fresh trees)."""
+    trees = sorted((t for t in trees if len(t)), key=len, reverse=True)
+    if not trees:
+        return DraftTree()
+    out = trees[0]
+    for tree in trees[1:]:
         index = {ROOT: ROOT}
         for i in range(len(tree)):
             index[i] = out.add(tree.tokens[i], index[tree.parents[i]], tree.scores[i], tree.sources[i],

@@ -33,7 +33,7 @@ from tgi_space.scheduler import Scheduler
 from tgi_space.sdsat import Sdsat, check_checkpoint
 from tgi_space.sequence import Sequence, TokenInfo
 from tgi_space.space import SeqPlan, StepLayout, build_layout, split_logits
-from tgi_space.model.prepack import prepack_linears
+from tgi_space.model.prepack import prepack_linears, warm_packed, warm_rows
 from tgi_space.speculation import Speculator, any_sampled, measure_forward, probe_row_counts
 from tgi_space.tokenizer import Tokenizer
 
@@ -65,6 +65,7 @@ class Engine:
         self.model = load_model(config.model_dir, self.model_config, config.dtype, config.device)
         self.model_config = self._attach_adapter()
         self.packed = prepack_linears(self.model) if config.prepack_weights else {}
+        self._warm_gemms()
         self.rotary = RotaryEmbedding(self.model_config, config.device, self.dtype)
         self.backend = make_backend(config.attention_backend)
         num_blocks = self._num_cache_blocks()
@@ -105,6 +106,15 @@ class Engine:
         self.model.adapter = load_adapter(folder, self.model)
         log.info("gated SPACE adapter %s loaded (%s)", folder, ", ".join(self.model.adapter.config.target_modules))
         return self.model.adapter.config.apply_to(self.model_config)
+
+    def _warm_gemms(self) -> None:
+        """oneDNN's packed-GEMM kernels for every row count a decode step can send (`warm_gemm_rows`)."""
+        if not self.packed:
+            return
+        rows = self.config.warm_gemm_rows
+        if rows is None:
+            rows = warm_rows(self.packed, self.config.space.max_step_query_tokens + self.config.max_num_seqs)
+        warm_packed(self.packed, rows)
 
     @property
     def mask_token_id(self) -> int | None:

@@ -89,6 +89,7 @@ class Speculator:
         self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self.marginal_factor = {b: 2.0 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self._busy = 0.0  # this step's drafting / verification seconds so far
+        self._step_busy = 0.0  # the last finished step's (end_step), taken out of its time when rows are priced
         # Exploring steps of a large batch draft for a share of the sequences only (explore_share): which
         # share turns over between bursts; _step_scale (all speculating / drafting, this step) scales that
         # step's extra tokens and seconds up to the whole batch when its rate is recorded.
@@ -265,6 +266,7 @@ class Speculator:
             self.plain_factor[b] = min(4.0, max(0.5, 0.9 * self.plain_factor[b] + 0.1 * seconds / plain))
             return
         extra = surface(rows, num_seqs) - plain
+        seconds -= self._step_busy  # drafting and verification are priced per sequence (overhead_per_seq), not per row
         if masks and self.mask_step_cost > MIN_MASK_COST:
             rest = seconds - self.plain_factor[b] * plain - self.marginal_factor[b] * extra
             self.mask_factor = min(4.0, max(0.5, 0.9 * self.mask_factor + 0.1 * rest / self.mask_step_cost))
@@ -298,7 +300,7 @@ class Speculator:
             self.overhead_per_seq[sampled] = 0.9 * self.overhead_per_seq[sampled] + 0.1 * self._busy / num_spec
         if num_sent:
             self.value_per_row[sampled] = 0.9 * self.value_per_row[sampled] + 0.1 * num_accepted / num_sent
-        self._busy = 0.0
+        self._step_busy, self._busy = self._busy, 0.0
 
     def _proposal(self, seq: Sequence, base: SeqPlan) -> Proposal:
         remaining = seq.params.max_new_tokens - len(seq.output_ids)

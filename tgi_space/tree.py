@@ -65,6 +65,10 @@ class DraftTree:
                 if score > self.scores[i]:
                     self.scores[i], self.sources[i], self.confidences[i] = score, source, confidence
                 return i
+        return self.append(token, parent, score, source, confidence)
+
+    def append(self, token: int, parent: int, score: float, source: str, confidence: float) -> int:
+        """Append a new node whose parent has no child with this token (the caller knows); its index."""
         self.tokens.append(token)
         self.parents.append(parent)
         self.scores.append(score)
@@ -97,8 +101,8 @@ class DraftTree:
         out, index = DraftTree(), {ROOT: ROOT}
         for i in range(len(self)):
             if i in keep_set and self.parents[i] in index:
-                index[i] = len(out)
-                out.add(self.tokens[i], index[self.parents[i]], self.scores[i], self.sources[i], self.confidences[i])
+                index[i] = out.append(self.tokens[i], index[self.parents[i]], self.scores[i], self.sources[i],
+                                      self.confidences[i])
         return out
 
     @property

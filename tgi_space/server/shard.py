@@ -60,6 +60,9 @@ class WarmupResult:
     max_total_tokens: int
 
 
+GOVERNOR_LOG_EVERY = 1000  # steps between two log lines of what the planner has learnt
+
+
 @dataclass
 class StepResult:
     """Prefill/Decode's answer: one Generation per request, the batch to keep (None if all finished)."""
@@ -176,6 +179,17 @@ class Shard:
         return WarmupResult(capacity, max_input, max_total)
 
     @staticmethod
+    def _log_governor(speculator) -> None:
+        """What the planner has learnt so far: measured tokens/s by batch bucket and kind, its cost factors."""
+        info = speculator.info()
+        rates = {k: {kind: round(r) for kind, r in v.items()} for k, v in info["tokens_per_s_by_batch"].items()}
+        log.info("planner after %d steps: tokens/s by batch and kind %s; plain factor %s; row factor %s; "
+                 "overhead per sequence %s ms; plain fallback %.2f", info["steps"], rates,
+                 {b: round(f, 2) for b, f in info["plain_factor"].items()},
+                 {b: round(f, 2) for b, f in info["marginal_factor"].items()},
+                 {k: round(v, 3) for k, v in info["overhead_ms_per_sequence"].items()}, info["plain_fallback_rate"])
+
+    @staticmethod
     def _log_latency(speculator) -> None:
         """Probe the planner's t(rows, batch) now and log it (and a mask group's own cost) once."""
         curve = speculator.latency().as_dict()
@@ -231,6 +245,8 @@ class Shard:
     def _run(self, batch: SpaceBatch, start: int, concat_ns: int | None) -> StepResult:
         """Step, keep the batch if anything is left, time it."""
         generations, forward_ns = self._step(batch)
+        if self.engine.planned and self.engine.num_steps % GOVERNOR_LOG_EVERY == 0:
+            self._log_governor(self.engine.speculator)
         if len(batch):
             self.cache[batch.batch_id] = batch
         total = time.perf_counter_ns() - start
