@@ -17,7 +17,8 @@ from tgi_space.llm import LLM
 from tgi_space.planner import LatencyCurve, Proposal, plan
 from tgi_space.sampling import SamplingParams
 from tgi_space.speculation import (
-    EXPLORE_BURST, EXPLORE_EVERY, EXPLORE_FRACTION, MASKS_EXPLORE_EVERY, Speculator, explore_share,
+    EXPLORE_BURST, EXPLORE_EVERY, EXPLORE_FRACTION, MASKS_EXPLORE_EVERY, MAX_EXPLORE_EVERY, Speculator,
+    explore_share,
 )
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
@@ -157,14 +158,36 @@ def _gated_speculator(num_seqs: int, drafters: tuple[str, ...] = ("masks", "suff
 def test_exploring_a_large_batch_drafts_for_a_share_of_it_that_turns_over():
     spec = _gated_speculator(64)
     planned = [(SimpleNamespace(seq_id=100 + i), None) for i in range(64)]
-    steps = [spec._speculating(planned, list(range(64)), "64/greedy", False) for _ in range(4 * EXPLORE_EVERY)]
+    steps = [spec._speculating(planned, list(range(64)), "64/greedy", False) for _ in range(24 + 48 + 96 + 96)]
     drafting = [s for s in steps if s]
-    assert len(drafting) == 4 * EXPLORE_BURST  # still EXPLORE_BURST steps in EXPLORE_EVERY ...
+    assert len(drafting) == 4 * EXPLORE_BURST  # EXPLORE_BURST steps a period ...
     assert all(len(s) == 64 // EXPLORE_FRACTION for s in drafting)  # ... each for a quarter of the batch
     bursts = [drafting[i : i + EXPLORE_BURST] for i in range(0, len(drafting), EXPLORE_BURST)]
     assert all(b[0] == b[1] == b[2] for b in bursts)  # a burst keeps its share: drafts get verified
     assert len({tuple(b[0]) for b in bursts}) == len(bursts)  # and the share turns over between bursts
     assert len(set().union(*map(set, drafting))) > 64 // EXPLORE_FRACTION
+
+
+def test_a_batch_that_keeps_losing_explores_less_often_until_speculation_pays():
+    spec = _gated_speculator(16)
+    planned = [(SimpleNamespace(seq_id=i), None) for i in range(16)]
+    starts = [i for i in range(500) if spec._speculating(planned, list(range(16)), "16/greedy", False)][::EXPLORE_BURST]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps[:3] == [2 * EXPLORE_EVERY, 4 * EXPLORE_EVERY, MAX_EXPLORE_EVERY]  # doubling, then capped
+    assert set(gaps[3:]) == {MAX_EXPLORE_EVERY}
+    spec.observe_rate(16, 0.016, 64, "tree")  # speculation measured to pay: the period is reset
+    spec.rates["16/greedy"]["tree"] = 4000.0
+    assert spec._measured_to_pay("16/greedy")
+    spec.rates["16/greedy"]["tree"] = 500.0
+    tries = [spec._measured_to_pay("16/greedy") for _ in range(EXPLORE_EVERY)]
+    assert sum(tries) == EXPLORE_BURST
+
+
+def test_one_sequence_keeps_exploring_every_period():
+    """At batch 1 a try costs a few rows of one sequence; a regime that mixes temperatures must not back off."""
+    spec = _gated_speculator(1)
+    tries = [spec._measured_to_pay("1/greedy") for _ in range(8 * EXPLORE_EVERY)]
+    assert sum(tries) == 8 * EXPLORE_BURST
 
 
 def test_a_small_batch_explores_whole():
@@ -199,7 +222,7 @@ def test_exploring_bursts_measure_trees_alone_and_with_groups_in_turn(drafters):
     spec = _gated_speculator(4, drafters)
     planned = [(SimpleNamespace(seq_id=i), None) for i in range(4)]
     bursts = []
-    for _ in range(4 * EXPLORE_EVERY):
+    for _ in range(24 + 48 + 96 + 96):  # four periods (the period doubles while speculation keeps losing)
         if spec._speculating(planned, [0, 1, 2, 3], "4/greedy", False):
             bursts.append(spec._sends_masks("4/greedy"))
     groups = bursts[::EXPLORE_BURST]

@@ -83,6 +83,7 @@ class Speculator:
         # drafts are accepted far less often when sampling hot, and that must not stop greedy speculation.
         self.rates: dict[str, dict[str, float]] = defaultdict(dict)
         self._gated: dict[str, int] = defaultdict(int)
+        self._explore_period: dict[str, int] = {}  # a key's exploring period while it keeps losing (>= EXPLORE_EVERY)
         self._exploring: dict[str, bool] = defaultdict(bool)  # this step speculates only to re-measure
         self._masks_gated: dict[str, int] = defaultdict(int)
         self.mask_factor = 1.0  # measured / probed cost of a step's mask groups, learnt from masked steps
@@ -181,16 +182,24 @@ class Speculator:
 
     def _measured_to_pay(self, key: str) -> bool:
         """False while speculative steps of this batch size have been measured slower (tokens per
-        second, whole step) than plain ones by more than the noise; EXPLORE_BURST steps in EXPLORE_EVERY
-        speculate anyway, to re-measure (those steps are `_exploring`: they try mask groups too)."""
+        second, whole step) than plain ones by more than the noise; EXPLORE_BURST steps in a period
+        speculate anyway, to re-measure (those steps are `_exploring`). The period is EXPLORE_EVERY
+        and, in batches of more than one sequence, doubles (up to MAX_EXPLORE_EVERY) after each one
+        that ends still measured to lose: there re-measuring costs a share of the batch every time."""
         self._exploring[key] = False
         if not self.adaptive:
             return True
         rates = self.rates[key]
         spec = max((rates[k] for k in ("tree", "masks") if k in rates), default=None)
         if spec is None or "plain" not in rates or spec >= GATE_MARGIN * rates["plain"]:
+            if self._explore_period.pop(key, None) is not None:
+                self._gated[key] = 0  # the next losing stretch starts a fresh period
             return True
-        self._exploring[key] = _explore(self._gated, key, EXPLORE_EVERY)
+        period = self._explore_period.get(key, EXPLORE_EVERY)
+        self._exploring[key] = _explore(self._gated, key, period)
+        if self._gated[key] >= period and _batch_of(key) > 1:  # a whole period, and still losing
+            self._gated[key] = 0
+            self._explore_period[key] = min(MAX_EXPLORE_EVERY, 2 * period)
         return self._exploring[key]
 
     def _sends_masks(self, key: str) -> bool:
@@ -480,19 +489,25 @@ def _rate_key(num_seqs: int, sampled: bool) -> str:
     return f"{_bucket(num_seqs)}/{'sampled' if sampled else 'greedy'}"
 
 
+def _batch_of(key: str) -> int:
+    """The batch bucket of a governor key ("16/greedy" -> 16)."""
+    return int(key.split("/", 1)[0])
+
+
 def _bucket(num_seqs: int) -> int:
     """The probed batch size a step's correction factors are kept under (the nearest one above, or the last)."""
     return next((b for b in PROBE_BATCHES if num_seqs <= b), PROBE_BATCHES[-1])
 
 
 EXPLORE_EVERY = 24  # while speculation is measured to lose at a batch size, EXPLORE_BURST steps in this many try it
+MAX_EXPLORE_EVERY = 96  # the longest exploring period a batch larger than one backs off to
 MASKS_EXPLORE_EVERY = 48  # the same for mask groups (rarer: a losing masked step can cost ~2 plain steps)
 EXPLORE_MIN_SEQS = 4  # an exploring step drafts for all of a batch this small ...
 EXPLORE_FRACTION = 4  # ... and for about a quarter of a larger one
 EXPLORE_BURST = 3  # consecutive steps per try: the first sends mask groups, the next ones verify their drafts
 MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
-GATE_MARGIN = 0.9  # speculation is stopped only when measured clearly slower than plain (noise is ~10%)
+GATE_MARGIN = 0.95  # speculation is stopped when measured more than 5% slower than plain (a run-to-run noise level here)
 
 PROBE_ROWS_PER_SPECULATOR = 12  # a typical speculating sequence: uncached token, a tree and a group
 
