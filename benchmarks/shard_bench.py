@@ -8,7 +8,7 @@ concurrency c, all serve the same N HumanEval prompts (greedy, EOS ignored, so a
 tokens), after an untimed warm-up of c of them. All requests are queued at once, and the router keeps at most c in flight (continuous batching).
 The settings run back to back, in an order that rotates between concurrencies, so slow drift on a shared
 machine does not favour one. Reported per setting: requests/s, generated tokens/s, tokens per
-Generation, and the ratio to plain.
+Generation, and the ratio to plain; with --repeats, the median repetition of each.
 
     python benchmarks/shard_bench.py --model models/tiny-space-py --requests 64 --max-new-tokens 128
 """
@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="> 0: nucleus sampling (with --top-p)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=1, help="runs per setting and concurrency; the median is kept")
     p.add_argument("--out", default=str(Path(__file__).with_name("shard_bench.json")))
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -128,8 +129,13 @@ def bench(args: argparse.Namespace) -> dict:
         shards = start_shards(args, Path(socket_dir))
         try:
             for i, c in enumerate(args.concurrency):
-                order = args.modes[i % len(args.modes) :] + args.modes[: i % len(args.modes)]
-                runs = {mode: run_once(shards[mode], prompts, args, c) for mode in order}
+                reps: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+                for rep in range(args.repeats):  # the order rotates between concurrencies and repetitions
+                    k = (i + rep) % len(args.modes)
+                    order = args.modes[k:] + args.modes[:k]
+                    for mode in order:
+                        reps[mode].append(run_once(shards[mode], prompts, args, c))
+                runs = {mode: median_run(r) for mode, r in reps.items()}
                 row = summarize(runs, order, greedy=args.temperature <= 0)
                 report["by_concurrency"][str(c)] = {"max_in_flight": min(c, args.requests), **row}
                 print_row(c, report["by_concurrency"][str(c)])
@@ -137,6 +143,12 @@ def bench(args: argparse.Namespace) -> dict:
             for shard in shards.values():
                 shard.stop()
     return report
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The repetition with the median tokens/s (its other figures with it), and every repetition's tokens/s."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "tokens_per_s_all": [r["tokens_per_s"] for r in runs]}
 
 
 def summarize(runs: dict[str, dict], order: list[str], greedy: bool = True) -> dict:

@@ -259,3 +259,18 @@ def test_rows_are_priced_without_the_steps_drafting_time():
     spec.end_step(1, 8, 4)
     spec.observe_step(1, 9, 1, spec.plain_factor[1] * plain + 1.0 * extra + 0.004)  # the rows cost what probed
     assert spec.marginal_factor[1] == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)
+
+
+def test_a_step_is_judged_with_its_own_time_outside_the_engine():
+    """A step that emitted many tokens keeps the server and the router busy longer before the next step:
+    its rate counts that gap, not the batch size's running mean."""
+    import time as _time
+
+    spec = _speculator()
+    spec.defer_rate(1, 0.010, 4, "tree")
+    assert "tree" not in spec.rates["1/greedy"]  # not before its gap is known
+    spec.step_done()
+    _time.sleep(0.03)
+    spec._observe_gap(1)
+    rate = spec.rates["1/greedy"]["tree"]
+    assert 4 / 0.06 < rate < 4 / 0.04  # 4 tokens in 10 ms + >= 30 ms outside, not 10 ms + the mean (~3 ms)

@@ -311,7 +311,7 @@ class Engine:
             if base == len(plans) and (candidates or not masks):  # decode steps only: a prefill's time says
                 # nothing about speculation; nor does a step sending groups with no drafts yet to verify
                 kind = "masks" if masks else "tree" if candidates else "plain"
-                self.speculator.observe_rate(len(plans), seconds, sum(len(e) for _, e in results), kind, sampled)
+                self.speculator.defer_rate(len(plans), seconds, sum(len(e) for _, e in results), kind, sampled)
             if self.speculator.curve is not None and base == len(plans):  # decode steps: wall time vs surface
                 rows = sum(p.num_rows for p in plans)
                 self.speculator.observe_step(base, rows, len(plans), seconds, masks)

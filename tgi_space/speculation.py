@@ -102,6 +102,7 @@ class Speculator:
         self.outside: dict[int, float] = {b: 0.0 for b in PROBE_BATCHES}
         self._step_end: float | None = None
         self.step_start: float | None = None  # set by plan(), read once by the engine's execute
+        self._pending_rate: tuple | None = None  # the last step's observe_rate arguments, until its gap is known
         self.stats = SpeculationStats()
 
     # ---- planning ------------------------------------------------------------------------
@@ -222,12 +223,14 @@ class Speculator:
             return True
         return _explore(self._masks_gated, key, MASKS_EXPLORE_EVERY)
 
-    def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: bool = False) -> None:
+    def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: bool = False,
+                     outside: float | None = None) -> None:
         """One step's realised tokens per second (wall time of the whole step), by kind ("plain": no
         candidate and no group, "tree": candidates only, "masks": with mask groups), batch bucket, and
-        whether any sequence of the step samples."""
+        whether any sequence of the step samples. `outside`: the step's own time outside the engine (else
+        the running mean of the batch size's)."""
         rates = self.rates[_rate_key(num_seqs, sampled)]
-        total = seconds + self.outside[_bucket(num_seqs)]
+        total = seconds + (self.outside[_bucket(num_seqs)] if outside is None else outside)
         if kind != "plain" and self._step_scale > 1 and "plain" in rates:  # an exploring share: what
             plain = num_seqs / rates["plain"]  # speculating everybody would give, from its extra tokens and time
             tokens = num_seqs + (tokens - num_seqs) * self._step_scale
@@ -285,7 +288,10 @@ class Speculator:
             self.marginal_factor[b] = min(6.0, max(0.5, 0.9 * self.marginal_factor[b] + 0.1 * observed))
 
     def _observe_gap(self, num_seqs: int) -> None:
-        """Learn `outside` from the time since the last step ended (not across idle pauses)."""
+        """Learn `outside` from the time since the last step ended (not across idle pauses), and record
+        the last step's rate with that gap, its own: a step that emitted more tokens costs the server and
+        the router more outside the engine too (`defer_rate`)."""
+        pending, self._pending_rate = self._pending_rate, None
         if self._step_end is None or not self.adaptive:
             return
         gap = time.perf_counter() - self._step_end
@@ -293,6 +299,16 @@ class Speculator:
         if gap < MAX_GAP:
             b = _bucket(num_seqs)
             self.outside[b] = 0.9 * self.outside[b] + 0.1 * gap
+        if pending is not None:
+            self.observe_rate(*pending, outside=gap if gap < MAX_GAP else None)
+
+    def defer_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: bool = False) -> None:
+        """`observe_rate` of the step that just ran, once the time until the next step is known (with a pinned
+        curve, now: nothing is learnt from timing then)."""
+        if self.adaptive:
+            self._pending_rate = (num_seqs, seconds, tokens, kind, sampled)
+        else:
+            self.observe_rate(num_seqs, seconds, tokens, kind, sampled)
 
     def take_step_start(self) -> float:
         """When this step's planning began (now, if it was not planned); cleared for the next step."""
