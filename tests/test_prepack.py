@@ -17,7 +17,8 @@ from tgi_space.llm import LLM
 from tgi_space.planner import LatencyCurve, Proposal, plan
 from tgi_space.sampling import SamplingParams
 from tgi_space.speculation import (
-    EXPLORE_BURST, EXPLORE_EVERY, EXPLORE_FRACTION, MASKS_EXPLORE_EVERY, MAX_EXPLORE_EVERY, Speculator,
+    EXPLORE_BURST, EXPLORE_EVERY, EXPLORE_FRACTION, MASKS_EXPLORE_EVERY, MAX_EXPLORE_EVERY, PLAIN_EVERY,
+    PLAIN_MISSING_EVERY, Speculator,
     explore_share,
 )
 
@@ -274,3 +275,37 @@ def test_a_step_is_judged_with_its_own_time_outside_the_engine():
     spec._observe_gap(1)
     rate = spec.rates["1/greedy"]["tree"]
     assert 4 / 0.06 < rate < 4 / 0.04  # 4 tokens in 10 ms + >= 30 ms outside, not 10 ms + the mean (~3 ms)
+
+
+def test_speculation_judged_to_pay_still_re_measures_plain_steps():
+    """A plain rate measured once (say, while the server warmed up) goes stale: one step in PLAIN_EVERY stays plain."""
+    spec = _speculator()
+    spec.observe_rate(1, 1.0, 100, "plain")
+    spec.observe_rate(1, 1.0, 300, "tree")
+    steps = [spec._measured_to_pay("1/greedy") for _ in range(4 * PLAIN_EVERY)]
+    plain = [i for i, speculates in enumerate(steps) if not speculates]
+    assert plain == [PLAIN_EVERY - 1 + j * PLAIN_EVERY for j in range(4)]
+
+
+def test_a_fresh_plain_rate_that_beats_speculation_stops_it():
+    """The loop the refresh exists for: speculation pays against a stale plain rate until a plain step shows
+    plain decoding is faster now; then it is gated (exploring only)."""
+    spec = _speculator()
+    spec.observe_rate(1, 1.0, 100, "plain")  # stale: plain steps are 5x faster now
+    spec.observe_rate(1, 1.0, 300, "tree")
+    for step in range(20 * PLAIN_EVERY):
+        if not spec._measured_to_pay("1/greedy"):
+            spec.observe_rate(1, 1.0, 500, "plain")
+        else:
+            spec.observe_rate(1, 1.0, 300, "tree")
+    later = [spec._measured_to_pay("1/greedy") for _ in range(EXPLORE_EVERY)]
+    assert sum(later) == EXPLORE_BURST  # gated: exploring only
+
+
+def test_a_missing_plain_rate_is_measured_soon():
+    spec = _speculator()
+    spec.observe_rate(1, 1.0, 300, "tree")
+    steps = [spec._measured_to_pay("1/greedy") for _ in range(PLAIN_MISSING_EVERY)]
+    assert steps == [True] * (PLAIN_MISSING_EVERY - 1) + [False]
+    spec.observe_rate(1, 1.0, 100, "plain")
+    assert all(spec._measured_to_pay("1/greedy") for _ in range(PLAIN_EVERY - 1))

@@ -83,6 +83,7 @@ class Speculator:
         # drafts are accepted far less often when sampling hot, and that must not stop greedy speculation.
         self.rates: dict[str, dict[str, float]] = defaultdict(dict)
         self._gated: dict[str, int] = defaultdict(int)
+        self._since_plain: dict[str, int] = defaultdict(int)  # speculative steps since the key's last plain one
         self._explore_period: dict[str, int] = {}  # a key's exploring period while it keeps losing (>= EXPLORE_EVERY)
         self._exploring: dict[str, bool] = defaultdict(bool)  # this step speculates only to re-measure
         self._masks_gated: dict[str, int] = defaultdict(int)
@@ -186,22 +187,34 @@ class Speculator:
         second, whole step) than plain ones by more than the noise; EXPLORE_BURST steps in a period
         speculate anyway, to re-measure (those steps are `_exploring`). The period is EXPLORE_EVERY
         and, in batches of more than one sequence, doubles (up to MAX_EXPLORE_EVERY) after each one
-        that ends still measured to lose: there re-measuring costs a share of the batch every time."""
+        that ends still measured to lose: there re-measuring costs a share of the batch every time.
+        While speculation is judged to pay, one step in PLAIN_EVERY stays plain (`_plain_due`)."""
         self._exploring[key] = False
         if not self.adaptive:
             return True
         rates = self.rates[key]
-        spec = max((rates[k] for k in ("tree", "masks") if k in rates), default=None)
+        spec = max((rates[k] for k in SPECULATIVE_KINDS if k in rates), default=None)
         if spec is None or "plain" not in rates or spec >= GATE_MARGIN * rates["plain"]:
             if self._explore_period.pop(key, None) is not None:
                 self._gated[key] = 0  # the next losing stretch starts a fresh period
-            return True
+            return spec is None or not self._plain_due(key, missing="plain" not in rates)
         period = self._explore_period.get(key, EXPLORE_EVERY)
         self._exploring[key] = _explore(self._gated, key, period)
         if self._gated[key] >= period and _batch_of(key) > 1:  # a whole period, and still losing
             self._gated[key] = 0
             self._explore_period[key] = min(MAX_EXPLORE_EVERY, 2 * period)
         return self._exploring[key]
+
+    def _plain_due(self, key: str, missing: bool) -> bool:
+        """Whether this step, which would speculate, stays plain to re-measure plain decoding: one step in
+        PLAIN_EVERY while speculation is judged to pay (one in PLAIN_MISSING_EVERY while plain has never
+        been measured at this key). Without it the comparison goes stale: a batch size that started out
+        speculating would keep speculating on a plain rate measured under other conditions, or on none."""
+        self._since_plain[key] += 1
+        if self._since_plain[key] < (PLAIN_MISSING_EVERY if missing else PLAIN_EVERY):
+            return False
+        self._since_plain[key] = 0
+        return True
 
     def _sends_masks(self, key: str) -> bool:
         """Whether this step may send mask groups. An exploring burst re-measures trees alone and trees with
@@ -521,6 +534,9 @@ MASKS_EXPLORE_EVERY = 48  # the same for mask groups (rarer: a losing masked ste
 EXPLORE_MIN_SEQS = 4  # an exploring step drafts for all of a batch this small ...
 EXPLORE_FRACTION = 4  # ... and for about a quarter of a larger one
 EXPLORE_BURST = 3  # consecutive steps per try: the first sends mask groups, the next ones verify their drafts
+PLAIN_EVERY = 32  # while speculation is judged to pay, one step in this many stays plain (a fresh comparison)
+PLAIN_MISSING_EVERY = 4  # the same while plain steps were never measured at a batch size
+SPECULATIVE_KINDS = ("tree", "masks")  # rate kinds of steps that speculate (observe_rate)
 MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
 GATE_MARGIN = 0.95  # speculation is stopped when measured more than 5% slower than plain (a run-to-run noise level here)
