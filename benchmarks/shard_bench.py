@@ -3,7 +3,8 @@
 One `text-generation-server` process per setting starts with the launcher's argv and environment:
 plain (SPECULATE_MODE=none), the paper's fixed layout at k = 3 and 5 (TGI_SPACE_FIXED_LAYOUT=1,
 --speculate k), the planned step with masks and suffix drafts, masks only and suffix only, and SDSAT
-(TGI_SPACE_SPECULATE_MODE=sdsat). With --temperature > 0 every request samples (nucleus, --top-p). For each
+(TGI_SPACE_SPECULATE_MODE=sdsat: governed like the planned step; sdsat-forced adds TGI_SPACE_FIXED_LAYOUT=1,
+which runs its passes every step). With --temperature > 0 every request samples (nucleus, --top-p). For each
 concurrency c, all serve the same N HumanEval prompts (greedy, EOS ignored, so all generate exactly N * M
 tokens), after an untimed warm-up of c of them. All requests are queued at once, and the router keeps at most c in flight (continuous batching).
 The settings run back to back, in an order that rotates between concurrencies, so slow drift on a shared
@@ -36,7 +37,8 @@ MODES = {  # name -> (extra environment, extra argv)
     "planned-hybrid": ({}, ()),
     "planned-masks": ({"TGI_SPACE_DRAFTERS": "masks"}, ()),
     "planned-suffix": ({"TGI_SPACE_DRAFTERS": "suffix"}, ()),
-    "sdsat": ({"TGI_SPACE_SPECULATE_MODE": "sdsat"}, ()),
+    "sdsat": ({"TGI_SPACE_SPECULATE_MODE": "sdsat"}, ()),  # governed: plain steps while its passes lose
+    "sdsat-forced": ({"TGI_SPACE_SPECULATE_MODE": "sdsat", "TGI_SPACE_FIXED_LAYOUT": "1"}, ()),  # every step
 }
 
 

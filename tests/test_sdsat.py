@@ -24,9 +24,12 @@ from tgi_space.tree import ROOT, DraftTree
 FAMILIES = ["llama", "llama3", "mistral", "qwen2"]
 
 
+FORCED = {1: 0.01, 512: 0.01}  # a pinned latency curve: the governor does not time steps, SDSAT passes every step
+
+
 @pytest.fixture(scope="module")
 def llm(llama_dir):
-    return LLM(str(llama_dir), kv_cache_bytes=2**24, block_size=4, space=SpacePolicy(k_max=3))
+    return LLM(str(llama_dir), kv_cache_bytes=2**24, block_size=4, space=SpacePolicy(k_max=3, latency_curve=FORCED))
 
 
 def reference(llm, prompts, params):
@@ -216,7 +219,7 @@ def plain_vs_sdsat_samples(llm, params: SamplingParams, n: int):
 def sampling_llm(llama_dir):
     return LLM(str(llama_dir), kv_cache_bytes=2**26, max_num_seqs=2048,
                space=SpacePolicy(k_max=3, max_step_query_tokens=10**6, speculate_mode="sdsat",
-                                 sdsat_tree_sizes=(3, 4, 3)))
+                                 sdsat_tree_sizes=(3, 4, 3), latency_curve=FORCED))
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,8 @@ def test_shard_mode_from_the_environment(llama_dir, tmp_path, captured, monkeypa
 @pytest.fixture(scope="module")
 def sdsat_shard(llama_dir, tmp_path_factory):
     server = InProcessShard(ServeOptions(**{**options(llama_dir, tmp_path_factory.mktemp("sock") / "tgi").__dict__,
-                                            "speculate_mode": "sdsat", "planner": True}))
+                                            "speculate_mode": "sdsat", "planner": True,
+                                            "latency_curve": {1: 0.005, 512: 0.005}}))  # pinned: SDSAT every step
     yield server
     server.stop()
 

@@ -200,14 +200,15 @@ def bench(
         "planned-hybrid": SpacePolicy(),
         "planned-masks": SpacePolicy(drafters=("masks",)),
         "planned-suffix": SpacePolicy(drafters=("suffix",)),
-        "sdsat": SpacePolicy(speculate_mode="sdsat"),
+        "sdsat": SpacePolicy(speculate_mode="sdsat"),  # governed: plain steps when its passes lose
+        "sdsat-forced": SpacePolicy(speculate_mode="sdsat", planner=False),  # its passes every step
     })
     llms = {name: LLM(model, dtype=dtype, space=policy) for name, policy in policies.items()}
     tok = llms["engine-ar"].tokenizer
     prompts = [tok.encode(p) for p in humaneval_prompts(num_prompts)]
     methods = {name: engine_runner(llm, _mode(name), max_new_tokens) for name, llm in llms.items()}
     for t in [float(x) for x in temperatures.split(",") if x]:
-        for name in ("engine-ar", "planned-hybrid", "sdsat"):
+        for name in ("engine-ar", "planned-hybrid", "sdsat", "sdsat-forced"):
             methods[f"{name}-T{t:g}"] = engine_runner(llms[name], _mode(name), max_new_tokens, t, top_p)
     if not skip_hf:
         hf = load_hf(model, llms["engine-ar"].engine.dtype)
@@ -226,7 +227,7 @@ def bench(
 
 def _mode(name: str) -> str:
     """The speculate mode a bench method's requests ask for."""
-    return {"engine-ar": "none", "sdsat": "sdsat"}.get(name, "space")
+    return {"engine-ar": "none", "sdsat": "sdsat", "sdsat-forced": "sdsat"}.get(name, "space")
 
 
 def _report(results: dict[str, MethodResult], llms: dict[str, LLM], k_values, prompts, opts) -> dict:
@@ -243,7 +244,7 @@ def _report(results: dict[str, MethodResult], llms: dict[str, LLM], k_values, pr
     curve = latency_curve(llms["engine-ar"], context, 64, 9)
     bounds = {}
     for name, llm in llms.items():
-        if name in ("engine-ar", "sdsat"):  # SDSAT's two passes per step have no single row count
+        if name in ("engine-ar", "sdsat", "sdsat-forced"):  # SDSAT's two passes per step have no single row count
             continue
         engine = llm.engine
         if engine.planned:

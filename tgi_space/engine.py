@@ -259,10 +259,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, list[TokenInfo]]]:
         """Schedule, then one forward pass for every scheduled sequence; what each emitted."""
-        planned = self.scheduler.schedule()
-        if self.planned:
-            planned = self.speculator.plan(planned)
-        planned = self.sdsat.plan(planned)
+        planned = self.speculate(self.scheduler.schedule())
         wants = [i for i, (seq, plan) in enumerate(planned)
                  if seq.params.prompt_logprobs and plan.num_cached == 0 and seq.stats.prompt_logprobs is None]
         results = self.execute(planned, self.block_manager, keep_hidden=bool(wants))
@@ -274,6 +271,15 @@ class Engine:
             if seq.is_finished:
                 self.scheduler.finish(seq)
         return results
+
+    def speculate(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:
+        """A scheduled step's plans with what speculation sends: the planner's tree nodes and mask groups (when
+        planned), and SDSAT's draft or verify passes (those the governor lets run; all, when not planned)."""
+        active = None
+        if self.planned:
+            planned = self.speculator.plan(planned)
+            active = self.speculator.sdsat_passes(planned)
+        return self.sdsat.plan(planned, active)
 
     @torch.inference_mode()
     def execute(
@@ -299,24 +305,36 @@ class Engine:
             seq_logits = logits[offsets[i] : offsets[i + 1]]
             results.append((seq, self._advance_alone(seq, plan, seq_logits, slots, stats.of(offsets[i]))))
         self._move_accepted_kv()
-        if self.planned and not any(seq.sdsat for seq, _ in planned):  # the planner learns from SPACE steps only
-            trees = [p.tree for _, p in planned if p.is_tree]
-            accepted = sum(len(e) - 1 for (_, p), (_, e) in zip(planned, results) if p.is_tree and e)
-            sampled = any_sampled(planned)
-            self.speculator.end_step(len(trees), sum(len(t) for t in trees), accepted, sampled)
-            base = sum(p.num_uncached for p in plans)
-            seconds = time.perf_counter() - start
-            masks = any(p.anchors for p in plans)
-            candidates = any(p.num_candidates for p in plans)
-            if base == len(plans) and (candidates or not masks):  # decode steps only: a prefill's time says
-                # nothing about speculation; nor does a step sending groups with no drafts yet to verify
-                kind = "masks" if masks else "tree" if candidates else "plain"
-                self.speculator.defer_rate(len(plans), seconds, sum(len(e) for _, e in results), kind, sampled)
-            if self.speculator.curve is not None and base == len(plans):  # decode steps: wall time vs surface
-                rows = sum(p.num_rows for p in plans)
-                self.speculator.observe_step(base, rows, len(plans), seconds, masks)
-            self.speculator.step_done()
+        if self.planned:
+            self._learn(planned, results, time.perf_counter() - start)
         return results
+
+    def _learn(self, planned: list[tuple[Sequence, SeqPlan]], results: list[tuple[Sequence, list[TokenInfo]]],
+               seconds: float) -> None:
+        """What the planner learns from a step that took `seconds`: its rate (decode steps only: a prefill's
+        time says nothing about speculation), and, from SPACE steps, the rows' cost and the drafts' worth."""
+        plans = [p for _, p in planned]
+        sampled = any_sampled(planned)
+        decode = sum(p.num_uncached for p in plans) == len(plans)
+        tokens = sum(len(e) for _, e in results)
+        if any(seq.sdsat for seq, _ in planned):
+            kind = _sdsat_kind(planned)
+            if decode and kind is not None:
+                self.speculator.defer_rate(len(plans), seconds, tokens, kind, sampled)
+            self.speculator.step_done()
+            return
+        trees = [p.tree for p in plans if p.is_tree]
+        accepted = sum(len(e) - 1 for p, (_, e) in zip(plans, results) if p.is_tree and e)
+        self.speculator.end_step(len(trees), sum(len(t) for t in trees), accepted, sampled)
+        masks = any(p.anchors for p in plans)
+        candidates = any(p.num_candidates for p in plans)
+        if decode and (candidates or not masks):  # nor does a step sending groups with no drafts to verify yet
+            kind = "masks" if masks else "tree" if candidates else "plain"
+            self.speculator.defer_rate(len(plans), seconds, tokens, kind, sampled)
+        if self.speculator.curve is not None and decode:  # decode steps: wall time vs surface
+            rows = sum(p.num_rows for p in plans)
+            self.speculator.observe_step(len(plans), rows, len(plans), seconds, masks)
+        self.speculator.step_done()
 
     def _write_slots(self, planned: list[tuple[Sequence, SeqPlan]], slots: SlotSource) -> torch.Tensor:
         """Cache slot of every chain row: the sequence's own slots, but scratch slots for tree candidates."""
@@ -502,3 +520,12 @@ class Engine:
         group = groups[j, accepted - plan.anchors[j] :]  # [g', V]
         if group.shape[0]:
             seq.candidates, seq.draft_probs = draft(group, seq.params, seq.generator)
+
+
+def _sdsat_kind(planned: list[tuple[Sequence, SeqPlan]]) -> str | None:
+    """The rate kind of a step with SDSAT sequences: "sdsat" when any ran its pass, "plain" when nothing
+    speculated, None when only SPACE sequences did (a mixed step judges neither way)."""
+    speculates = [bool(p.anchors or p.num_candidates) for _, p in planned]
+    if any(s for (seq, _), s in zip(planned, speculates) if seq.sdsat):
+        return "sdsat"
+    return None if any(speculates) else "plain"

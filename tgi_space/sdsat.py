@@ -73,17 +73,21 @@ class Sdsat:
         self.max_depth = min(k, policy.max_tree_depth, policy.max_tree_nodes)
         self.stats = SdsatStats()
 
-    def plan(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:
-        """SDSAT sequences get their pass's rows, within what the step's row budget leaves; others unchanged."""
+    def plan(self, planned: list[tuple[Sequence, SeqPlan]], active: set[int] | None = None
+             ) -> list[tuple[Sequence, SeqPlan]]:
+        """SDSAT sequences get their pass's rows, within what the step's row budget leaves; others unchanged.
+        `active`: the indices of the SDSAT sequences that run their pass (the governor's choice,
+        `Speculator.sdsat_passes`); the others decode plainly. None: all of them (SDSAT forced)."""
         if not any(seq.sdsat for seq, _ in planned):
             return planned
         budget = self.policy.max_step_query_tokens - sum(_base_rows(seq, p) for seq, p in planned)
         out = []
-        for seq, base in planned:
+        for i, (seq, base) in enumerate(planned):
             if seq.sdsat:
                 uncached = base.chain[: base.num_uncached]
-                plan = self._verify_plan(seq, uncached, base.num_cached, budget) if seq.draft_tree \
-                    else self._draft_plan(seq, uncached, base.num_cached, budget)
+                passes = active is None or i in active
+                plan = self._verify_plan(seq, uncached, base.num_cached, budget) if seq.draft_tree and passes \
+                    else self._draft_plan(seq, uncached, base.num_cached, budget if passes else 0)
                 budget -= plan.num_rows - len(uncached)
                 self._record(plan)
                 base = plan

@@ -87,6 +87,8 @@ class Speculator:
         self._explore_period: dict[str, int] = {}  # a key's exploring period while it keeps losing (>= EXPLORE_EVERY)
         self._exploring: dict[str, bool] = defaultdict(bool)  # this step speculates only to re-measure
         self._masks_gated: dict[str, int] = defaultdict(int)
+        self._sdsat_half: dict[str, tuple[float, float]] = {}  # an SDSAT step's tokens and seconds, until its pair's
+        self._sdsat_round = 0  # turns over between SDSAT exploring bursts (which share of a batch tries)
         self.mask_factor = 1.0  # measured / probed cost of a step's mask groups, learnt from masked steps
         self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self.marginal_factor = {b: 2.0 if self.adaptive else 1.0 for b in PROBE_BATCHES}
@@ -178,32 +180,58 @@ class Speculator:
         # Rows worth what sent nodes have been worth lately would not pay: EXPLORE_BURST steps in
         # EXPLORE_EVERY draft anyway (else a bad patch would stop speculation for good: nothing sent,
         # nothing to show that drafts pay again).
-        if self.adaptive and _explore(self._cannot_pay, sampled, EXPLORE_EVERY):
+        if self.adaptive and _explore(self._cannot_pay, sampled, EXPLORE_EVERY, EXPLORE_BURST):
             return spec, True
         return [], False
 
-    def _measured_to_pay(self, key: str) -> bool:
-        """False while speculative steps of this batch size have been measured slower (tokens per
-        second, whole step) than plain ones by more than the noise; EXPLORE_BURST steps in a period
+    def sdsat_passes(self, planned: list[tuple[Sequence, SeqPlan]]) -> set[int] | None:
+        """Which SDSAT sequences run their pass this step (sdsat.py); the others decode plainly and their
+        pending drafts are dropped (lossless: a draft pass emitted its exact token already). None: all of them
+        (a pinned curve: not governed). Governed like SPACE's step, by SDSAT_GATE: all while SDSAT's pairs of
+        passes are not measured slower than plain steps; while they are, a share explores in bursts."""
+        sd = [i for i, (seq, _) in enumerate(planned) if seq.sdsat]
+        if not sd or not self.adaptive:
+            return None
+        key = _rate_key(len(planned), any_sampled(planned))
+        if not self._measured_to_pay(key, SDSAT_GATE):
+            for i in sd:
+                planned[i][0].draft_tree = None
+            self._sdsat_round += 1
+            return set()
+        if not self._exploring[SDSAT_GATE.prefix + key]:
+            return set(sd)
+        share = explore_share(sd, [planned[i][0].seq_id for i in sd], self._sdsat_round)
+        active = set(share) | {i for i in sd if planned[i][0].draft_tree is not None}  # drafted: verified
+        for i in set(sd) - active:
+            planned[i][0].draft_tree = None
+        self._step_scale = len(sd) / len(active)
+        return active
+
+    def _measured_to_pay(self, key: str, gate: Gate | None = None) -> bool:
+        """False while speculative steps (gate.kinds) of this batch size have been measured slower (tokens
+        per second, whole step) than plain ones by more than the noise; gate.burst steps in a period
         speculate anyway, to re-measure (those steps are `_exploring`). The period is EXPLORE_EVERY
         and, in batches of more than one sequence, doubles (up to MAX_EXPLORE_EVERY) after each one
         that ends still measured to lose: there re-measuring costs a share of the batch every time.
-        While speculation is judged to pay, one step in PLAIN_EVERY stays plain (`_plain_due`)."""
-        self._exploring[key] = False
+        While speculation is judged to pay, one step in PLAIN_EVERY stays plain (`_plain_due`).
+        The gate's counters are its own (gate.prefix + key); the rates are the key's."""
+        gate = gate or SPACE_GATE
+        counter = gate.prefix + key
+        self._exploring[counter] = False
         if not self.adaptive:
             return True
         rates = self.rates[key]
-        spec = max((rates[k] for k in SPECULATIVE_KINDS if k in rates), default=None)
+        spec = max((rates[k] for k in gate.kinds if k in rates), default=None)
         if spec is None or "plain" not in rates or spec >= GATE_MARGIN * rates["plain"]:
-            if self._explore_period.pop(key, None) is not None:
-                self._gated[key] = 0  # the next losing stretch starts a fresh period
-            return spec is None or not self._plain_due(key, missing="plain" not in rates)
-        period = self._explore_period.get(key, EXPLORE_EVERY)
-        self._exploring[key] = _explore(self._gated, key, period)
-        if self._gated[key] >= period and _batch_of(key) > 1:  # a whole period, and still losing
-            self._gated[key] = 0
-            self._explore_period[key] = min(MAX_EXPLORE_EVERY, 2 * period)
-        return self._exploring[key]
+            if self._explore_period.pop(counter, None) is not None:
+                self._gated[counter] = 0  # the next losing stretch starts a fresh period
+            return spec is None or not self._plain_due(counter, missing="plain" not in rates)
+        period = self._explore_period.get(counter, EXPLORE_EVERY)
+        self._exploring[counter] = _explore(self._gated, counter, period, gate.burst)
+        if self._gated[counter] >= period and _batch_of(key) > 1:  # a whole period, and still losing
+            self._gated[counter] = 0
+            self._explore_period[counter] = min(MAX_EXPLORE_EVERY, 2 * period)
+        return self._exploring[counter]
 
     def _plain_due(self, key: str, missing: bool) -> bool:
         """Whether this step, which would speculate, stays plain to re-measure plain decoding: one step in
@@ -234,7 +262,7 @@ class Speculator:
         rates = self.rates[key]
         if "masks" not in rates or "plain" not in rates or rates["masks"] >= GATE_MARGIN * rates["plain"]:
             return True
-        return _explore(self._masks_gated, key, MASKS_EXPLORE_EVERY)
+        return _explore(self._masks_gated, key, MASKS_EXPLORE_EVERY, EXPLORE_BURST)
 
     def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: bool = False,
                      outside: float | None = None) -> None:
@@ -242,14 +270,31 @@ class Speculator:
         candidate and no group, "tree": candidates only, "masks": with mask groups), batch bucket, and
         whether any sequence of the step samples. `outside`: the step's own time outside the engine (else
         the running mean of the batch size's)."""
-        rates = self.rates[_rate_key(num_seqs, sampled)]
+        key = _rate_key(num_seqs, sampled)
+        rates = self.rates[key]
         total = seconds + (self.outside[_bucket(num_seqs)] if outside is None else outside)
         if kind != "plain" and self._step_scale > 1 and "plain" in rates:  # an exploring share: what
             plain = num_seqs / rates["plain"]  # speculating everybody would give, from its extra tokens and time
             tokens = num_seqs + (tokens - num_seqs) * self._step_scale
             total = plain + (total - plain) * self._step_scale
+        if kind == "sdsat":
+            paired = self._pair(key, tokens, total)
+            if paired is None:
+                return
+            tokens, total = paired
+        else:
+            self._sdsat_half.pop(key, None)  # a pair is two consecutive SDSAT steps
         rate = tokens / max(total, 1e-9)
         rates[kind] = rate if kind not in rates else 0.8 * rates[kind] + 0.2 * rate
+
+    def _pair(self, key: str, tokens: float, total: float) -> tuple[float, float] | None:
+        """SDSAT steps are judged two at a time (a draft pass, then the verify pass of its drafts: alone, the
+        first would look slow and the second fast): None for the first, then the pair's tokens and seconds."""
+        half = self._sdsat_half.pop(key, None)
+        if half is None:
+            self._sdsat_half[key] = (tokens, total)
+            return None
+        return half[0] + tokens, half[1] + total
 
     def _rows_could_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int, sampled: bool) -> bool:
         num_seqs = len(planned)
@@ -495,11 +540,11 @@ def any_sampled(planned: list[tuple[Sequence, SeqPlan]]) -> bool:
     return any(not seq.params.is_greedy for seq, _ in planned)
 
 
-def _explore(gated: dict, key, every: int) -> bool:
-    """Count one step kept from what it would try under `key`; True for the last EXPLORE_BURST of every
+def _explore(gated: dict, key, every: int, burst: int) -> bool:
+    """Count one step kept from what it would try under `key`; True for the last `burst` of every
     `every` (it tries anyway, for consecutive steps: a step's mask drafts are verified by the next one)."""
     gated[key] += 1
-    return gated[key] % every >= every - EXPLORE_BURST
+    return gated[key] % every >= every - burst
 
 
 def explore_share(spec: list[int], seq_ids: list[int], round_: int) -> list[int]:
@@ -519,8 +564,8 @@ def _rate_key(num_seqs: int, sampled: bool) -> str:
 
 
 def _batch_of(key: str) -> int:
-    """The batch bucket of a governor key ("16/greedy" -> 16)."""
-    return int(key.split("/", 1)[0])
+    """The batch bucket of a governor key or counter ("16/greedy" -> 16, "sdsat:4/sampled" -> 4)."""
+    return int(key.rsplit(":", 1)[-1].split("/", 1)[0])
 
 
 def _bucket(num_seqs: int) -> int:
@@ -536,7 +581,7 @@ EXPLORE_FRACTION = 4  # ... and for about a quarter of a larger one
 EXPLORE_BURST = 3  # consecutive steps per try: the first sends mask groups, the next ones verify their drafts
 PLAIN_EVERY = 32  # while speculation is judged to pay, one step in this many stays plain (a fresh comparison)
 PLAIN_MISSING_EVERY = 4  # the same while plain steps were never measured at a batch size
-SPECULATIVE_KINDS = ("tree", "masks")  # rate kinds of steps that speculate (observe_rate)
+EXPLORE_BURST_SDSAT = 2  # an SDSAT try: a draft pass, then the verify pass of its drafts
 MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
 GATE_MARGIN = 0.95  # speculation is stopped when measured more than 5% slower than plain (a run-to-run noise level here)
@@ -570,3 +615,17 @@ def measure_forward(run: Callable[[], None], repeats: int = 3) -> float:
         run()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What `_measured_to_pay` compares with plain steps: the rate kinds of a way to speculate, the prefix
+    of its counters (gates share the key's rates, not their exploring periods) and its exploring burst."""
+
+    kinds: tuple[str, ...]
+    prefix: str
+    burst: int
+
+
+SPACE_GATE = Gate(("tree", "masks"), "", EXPLORE_BURST)  # the planned SPACE step (observe_rate kinds)
+SDSAT_GATE = Gate(("sdsat",), "sdsat:", EXPLORE_BURST_SDSAT)  # SDSAT's passes

@@ -258,11 +258,11 @@ class Shard:
         """Verify, emit and draft for every request; finished requests leave the batch."""
         live = batch.requests
         if self.engine.planned:  # uncached tokens, then what the planner finds worth sending
-            planned = self.engine.speculator.plan([(r.seq, plan_sequence(r.seq, 0)) for r in live])
+            planned = [(r.seq, plan_sequence(r.seq, 0)) for r in live]
         else:  # the paper's fixed layout
             k = self.engine.config.space.choose_k(sum(r.seq.speculate for r in live), 0, self.engine.k_max)
             planned = [(r.seq, plan_sequence(r.seq, k if r.seq.speculate else 0)) for r in live]
-        planned = self.engine.sdsat.plan(planned)  # SDSAT requests: their draft or verify pass
+        planned = self.engine.speculate(planned)  # planned rows; SDSAT requests: their draft or verify pass
         wants_prompt = [r.prefill_logprobs and r.seq.num_cached == 0 for r in live]
         start = time.perf_counter_ns()
         results = self.engine.execute(planned, SlotTable(live), keep_hidden=any(wants_prompt))

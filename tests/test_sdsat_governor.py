@@ -1,0 +1,116 @@
+"""The governor's choice for SDSAT: its passes run while pairs of them are not measured slower than plain
+steps; else the sequences decode plainly (drafts dropped) but for exploring bursts of a draft and a verify pass."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from tgi_space.config import SpacePolicy
+from tgi_space.llm import LLM
+from tgi_space.sampling import SamplingParams
+from tgi_space.speculation import EXPLORE_BURST_SDSAT, EXPLORE_EVERY, EXPLORE_MIN_SEQS, PLAIN_EVERY, Speculator
+from tgi_space.tree import ROOT, DraftTree
+
+from tests.test_sdsat import PROMPTS
+
+
+def _speculator(**policy) -> Speculator:
+    return Speculator(SpacePolicy(**policy), 4, lambda *a: 1e-3, max_batch=64, max_probe_rows=64)
+
+
+def _seqs(n: int, drafted: bool = False) -> list[tuple[SimpleNamespace, None]]:
+    """Stand-ins for SDSAT sequences: what the gate reads (mode, sampling, id, pending drafts)."""
+    def tree():
+        t = DraftTree()
+        t.add(7, ROOT, 0.9, "sdsat", 0.9)
+        return t
+    return [(SimpleNamespace(sdsat=True, params=SamplingParams(), seq_id=i, draft_tree=tree() if drafted else None), None)
+            for i in range(n)]
+
+
+def test_a_pinned_curve_forces_sdsat():
+    spec = _speculator(latency_curve={1: 0.01})
+    spec.observe_rate(1, 1.0, 1, "sdsat")
+    spec.observe_rate(1, 1.0, 1, "sdsat")
+    spec.observe_rate(1, 1.0, 100, "plain")
+    assert spec.sdsat_passes(_seqs(1)) is None  # None: every SDSAT sequence runs its pass
+
+
+def test_sdsat_steps_are_judged_in_pairs():
+    """A draft pass alone emits one token for extra rows; the verify pass after it emits the drafts: a rate
+    is recorded per pair (tokens over seconds of both), and a plain step in between breaks the pair."""
+    spec = _speculator()
+    spec.observe_rate(1, 1.0, 1, "sdsat")
+    assert "sdsat" not in spec.rates["1/greedy"]
+    spec.observe_rate(1, 3.0, 7, "sdsat")
+    assert spec.rates["1/greedy"]["sdsat"] == pytest.approx(8 / 4)  # not the mean of 1/1 and 7/3
+    spec.observe_rate(1, 1.0, 1, "sdsat")
+    spec.observe_rate(1, 1.0, 1, "plain")
+    spec.observe_rate(1, 1.0, 9, "sdsat")  # the first of a new pair, not the second of the broken one
+    assert spec.rates["1/greedy"]["sdsat"] == pytest.approx(2.0)
+
+
+def test_sdsat_measured_to_lose_decodes_plainly_but_for_bursts_of_a_pair():
+    spec = _speculator()
+    spec.observe_rate(1, 1.0, 100, "plain")
+    spec.observe_rate(1, 1.0, 10, "sdsat")
+    spec.observe_rate(1, 1.0, 10, "sdsat")  # 10 tokens/s against 100
+    steps = [spec.sdsat_passes(_seqs(1)) for _ in range(3 * EXPLORE_EVERY)]
+    tries = [i for i, s in enumerate(steps) if s]
+    assert len(tries) == 3 * EXPLORE_BURST_SDSAT
+    assert all(tries[j + 1] == tries[j] + 1 for j in range(0, len(tries), 2))  # a draft pass, then its verify pass
+    assert all(s == set() for s in steps if not s)
+
+
+def test_gated_sdsat_drops_pending_drafts():
+    spec = _speculator()
+    spec.observe_rate(1, 1.0, 100, "plain")
+    spec.observe_rate(1, 1.0, 10, "sdsat")
+    spec.observe_rate(1, 1.0, 10, "sdsat")
+    planned = _seqs(1, drafted=True)
+    assert spec.sdsat_passes(planned) == set()
+    assert planned[0][0].draft_tree is None  # dropped: the next pass, when SDSAT pays again, drafts afresh
+
+
+def test_sdsat_that_pays_keeps_running_with_a_plain_step_now_and_then():
+    spec = _speculator()
+    spec.observe_rate(1, 1.0, 100, "plain")
+    spec.observe_rate(1, 1.0, 150, "sdsat")
+    spec.observe_rate(1, 1.0, 150, "sdsat")
+    steps = [spec.sdsat_passes(_seqs(1)) for _ in range(2 * PLAIN_EVERY)]
+    assert [i for i, s in enumerate(steps) if not s] == [PLAIN_EVERY - 1, 2 * PLAIN_EVERY - 1]
+    assert all(s == {0} for s in steps if s)
+
+
+def test_exploring_a_large_batch_takes_a_share_and_verifies_every_pending_draft():
+    spec = _speculator()
+    spec.observe_rate(32, 1.0, 3200, "plain")
+    spec.observe_rate(32, 1.0, 320, "sdsat")
+    spec.observe_rate(32, 1.0, 320, "sdsat")
+    planned = _seqs(32)
+    chosen = None
+    for _ in range(EXPLORE_EVERY):
+        chosen = chosen or spec.sdsat_passes(planned)
+    assert EXPLORE_MIN_SEQS <= len(chosen) < 32
+    for i in chosen:  # the share's draft passes drafted
+        planned[i][0].draft_tree = _seqs(1, drafted=True)[0][0].draft_tree
+    second = spec.sdsat_passes(planned)
+    assert second == chosen  # the burst's second step: the same share verifies its drafts
+    assert spec._step_scale == pytest.approx(32 / len(chosen))
+
+
+def test_governed_sdsat_measured_to_lose_is_plain_decoding_and_lossless(llama_dir):
+    """With SDSAT's pairs measured far slower than plain steps, the engine decodes plainly but for exploring
+    bursts; outputs stay those of plain decoding."""
+    llm = LLM(str(llama_dir), kv_cache_bytes=2**24, block_size=4, space=SpacePolicy(k_max=3))
+    params = SamplingParams(max_new_tokens=3 * EXPLORE_EVERY)
+    ref = [o.token_ids for o in llm.generate(PROMPTS[:1], params, speculate="none")]
+    spec = llm.engine.speculator
+    spec.rates["1/greedy"]["sdsat"] = 1e-6  # tokens per second: SDSAT loses against any plain step
+    spec.rates["1/greedy"]["plain"] = 1e6
+    out = llm.generate(PROMPTS[:1], params, speculate="sdsat")
+    assert [o.token_ids for o in out] == ref
+    info = llm.engine.sdsat.info()
+    assert 1 <= info["verify_passes"] <= 4  # explored (a burst every EXPLORE_EVERY steps), not run
