@@ -17,7 +17,7 @@ import pytest
 from conftest import BUNDLED_MODEL, check_snapshot
 
 from tests.router_emulation import EmuRequest, EmuResult, RouterEmulation, ShardProcess, pb2
-from tgi_space.config import SpacePolicy
+from tgi_space.config import SpacePolicy, resolve_dtype
 from tgi_space.llm import LLM
 from tgi_space.sampling import SamplingParams
 
@@ -44,6 +44,10 @@ class Case:
     env: dict
     expect_acceptance: bool  # a trained drafter: some Decode must carry more than one token
     expect_reasons: frozenset[str] = frozenset({"length"})  # finish reasons the run must contain
+    snapshot_name: str = ""  # snapshots/{snapshot_name}.json; "" = the case's name
+
+    def __post_init__(self) -> None:
+        self.snapshot_name = self.snapshot_name or self.name
 
 
 def words(start: int, n: int) -> str:
@@ -91,7 +95,10 @@ def bundled_case() -> Case:
     env = {"TGI_SPACE_KV_CACHE_BYTES": str(per_token * 8192), "TGI_SPACE_BLOCK_SIZE": "16",
            "TGI_SPACE_LATENCY_CURVE": CURVE}
     requests = mixed(humaneval_prompts(18), ["\n\n\n"], 40)
-    return Case("tiny-space-py", BUNDLED_MODEL, requests, limits, env, expect_acceptance=True)
+    # the shard's auto dtype: bf16 where the CPU has native bf16 GEMMs, else float32, whose bits differ
+    dtype = resolve_dtype("auto", "cpu")
+    return Case("tiny-space-py", BUNDLED_MODEL, requests, limits, env, expect_acceptance=True,
+                snapshot_name="tiny-space-py" if dtype == "bfloat16" else f"tiny-space-py-{dtype}")
 
 
 @pytest.fixture(params=["random-llama", "tiny-space-py"])
@@ -204,4 +211,4 @@ def test_router_session_space_equals_plain_and_offline(case: Case, tmp_path: Pat
     assert case.expect_reasons <= reasons, reasons
     if case.expect_acceptance:
         assert any(n > 1 for r in results for n in r.tokens_per_generation)
-    check_snapshot(case.name, snapshot(results))
+    check_snapshot(case.snapshot_name, snapshot(results))

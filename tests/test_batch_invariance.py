@@ -20,6 +20,7 @@ from tgi_space.attention.sdpa import SdpaBackend
 from tgi_space.bench import humaneval_prompts
 from tgi_space.config import SpacePolicy
 from tgi_space.llm import LLM
+from tgi_space.model.prepack import packed_dtype
 from tgi_space.sampling import SamplingParams
 from tgi_space.invariance import gemm_mismatches, step_mismatches
 
@@ -32,9 +33,16 @@ def prompts() -> list[str]:
     return humaneval_prompts(24)
 
 
-@pytest.mark.parametrize("backend, invariant", [("fused", True), ("matmul", True), ("sdpa", False)])
-def test_rows_get_the_same_bits_whatever_the_batch(prompts, backend, invariant):
-    llm = LLM(str(MODEL), dtype="bfloat16", attention_backend=backend, space=SpacePolicy(k_max=2))
+@pytest.mark.parametrize("dtype, backend, invariant", [
+    ("bfloat16", "fused", True), ("bfloat16", "matmul", True), ("bfloat16", "sdpa", False),
+    # float32 (the default on CPUs without native bf16 GEMMs): packed GEMMs and the fused kernel keep every
+    # bit; the matmul fallback's batched float32 matmuls (MKL) do not, nor does SDPA (negative control)
+    *[pytest.param("float32", backend, invariant, marks=pytest.mark.skipif(
+        packed_dtype() != "float32", reason="float32 GEMMs are packed (batch-invariant) only where bf16 is not native"))
+      for backend, invariant in (("fused", True), ("sdpa", False))],
+])
+def test_rows_get_the_same_bits_whatever_the_batch(prompts, dtype, backend, invariant):
+    llm = LLM(str(MODEL), dtype=dtype, attention_backend=backend, space=SpacePolicy(k_max=2))
     ids = [llm.tokenizer.encode(p) for p in prompts]
     mismatches = step_mismatches(llm, ids)
     if invariant:

@@ -14,6 +14,7 @@ from tests.test_tree import chain_tree
 from tgi_space.bench import humaneval_prompts
 from tgi_space.config import EngineConfig, SpacePolicy
 from tgi_space.llm import LLM
+from tgi_space.model.prepack import packed_dtype
 from tgi_space.planner import LatencyCurve, Proposal, plan
 from tgi_space.sampling import SamplingParams
 from tgi_space.speculation import (
@@ -25,30 +26,47 @@ from tgi_space.speculation import (
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
 
 
+PACKED = packed_dtype()  # bfloat16 on CPUs with native bf16 GEMMs, float32 on the others (AVX2)
+TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float32": torch.float32}[PACKED]
+
+
 @pytest.fixture(scope="module")
 def packed() -> LLM:
-    llm = LLM(str(MODEL), dtype="bfloat16")
-    assert llm.engine.packed, "bf16 on CPU packs the projection weights by default"
+    llm = LLM(str(MODEL))
+    assert llm.engine.config.dtype == PACKED, "the CPU default dtype is the one this CPU packs"
+    assert llm.engine.packed, "the CPU default packs the projection weights"
     return llm
 
 
-def test_every_projection_row_has_the_bits_f_linear_gives_it_alone(packed):
-    """Reference: torch's own F.linear on the unpacked weight, one row at a time."""
+def _alone(layer, x: torch.Tensor) -> torch.Tensor:
+    """Each row of x by torch's own F.linear on the unpacked weight, one row at a time."""
+    return torch.cat([F.linear(x[r : r + 1], layer.weight) for r in range(x.shape[0])])
+
+
+def test_every_projection_row_has_the_bits_it_gets_alone(packed):
+    """bf16: exactly torch's F.linear on the unpacked weight, one row at a time. float32: every row the bits
+    it gets in a call of its own (whatever the row count, 1 included), and F.linear's values to 1e-5."""
     model, ctx = packed.engine.model, packed.engine.model.ctx
     layers = [model.layers[0].self_attn.qkv_proj, model.layers[0].self_attn.o_proj,
               model.layers[0].mlp.gate_up_proj, model.layers[-1].mlp.down_proj, model.lm_head]
     gen = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         for layer in layers:
-            for m in (1, 5, 17, 33, 64, 100, 300):
-                x = torch.randn(m, layer.in_features, generator=gen).to(torch.bfloat16)
+            for m in (1, 2, 5, 17, 33, 64, 100, 300):
+                x = torch.randn(m, layer.in_features, generator=gen).to(TORCH_DTYPE)
                 ours = ctx.linear(layer, x)
-                ref = torch.cat([F.linear(x[r : r + 1], layer.weight) for r in range(m)])
-                assert torch.equal(ours, ref), (layer, m)
+                if PACKED == "bfloat16":
+                    assert torch.equal(ours, _alone(layer, x)), (layer, m)
+                else:
+                    alone = torch.cat([ctx.linear(layer, x[r : r + 1]) for r in range(m)])
+                    assert torch.equal(ours, alone), (layer, m)
+                    torch.testing.assert_close(ours, _alone(layer, x), rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_tokens_and_logprobs_are_those_of_unpacked_weights(packed):
-    unpacked = LLM(str(MODEL), dtype="bfloat16", prepack_weights=False)
+    """bf16: packing changes no bit. float32: MKL's unpacked GEMMs are not batch-invariant, so the check is
+    that both decode the same tokens, plain and speculative, on these prompts."""
+    unpacked = LLM(str(MODEL), dtype=PACKED, prepack_weights=False)
     assert not unpacked.engine.packed
     prompts = humaneval_prompts(3)
     params = SamplingParams(max_new_tokens=24, ignore_eos=True, top_n_tokens=2)
@@ -56,14 +74,23 @@ def test_greedy_tokens_and_logprobs_are_those_of_unpacked_weights(packed):
         a = packed.generate(prompts, [params] * 3, speculate=mode)
         b = unpacked.generate(prompts, [params] * 3, speculate=mode)
         assert [o.token_ids for o in a] == [o.token_ids for o in b]
-        assert [[(t.logprob, t.top) for t in o.tokens] for o in a] == [[(t.logprob, t.top) for t in o.tokens] for o in b]
+        if PACKED == "bfloat16":
+            assert [[(t.logprob, t.top) for t in o.tokens] for o in a] == [[(t.logprob, t.top) for t in o.tokens] for o in b]
 
 
-@pytest.mark.parametrize("dtype, device", [("float32", "cpu"), ("bfloat16", "cuda")])
+@pytest.mark.parametrize("dtype, device", [("float16", "cpu"), ("bfloat16", "cuda"),
+                                           ("float32" if PACKED == "bfloat16" else "bfloat16", "cpu")])
 def test_prepack_where_it_does_not_apply_is_refused_naming_the_setting(dtype, device):
     with pytest.raises(ValueError, match="prepack_weights"):
         EngineConfig(model_dir=str(MODEL), dtype=dtype, device=device, prepack_weights=True)
     assert EngineConfig(model_dir=str(MODEL), dtype=dtype, device=device).prepack_weights is False
+
+
+def test_auto_dtype_is_the_packed_one_on_cpu_and_named_in_errors():
+    assert EngineConfig(model_dir=str(MODEL)).dtype == PACKED
+    assert EngineConfig(model_dir=str(MODEL), device="cuda", prepack_weights=False).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16"):
+        EngineConfig(model_dir=str(MODEL), dtype="fp8")
 
 
 def test_a_costly_mask_group_is_sent_only_when_worth_its_fixed_cost():

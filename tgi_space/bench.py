@@ -182,7 +182,7 @@ def bench(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     ks: str = typer.Option("3,5", "--ks", help="Comma-separated k values for the paper's fixed layout."),
     repeats: int = typer.Option(3, "--repeats"),
-    dtype: str = typer.Option("bfloat16"),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float32 | float16 (auto: config.resolve_dtype)"),
     threads: int = typer.Option(2, "--threads"),
     prompt_lookup: int = typer.Option(10, "--prompt-lookup", help="transformers prompt_lookup_num_tokens; 0 skips."),
     skip_hf: bool = typer.Option(False, "--skip-hf"),
@@ -258,7 +258,7 @@ def _report(results: dict[str, MethodResult], llms: dict[str, LLM], k_values, pr
         if engine.planned:
             bounds[name]["speculation"] = {k: v for k, v in engine.speculator.info().items() if k != "calibration"}
     return {
-        "model": opts["model"], "dtype": opts["dtype"], "threads": opts["threads"], "num_prompts": len(prompts),
+        "model": opts["model"], "dtype": next(iter(llms.values())).engine.config.dtype, "threads": opts["threads"], "num_prompts": len(prompts),
         "max_new_tokens": opts["max_new_tokens"], "repeats": opts["repeats"], "ks": k_values,
         "methods": methods, "outputs_identical_to_engine_ar": identical, "latency_context_tokens": context,
         "latency_ms": curve, "space_bound": bounds, "torch": torch.__version__,

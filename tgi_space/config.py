@@ -11,6 +11,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: resolve_dtype
 ATTENTION_BACKENDS = ("auto", "fused", "matmul", "sdpa", "flash")
 SPECULATE_MODES = ("space", "sdsat", "none")  # a request's, or a server's, way to decode
 SPECULATION_METHODS = ("space", "sdsat")  # SpacePolicy.speculate_mode: what a speculating request runs
@@ -218,7 +219,7 @@ class EngineConfig:
     """Everything the engine needs to start, validated up front."""
 
     model_dir: str
-    dtype: str = "bfloat16"  # batch-invariant on CPU with the fused or matmul backend (docs/lossless.md)
+    dtype: str = "auto"  # resolve_dtype: bf16 where the CPU has native bf16 GEMMs, else float32 (docs/lossless.md)
     device: str = "cpu"
     attention_backend: str = "auto"  # fused on CPU (matmul if it does not build), flash on CUDA if installed, else sdpa
     block_size: int = 16
@@ -243,8 +244,9 @@ class EngineConfig:
     warm_gemm_rows: int | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        self.dtype = resolve_dtype(self.dtype, self.device)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
@@ -271,14 +273,28 @@ class EngineConfig:
             raise ValueError(f"warm_gemm_rows must be >= 0 (0: none), got {self.warm_gemm_rows}")
 
     def _check_prepack(self) -> None:
-        from tgi_space.model.prepack import can_prepack
+        from tgi_space.model.prepack import can_prepack, packed_dtype
 
         applies = can_prepack(self.device, self.dtype)
         if self.prepack_weights is None:
             self.prepack_weights = applies
         elif self.prepack_weights and not applies:
-            raise ValueError(f"prepack_weights: packed oneDNN weights need device cpu and dtype bfloat16 "
+            raise ValueError(f"prepack_weights: packed oneDNN weights need device cpu and {packed_dtype()} "
                              f"(got {self.device}, {self.dtype}); leave it unset or false")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`dtype`, with "auto" resolved: on a CPU bfloat16 where oneDNN has native bf16 GEMMs (AVX512 or
+    AVX-NE-CONVERT), else float32 (an AVX2-only CPU runs bf16 GEMMs in a reference loop, measured 5-17x
+    slower than float32 at 16-64 rows); on CUDA bfloat16. Both CPU choices are batch-invariant
+    (docs/lossless.md)."""
+    if dtype != "auto":
+        return dtype
+    if str(device).startswith("cuda"):
+        return "bfloat16"
+    from tgi_space.model.prepack import native_bf16_gemm
+
+    return "bfloat16" if native_bf16_gemm() else "float32"
 
 
 def default_attention_backend(device: str) -> str:

@@ -22,7 +22,7 @@ def generate(
     top_k: int = typer.Option(0, "--top-k"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(None),
-    dtype: str = typer.Option("bfloat16"),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float32 | float16 (auto: config.resolve_dtype)"),
     fixed_layout: bool = typer.Option(False, "--fixed-layout", help="The paper's fixed layout (k candidates, all groups)."),
     drafters: str = typer.Option("masks,suffix", "--drafters", help="Drafters of the planned step: masks, suffix."),
     sdsat_tree_sizes: str = typer.Option("4,8,8,5,3", "--sdsat-tree-sizes", help="SDSAT sampling: draft tree draws per depth."),

@@ -82,7 +82,7 @@ def greedy_mismatches(llm: LLM, prompts: list[str], max_new_tokens: int, batch: 
 
 def check_invariance(
     model: str = typer.Option("models/tiny-space-py", "--model", "-m"),
-    dtype: str = typer.Option("bfloat16", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("cpu", "--device"),
     attention_backend: str = typer.Option("auto", "--attention-backend"),
     num_prompts: int = typer.Option(16, "--num-prompts"),
@@ -101,7 +101,7 @@ def check_invariance(
     steps = step_mismatches(llm, [llm.tokenizer.encode(p) for p in prompts])
     greedy = {b: greedy_mismatches(llm, prompts, max_new_tokens, b) for b in (1, 8)}
     cfg = llm.engine.config
-    typer.echo(f"{model}: {dtype} on {device}, attention {cfg.attention_backend}, "
+    typer.echo(f"{model}: {cfg.dtype} on {device}, attention {cfg.attention_backend}, "
                f"GEMM row block {cfg.gemm_row_block or 'none'}, {torch.get_num_threads()} threads")
     typer.echo("GEMM rows differing from the row alone: " + ", ".join(f"{k} {v}" for k, v in gemm.items()))
     typer.echo(f"step logit rows differing (batched SPACE step vs one-row steps): {steps} of {2 * len(prompts)}")

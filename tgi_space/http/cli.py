@@ -79,7 +79,7 @@ def serve(
     mask_top_m: int = typer.Option(2, envvar="SPACE_MASK_TOP_M", help="Mask drafts: top-1 chain plus m - 1 runners-up at depth 1."),
     suffix_min_match: int = typer.Option(1, envvar="SPACE_SUFFIX_MIN_MATCH", help="Suffix drafts: shortest repeated suffix used."),
     suffix_max_match: int = typer.Option(8, envvar="SPACE_SUFFIX_MAX_MATCH", help="Suffix drafts: longest suffix looked up."),
-    dtype: str = typer.Option("bfloat16", envvar="DTYPE", help="bfloat16 (CPU default: batch-invariant, docs/lossless.md) | float32 | float16."),
+    dtype: str = typer.Option("auto", envvar="DTYPE", help="auto (CPU: bfloat16 where it has native bf16 GEMMs, else float32; both batch-invariant, docs/lossless.md) | bfloat16 | float32 | float16."),
     device: str = typer.Option("auto", envvar="DEVICE", help="auto (cuda if torch sees a GPU, else cpu) | cpu | cuda | cuda:N."),
     attention_backend: Optional[str] = typer.Option(
         None, envvar="ATTENTION_BACKEND", help="Attention kernels (default: the engine's choice for the device)."

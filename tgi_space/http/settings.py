@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tgi_space.config import ATTENTION_BACKENDS, DTYPES, SDSAT_TREE_SIZES, SPECULATE_MODES
+from tgi_space.config import ATTENTION_BACKENDS, DTYPE_CHOICES, SDSAT_TREE_SIZES, SPECULATE_MODES
 from tgi_space.http.threads import default_num_threads
 
 
@@ -46,7 +46,7 @@ class ServeSettings:
     suffix_min_match: int = 1
     suffix_max_match: int = 8
     sdsat_tree_sizes: tuple[int, ...] = SDSAT_TREE_SIZES  # SDSAT sampling: draft tree draws per depth
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # config.resolve_dtype: bf16 on CPUs with native bf16 GEMMs, else float32
     device: str = "auto"  # auto: cuda if torch sees a GPU, else cpu (TGI always uses the GPU)
     attention_backend: str | None = None  # None: the engine's default for the device
     block_size: int = 16
@@ -61,8 +61,8 @@ class ServeSettings:
             raise ValueError(f"speculate_mode must be one of {', '.join(SPECULATE_MODES)}, got {self.speculate_mode!r}")
         if not self.sdsat_tree_sizes or min(self.sdsat_tree_sizes) < 1:
             raise ValueError(f"sdsat_tree_sizes must be draws per depth, each >= 1, got {self.sdsat_tree_sizes}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:

@@ -33,7 +33,7 @@ class ServeOptions:
     uds_path: str = DEFAULT_UDS_PATH
     rank: int = 0
     world_size: int = 1
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # config.resolve_dtype
     device: str = "cpu"
     speculate_mode: str = "space"  # "space", "sdsat" or "none" (SPECULATE_MODE, the checkpoint, --speculate 0)
     k: int | None = None  # candidates per step at most; None = the checkpoint's space_k
@@ -143,7 +143,7 @@ def from_launcher(
         uds_path=uds_path,
         rank=rank,
         world_size=world_size,
-        dtype=LAUNCHER_DTYPES[dtype] if dtype else ("float16" if cuda_available else "bfloat16"),
+        dtype=LAUNCHER_DTYPES[dtype] if dtype else ("float16" if cuda_available else "auto"),
         device=device,
         speculate_mode=_speculate_mode(config, speculate, env),
         k=speculate if speculate else None,

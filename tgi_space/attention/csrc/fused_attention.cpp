@@ -19,7 +19,7 @@
 // however the work is split over threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
@@ -122,6 +122,16 @@ inline vf fma(vf a, vf b, vf c) {
 #if defined(__AVX512F__)
   return reinterpret_cast<vf>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
                                               reinterpret_cast<__m512>(c)));
+#elif defined(__AVX__) && defined(__FMA__)  // AVX2 CPUs: a vector is two 8-lane halves
+  float fa[W], fb[W], fc[W];
+  __builtin_memcpy(fa, &a, sizeof(vf));
+  __builtin_memcpy(fb, &b, sizeof(vf));
+  __builtin_memcpy(fc, &c, sizeof(vf));
+  for (int64_t h = 0; h < W; h += 8)
+    _mm256_storeu_ps(fc + h, _mm256_fmadd_ps(_mm256_loadu_ps(fa + h), _mm256_loadu_ps(fb + h), _mm256_loadu_ps(fc + h)));
+  vf r;
+  __builtin_memcpy(&r, fc, sizeof(vf));
+  return r;
 #else
   vf r;
   for (int64_t l = 0; l < W; ++l) r[l] = std::fma(a[l], b[l], c[l]);
