@@ -20,7 +20,6 @@ from tgi_space.attention.sdpa import SdpaBackend
 from tgi_space.bench import humaneval_prompts
 from tgi_space.config import SpacePolicy
 from tgi_space.llm import LLM
-from tgi_space.model.prepack import packed_dtype
 from tgi_space.sampling import SamplingParams
 from tgi_space.invariance import gemm_mismatches, step_mismatches
 
@@ -35,11 +34,9 @@ def prompts() -> list[str]:
 
 @pytest.mark.parametrize("dtype, backend, invariant", [
     ("bfloat16", "fused", True), ("bfloat16", "matmul", True), ("bfloat16", "sdpa", False),
-    # float32 (the default on CPUs without native bf16 GEMMs): packed GEMMs and the fused kernel keep every
+    # float32 (the default on CPUs without native bf16 GEMMs): the panel GEMM and the fused kernel keep every
     # bit; the matmul fallback's batched float32 matmuls (MKL) do not, nor does SDPA (negative control)
-    *[pytest.param("float32", backend, invariant, marks=pytest.mark.skipif(
-        packed_dtype() != "float32", reason="float32 GEMMs are packed (batch-invariant) only where bf16 is not native"))
-      for backend, invariant in (("fused", True), ("sdpa", False))],
+    ("float32", "fused", True), ("float32", "sdpa", False),
 ])
 def test_rows_get_the_same_bits_whatever_the_batch(prompts, dtype, backend, invariant):
     llm = LLM(str(MODEL), dtype=dtype, attention_backend=backend, space=SpacePolicy(k_max=2))

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from tests.test_tree import chain_tree
 from tgi_space.bench import humaneval_prompts
-from tgi_space.config import EngineConfig, SpacePolicy
+from tgi_space.config import EngineConfig, SpacePolicy, resolve_dtype
 from tgi_space.llm import LLM
-from tgi_space.model.prepack import packed_dtype
+from tgi_space.model.prepack import Panels, native_bf16_gemm, packed_linear, packing, panel_kernel
 from tgi_space.planner import LatencyCurve, Proposal, plan
 from tgi_space.sampling import SamplingParams
 from tgi_space.speculation import (
@@ -26,14 +26,14 @@ from tgi_space.speculation import (
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
 
 
-PACKED = packed_dtype()  # bfloat16 on CPUs with native bf16 GEMMs, float32 on the others (AVX2)
-TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float32": torch.float32}[PACKED]
+DEFAULT = resolve_dtype("auto", "cpu")  # bfloat16 on CPUs with native bf16 GEMMs, float32 on the others (AVX2)
+TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float32": torch.float32}[DEFAULT]
 
 
 @pytest.fixture(scope="module")
 def packed() -> LLM:
     llm = LLM(str(MODEL))
-    assert llm.engine.config.dtype == PACKED, "the CPU default dtype is the one this CPU packs"
+    assert llm.engine.config.dtype == DEFAULT
     assert llm.engine.packed, "the CPU default packs the projection weights"
     return llm
 
@@ -44,29 +44,48 @@ def _alone(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_projection_row_has_the_bits_it_gets_alone(packed):
-    """bf16: exactly torch's F.linear on the unpacked weight, one row at a time. float32: every row the bits
-    it gets in a call of its own (whatever the row count, 1 included), and F.linear's values to 1e-5."""
+    """oneDNN (native bf16): exactly torch's F.linear on the unpacked weight, one row at a time. Panels: every
+    row the bits it gets in a call of its own, whatever the row count, and F.linear's values in float64."""
     model, ctx = packed.engine.model, packed.engine.model.ctx
     layers = [model.layers[0].self_attn.qkv_proj, model.layers[0].self_attn.o_proj,
               model.layers[0].mlp.gate_up_proj, model.layers[-1].mlp.down_proj, model.lm_head]
     gen = torch.Generator().manual_seed(1)
+    kind = packing("cpu", DEFAULT)
     with torch.inference_mode():
         for layer in layers:
             for m in (1, 2, 5, 17, 33, 64, 100, 300):
                 x = torch.randn(m, layer.in_features, generator=gen).to(TORCH_DTYPE)
                 ours = ctx.linear(layer, x)
-                if PACKED == "bfloat16":
+                if kind == "onednn":
                     assert torch.equal(ours, _alone(layer, x)), (layer, m)
-                else:
-                    alone = torch.cat([ctx.linear(layer, x[r : r + 1]) for r in range(m)])
-                    assert torch.equal(ours, alone), (layer, m)
-                    torch.testing.assert_close(ours, _alone(layer, x), rtol=1e-5, atol=1e-5)
+                    continue
+                alone = torch.cat([ctx.linear(layer, x[r : r + 1]) for r in range(m)])
+                assert torch.equal(ours, alone), (layer, m)
+                ref = F.linear(x.double(), layer.weight.double())
+                torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_tokens_and_logprobs_are_those_of_unpacked_weights(packed):
-    """bf16: packing changes no bit. float32: MKL's unpacked GEMMs are not batch-invariant, so the check is
-    that both decode the same tokens, plain and speculative, on these prompts."""
-    unpacked = LLM(str(MODEL), dtype=PACKED, prepack_weights=False)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_panel_gemm_rows_are_batch_invariant_and_right(dtype):
+    """The panel kernel on its own, both dtypes, odd shapes (a partial panel, K not a multiple of 8), bias."""
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(37, 100, generator=gen) * 0.1).to(torch_dtype)
+    bias = torch.randn(37, generator=gen).to(torch_dtype)
+    x = torch.randn(50, 100, generator=gen).to(torch_dtype)
+    panels = Panels(panel_kernel().pack_panels(w), 37)
+    alone = torch.cat([packed_linear(panels, bias, x[r : r + 1]) for r in range(50)])
+    for m in (1, 2, 6, 7, 13, 48, 49, 50):
+        assert torch.equal(packed_linear(panels, bias, x[:m]), alone[:m]), m
+    ref = F.linear(x.double(), w.double(), bias.double()).to(torch_dtype).double()
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    torch.testing.assert_close(alone.double(), ref, rtol=tol, atol=tol)
+
+
+def test_greedy_tokens_are_those_of_unpacked_weights(packed):
+    """oneDNN: packing changes no bit (tokens and logprobs). Panels: another summation order than MKL's
+    F.linear (which is not batch-invariant), so the check is the same tokens, plain and speculative."""
+    unpacked = LLM(str(MODEL), dtype=DEFAULT, prepack_weights=False)
     assert not unpacked.engine.packed
     prompts = humaneval_prompts(3)
     params = SamplingParams(max_new_tokens=24, ignore_eos=True, top_n_tokens=2)
@@ -74,20 +93,25 @@ def test_greedy_tokens_and_logprobs_are_those_of_unpacked_weights(packed):
         a = packed.generate(prompts, [params] * 3, speculate=mode)
         b = unpacked.generate(prompts, [params] * 3, speculate=mode)
         assert [o.token_ids for o in a] == [o.token_ids for o in b]
-        if PACKED == "bfloat16":
+        if packing("cpu", DEFAULT) == "onednn":
             assert [[(t.logprob, t.top) for t in o.tokens] for o in a] == [[(t.logprob, t.top) for t in o.tokens] for o in b]
 
 
-@pytest.mark.parametrize("dtype, device", [("float16", "cpu"), ("bfloat16", "cuda"),
-                                           ("float32" if PACKED == "bfloat16" else "bfloat16", "cpu")])
+@pytest.mark.parametrize("dtype, device", [("float16", "cpu"), ("bfloat16", "cuda")])
 def test_prepack_where_it_does_not_apply_is_refused_naming_the_setting(dtype, device):
     with pytest.raises(ValueError, match="prepack_weights"):
         EngineConfig(model_dir=str(MODEL), dtype=dtype, device=device, prepack_weights=True)
     assert EngineConfig(model_dir=str(MODEL), dtype=dtype, device=device).prepack_weights is False
 
 
-def test_auto_dtype_is_the_packed_one_on_cpu_and_named_in_errors():
-    assert EngineConfig(model_dir=str(MODEL)).dtype == PACKED
+def test_packing_follows_the_cpu():
+    assert packing("cpu", "float32") == "panels"
+    assert packing("cpu", "bfloat16") == ("onednn" if native_bf16_gemm() else "panels")
+    assert packing("cuda", "float32") is None
+
+
+def test_auto_dtype_follows_the_cpu_and_bad_dtypes_are_named():
+    assert EngineConfig(model_dir=str(MODEL)).dtype == ("bfloat16" if native_bf16_gemm() else "float32")
     assert EngineConfig(model_dir=str(MODEL), device="cuda", prepack_weights=False).dtype == "bfloat16"
     with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16"):
         EngineConfig(model_dir=str(MODEL), dtype="fp8")

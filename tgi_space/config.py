@@ -234,8 +234,8 @@ class EngineConfig:
     gemm_row_block: int | None = None
     # Gated SPACE adapter folder (docs/adapters.md); None: config.json's space_adapter, if any.
     adapter: str | None = None
-    # Pack every projection's weight once for oneDNN (model/prepack.py): None = on where it applies
-    # (CPU, bf16); True where it does not apply is refused. Same bits, about half the GEMM time.
+    # Pack every projection's weight once (model/prepack.py: oneDNN for native bf16, else the panel GEMM):
+    # None = on where it applies (CPU, bf16 or float32); True where it does not is refused. Batch-invariant.
     prepack_weights: bool | None = None
     # Row counts 1..N whose packed GEMMs are built at start-up (model/prepack.py, `warm_packed`): oneDNN
     # builds a kernel the first time it sees a row count (~0.5 ms per weight shape), which a step would
@@ -273,14 +273,15 @@ class EngineConfig:
             raise ValueError(f"warm_gemm_rows must be >= 0 (0: none), got {self.warm_gemm_rows}")
 
     def _check_prepack(self) -> None:
-        from tgi_space.model.prepack import can_prepack, packed_dtype
+        from tgi_space.model.prepack import can_prepack
 
         applies = can_prepack(self.device, self.dtype)
         if self.prepack_weights is None:
             self.prepack_weights = applies
         elif self.prepack_weights and not applies:
-            raise ValueError(f"prepack_weights: packed oneDNN weights need device cpu and {packed_dtype()} "
-                             f"(got {self.device}, {self.dtype}); leave it unset or false")
+            raise ValueError(f"prepack_weights: packed weights need device cpu and dtype float32 or bfloat16, and "
+                             f"g++ for the panel kernel where bf16 is not native (got {self.device}, {self.dtype}); "
+                             f"leave it unset or false")
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

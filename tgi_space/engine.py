@@ -33,7 +33,7 @@ from tgi_space.scheduler import Scheduler
 from tgi_space.sdsat import Sdsat, check_checkpoint
 from tgi_space.sequence import Sequence, TokenInfo
 from tgi_space.space import SeqPlan, StepLayout, build_layout, split_logits
-from tgi_space.model.prepack import prepack_linears, warm_packed, warm_rows
+from tgi_space.model.prepack import packing, prepack_linears, warm_packed, warm_rows
 from tgi_space.speculation import Speculator, any_sampled, measure_forward, probe_row_counts
 from tgi_space.tokenizer import Tokenizer
 
@@ -64,7 +64,7 @@ class Engine:
         self.dtype = TORCH_DTYPES[config.dtype]
         self.model = load_model(config.model_dir, self.model_config, config.dtype, config.device)
         self.model_config = self._attach_adapter()
-        self.packed = prepack_linears(self.model) if config.prepack_weights else {}
+        self.packed = prepack_linears(self.model, packing(config.device, config.dtype)) if config.prepack_weights else {}
         self._warm_gemms()
         self.rotary = RotaryEmbedding(self.model_config, config.device, self.dtype)
         self.backend = make_backend(config.attention_backend)

@@ -1,42 +1,59 @@
-"""oneDNN-packed weights for the CPU GEMMs (the engine's largest fixed cost per step): bf16 where the CPU
-has native bf16 GEMMs, float32 where it does not (AVX2 only), the `auto` dtype in each case.
+"""Weights packed once at start-up for the CPU GEMMs (the engine's largest cost per step), two ways:
 
-`F.linear` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call;
-for the decode regime (1-64 rows) that reorder costs as much as the multiplication. Packing each
-projection's weight once at start-up and calling oneDNN's linear on the packed copy halves the
-time of a 384 x 2048 projection at 1-32 rows (measured with `tgi-space bench-engine`; README, "The
-engine itself").
+- **oneDNN** (bf16 on CPUs with native bf16 GEMMs: AVX512-BW/VL/DQ, AVX-NE-CONVERT, AMX). `F.linear`
+  on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call; for the decode
+  regime (1-64 rows) that reorder costs as much as the multiplication. The packed call gives every
+  row exactly the bits `F.linear` gives it alone (packed for one row: no K-blocked kernel at any row
+  count) and halves the time of a 384 x 2048 projection at 1-32 rows.
+- **panels** (everywhere else on CPU: float32, and bf16 on AVX2-only CPUs such as AMD Zen 3, where
+  oneDNN refuses to pack bf16 and torch runs bf16 GEMMs in a reference loop, 5-17x slower than
+  float32, and where MKL's and oneDNN's float32 GEMMs round a lone row differently from a row among
+  others). `csrc/panel_gemm.cpp`: W as panels of 16 output columns, every output one float32 fused
+  multiply-add chain over K in order, whatever the row count, the rows beside it or the thread.
 
-In bf16 the packed call gives every row exactly the bits `F.linear` gives it alone (packed for one
-row: no K-blocked kernel at any row count); in float32 every row the bits it gets in a call of its
-own (a lone row sent as two); tests/test_prepack.py, docs/lossless.md. Greedy speculation stays
-plain decoding bit for bit.
+Either way a row gets the same bits whatever else is in the step (tests/test_prepack.py,
+docs/lossless.md), so greedy speculation stays plain decoding bit for bit.
 Costs one extra copy of the projection weights (the originals stay for adapters and checks).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 PACK_ROWS = 1  # oneDNN's batch-size hint when packing: the decode regime (measured: also batch-invariant)
 KERNEL_CACHE = 1024  # oneDNN's primitive cache holds this many kernels (its default capacity)
-_warmed: set[tuple] = set()  # (weight shape, has bias, rows) whose kernel this process has built
+PANEL_SOURCE = Path(__file__).with_name("csrc") / "panel_gemm.cpp"
+_warmed: set[tuple] = set()  # (weight shape, has bias, rows) whose oneDNN kernel this process has built
+
+
+@dataclass(frozen=True)
+class Panels:
+    """A weight packed for csrc/panel_gemm.cpp: [ceil(out / 16), in, 16], zero-padded past `out_features`."""
+
+    panels: torch.Tensor
+    out_features: int
+
+
+def packing(device: str, dtype: str) -> str | None:
+    """How `dtype` weights are packed on `device`: "onednn", "panels" or None (not packed: CUDA, fp16, or
+    no kernel)."""
+    if torch.device(device).type != "cpu":
+        return None
+    if dtype == "bfloat16" and native_bf16_gemm():
+        return "onednn"
+    if dtype in ("float32", "bfloat16") and panel_kernel_error() is None:
+        return "panels"
+    return None
 
 
 def can_prepack(device: str, dtype: str) -> bool:
-    """Whether packed weights apply: CPU, oneDNN built into this torch, and the dtype this CPU packs
-    (`packed_dtype`)."""
-    return torch.device(device).type == "cpu" and _has_onednn() and dtype == packed_dtype()
-
-
-def packed_dtype() -> str:
-    """The dtype whose weights are packed on this CPU: bfloat16 where oneDNN has native bf16 GEMMs (the
-    CPU default there); else float32 (the default there), whose packed GEMM gives a row the same bits
-    at any row count from 2 (measured on AVX2: a lone row goes to another kernel, so it is sent as 2)."""
-    return "bfloat16" if native_bf16_gemm() else "float32"
+    """Whether packed weights apply to `dtype` on `device` (`packing`)."""
+    return packing(device, dtype) is not None
 
 
 def _has_onednn() -> bool:
@@ -56,20 +73,43 @@ def native_bf16_gemm() -> bool:
     return True
 
 
-def prepack_linears(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
-    """{nn.Linear: its packed bf16 weight} for every linear layer of `model`."""
-    return {
-        m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACK_ROWS)
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
-    }
+@functools.cache
+def panel_kernel():
+    """The compiled panel GEMM (built once per machine with g++ and ninja, then loaded from torch's cache)."""
+    from torch.utils.cpp_extension import load
+
+    from tgi_space.attention.fused import FLAGS, _ninja_on_path
+
+    _ninja_on_path()
+    return load(name="tgi_space_panel_gemm", sources=[str(PANEL_SOURCE)], extra_cflags=FLAGS,
+                extra_ldflags=["-fopenmp"], verbose=False)
 
 
-def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """x [N, in] @ W^T (+ bias) with W packed by `prepack_linears`. A lone float32 row is sent twice:
-    oneDNN's one-row float32 kernel sums in another order than its kernel for 2 rows and more."""
-    if x.shape[0] == 1 and x.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1), packed, bias, "none", [], "")[:1]
+@functools.cache
+def panel_kernel_error() -> str | None:
+    """None when the panel GEMM builds and loads here, else why not (one line)."""
+    try:
+        panel_kernel()
+    except Exception as err:  # a missing compiler or ninja, a failed build: weights stay unpacked
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    return None
+
+
+def prepack_linears(model: nn.Module, kind: str = "onednn") -> dict[nn.Module, torch.Tensor | Panels]:
+    """{nn.Linear: its packed weight} for every linear layer of `model`, packed as `kind` (`packing`)."""
+    return {m: _pack(m.weight.detach(), kind) for m in model.modules() if isinstance(m, nn.Linear)}
+
+
+def _pack(weight: torch.Tensor, kind: str) -> torch.Tensor | Panels:
+    if kind == "panels":
+        return Panels(panel_kernel().pack_panels(weight.contiguous()), weight.shape[0])
+    return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+
+
+def packed_linear(packed: torch.Tensor | Panels, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x [N, in] @ W^T (+ bias) with W packed by `prepack_linears`."""
+    if isinstance(packed, Panels):
+        return panel_kernel().panel_linear(x, packed.panels, bias, packed.out_features)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -92,8 +132,10 @@ def warm_packed(packed: dict[nn.Module, torch.Tensor], max_rows: int) -> None:
 
 
 def _shapes(packed: dict[nn.Module, torch.Tensor]) -> dict[tuple, tuple[nn.Module, torch.Tensor]]:
-    """One (module, packed weight) per distinct (out, in, has bias)."""
+    """One (module, oneDNN-packed weight) per distinct (out, in, has bias); panels need no warming."""
     out: dict[tuple, tuple[nn.Module, torch.Tensor]] = {}
     for module, weight in packed.items():
+        if isinstance(weight, Panels):
+            continue
         out.setdefault((*module.weight.shape, module.bias is not None), (module, weight))
     return out

@@ -44,8 +44,13 @@
 namespace {
 
 constexpr int64_t ROW_BLOCK = 16;   // query rows of one sequence per work item
+#if defined(__AVX512F__)
 constexpr int64_t W = 16;           // lanes of one vector: keys scored together, head-dimension chunk
-constexpr int64_t MAX_CHUNKS = 16;  // head dimension at most MAX_CHUNKS * W
+#else
+constexpr int64_t W = 8;            // one 256-bit register (AVX2): GCC splits wider vectors badly (measured 10x
+                                    // slower); a row's bits depend on W, and W is fixed per build
+#endif
+constexpr int64_t MAX_CHUNKS = 256 / W;  // head dimension at most 256
 constexpr int64_t AMX_LAG = 48;     // keys this far behind a row may be summed on AMX tiles (attend_block_amx);
                                     // >= the rows a step holds past a leading chain: max_tree_depth (<= 32) + k (<= 16)
 constexpr int64_t TILE = 64;        // keys transposed at a time (a multiple of W; with d = 64, 16 KiB of float32)
@@ -122,16 +127,9 @@ inline vf fma(vf a, vf b, vf c) {
 #if defined(__AVX512F__)
   return reinterpret_cast<vf>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
                                               reinterpret_cast<__m512>(c)));
-#elif defined(__AVX__) && defined(__FMA__)  // AVX2 CPUs: a vector is two 8-lane halves
-  float fa[W], fb[W], fc[W];
-  __builtin_memcpy(fa, &a, sizeof(vf));
-  __builtin_memcpy(fb, &b, sizeof(vf));
-  __builtin_memcpy(fc, &c, sizeof(vf));
-  for (int64_t h = 0; h < W; h += 8)
-    _mm256_storeu_ps(fc + h, _mm256_fmadd_ps(_mm256_loadu_ps(fa + h), _mm256_loadu_ps(fb + h), _mm256_loadu_ps(fc + h)));
-  vf r;
-  __builtin_memcpy(&r, fc, sizeof(vf));
-  return r;
+#elif defined(__AVX__) && defined(__FMA__)  // AVX2 CPUs: W = 8, one register
+  return reinterpret_cast<vf>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
+                                              reinterpret_cast<__m256>(c)));
 #else
   vf r;
   for (int64_t l = 0; l < W; ++l) r[l] = std::fma(a[l], b[l], c[l]);
@@ -139,11 +137,17 @@ inline vf fma(vf a, vf b, vf c) {
 #endif
 }
 
-inline float reduce(vf v) {  // a fixed pairwise tree over the lanes: lane l += lane l + width, width 8, 4, 2, 1
+inline float reduce(vf v) {  // a fixed pairwise tree over the lanes: lane l += lane l + width, width W/2 .. 1
+#if defined(__AVX512F__)
   v = v + __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
   v = v + __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
   v = v + __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
   v = v + __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+#else
+  v = v + __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3});
+  v = v + __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5});
+  v = v + __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6});
+#endif
   return v[0];
 }
 
@@ -208,7 +212,7 @@ void transpose_keys(const T* const* keys, int64_t j0, int64_t count, int64_t len
           for (int64_t i = c; j < len && i < d; ++i) tile[t][i - c] = static_cast<float>(keys[j][i]);
         }
       }
-      transpose_stage<8>(tile);
+      if constexpr (W == 16) transpose_stage<8>(tile);
       transpose_stage<4>(tile);
       transpose_stage<2>(tile);
       transpose_stage<1>(tile);
@@ -236,14 +240,22 @@ inline void score_tile(const float* qf, int64_t dp, const float* kt, int64_t d, 
   }
 }
 
+#if defined(__AVX512F__)
+constexpr int64_t SCORE_BLOCKS = 4;  // key blocks of W scored per pass: Q x 4 accumulators in registers
+#else
+constexpr int64_t SCORE_BLOCKS = 4;  // AVX2 (W = 8): 2 queries x 4 blocks of accumulators, 4 of keys
+#endif
+
 template <int Q>
 inline void score_queries(const float* qf, int64_t dp, const float* kt, int64_t blocks, int64_t d, float scale,
                           float* s, int64_t stride) {
-  switch (blocks) {
-    case 4: return score_tile<Q, 4>(qf, dp, kt, d, scale, s, stride);
-    case 3: return score_tile<Q, 3>(qf, dp, kt, d, scale, s, stride);
-    case 2: return score_tile<Q, 2>(qf, dp, kt, d, scale, s, stride);
-    default: return score_tile<Q, 1>(qf, dp, kt, d, scale, s, stride);
+  for (int64_t u = 0; u < blocks; u += SCORE_BLOCKS) {  // a score's terms do not depend on the pass
+    switch (std::min(SCORE_BLOCKS, blocks - u)) {
+      case 4: score_tile<Q, 4>(qf, dp, kt + u * W, d, scale, s + u * W, stride); break;
+      case 3: score_tile<Q, 3>(qf, dp, kt + u * W, d, scale, s + u * W, stride); break;
+      case 2: score_tile<Q, 2>(qf, dp, kt + u * W, d, scale, s + u * W, stride); break;
+      default: score_tile<Q, 1>(qf, dp, kt + u * W, d, scale, s + u * W, stride);
+    }
   }
 }
 
@@ -428,9 +440,20 @@ struct Block {
   std::function<T*(int64_t)> out;  // query m's output row
 };
 
-// Queries in registers per tile: 4 (head dimension 64), 2 (128), 1 (any other).
+// Queries in registers per tile: with AVX-512 (32 registers) 4 (head dimension 64), 2 (128), 1 (any other);
+// with AVX2 (16 registers, W = 8) P V takes 1 query at a time (a head of 64 is 8 accumulators) and scores 2.
+// How queries are grouped changes no bit.
+#if defined(__AVX512F__)
 template <int64_t C>
 constexpr int QUERIES = C > 0 && C <= 4 ? 4 : C > 0 ? 2 : 1;
+template <int64_t C>
+constexpr int SCORE_QUERIES = QUERIES<C>;
+#else
+template <int64_t C>
+constexpr int QUERIES = 1;
+template <int64_t C>
+constexpr int SCORE_QUERIES = 2;
+#endif
 
 // acc[m] += p_mj v_j for the keys j from `from` on, every query, TILE keys at a time (weigh's order).
 template <int64_t C, typename T>
@@ -471,7 +494,7 @@ void write_out(const Scratch& w, const Block<T>& b) {
 // used by every query from L1).
 template <int64_t C, typename T>
 void scores_all(Scratch& w, const Block<T>& b) {
-  constexpr int Q = QUERIES<C>;
+  constexpr int Q = SCORE_QUERIES<C>;
   for (int64_t j0 = 0; j0 < b.padded; j0 += TILE) {
     const int64_t count = std::min(TILE, b.padded - j0);
     transpose_keys<T>(b.keys, j0, count, b.len, b.d, w.kt.data());
@@ -649,8 +672,8 @@ void attend_item(Scratch& w, const Block<T>& b, const T* const* queries, std::op
   for (int64_t m = 0; m < b.m_count; ++m) {
     for (int64_t i = 0; i < b.d; ++i) w.qf[m * b.dp + i] = static_cast<float>(queries[m][i]);
   }
-  if (b.dp == 64) return attend_block<4, T>(w, b);
-  if (b.dp == 128) return attend_block<8, T>(w, b);
+  if (b.dp == 64) return attend_block<64 / W, T>(w, b);
+  if (b.dp == 128) return attend_block<128 / W, T>(w, b);
   attend_block<0, T>(w, b);
 }
 
