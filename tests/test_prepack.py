@@ -18,9 +18,9 @@ from tgi_space.model.prepack import Panels, native_bf16_gemm, packed_linear, pac
 from tgi_space.planner import LatencyCurve, Proposal, plan
 from tgi_space.sampling import SamplingParams
 from tgi_space.speculation import (
-    EXPLORE_BURST, EXPLORE_EVERY, EXPLORE_FRACTION, MASKS_EXPLORE_EVERY, MAX_EXPLORE_EVERY, PLAIN_EVERY,
+    EXPLORE_BURST, EXPLORE_EVERY, EXPLORE_FRACTION, MASKS_EXPLORE_EVERY, MAX_EXPLORE_EVERY, MAX_LOSS_EXPLORE_EVERY, PLAIN_EVERY,
     PLAIN_MISSING_EVERY, Speculator,
-    explore_share,
+    _loss_period, explore_share,
 )
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
@@ -159,7 +159,8 @@ def test_sampled_steps_measured_to_lose_do_not_stop_greedy_speculation():
     spec.observe_rate(1, 1.0, 90, "tree", sampled=True)
     spec.observe_rate(1, 1.0, 80, "masks", sampled=True)
     assert all(spec._measured_to_pay("1/greedy") for _ in range(16))
-    assert sum(spec._measured_to_pay("1/sampled") for _ in range(EXPLORE_EVERY)) == EXPLORE_BURST  # explores only
+    period = _loss_period(250 / 90, EXPLORE_BURST)  # the best speculative kind (trees) loses 2.8x
+    assert sum(spec._measured_to_pay("1/sampled") for _ in range(period)) == EXPLORE_BURST  # explores only
 
 
 def test_time_outside_the_engine_is_learnt_and_idle_pauses_are_not():
@@ -198,12 +199,13 @@ def test_rows_judged_unable_to_pay_still_draft_now_and_then():
 
 
 def _gated_speculator(num_seqs: int, drafters: tuple[str, ...] = ("masks", "suffix")) -> Speculator:
-    """A speculator whose rates say speculation loses at this batch size (plain 1000 tok/s, trees 500)."""
+    """A speculator whose rates say speculation loses at this batch size (plain 1000 tok/s, trees 900: by
+    10%, so the exploring period is the shortest, EXPLORE_EVERY)."""
     policy = SpacePolicy(latency_curve=None, drafters=drafters)
     spec = Speculator(policy, 4, lambda *a: 1e-3, max_batch=64, max_probe_rows=64)
     spec.value_per_row[False] = 1.0  # rows could pay: only the measured rates gate
     spec.observe_rate(num_seqs, num_seqs / 1000, num_seqs, "plain")
-    spec.observe_rate(num_seqs, num_seqs / 500, num_seqs, "tree")
+    spec.observe_rate(num_seqs, num_seqs / 900, num_seqs, "tree")
     return spec
 
 
@@ -230,7 +232,7 @@ def test_a_batch_that_keeps_losing_explores_less_often_until_speculation_pays():
     spec.observe_rate(16, 0.016, 64, "tree")  # speculation measured to pay: the period is reset
     spec.rates["16/greedy"]["tree"] = 4000.0
     assert spec._measured_to_pay("16/greedy")
-    spec.rates["16/greedy"]["tree"] = 500.0
+    spec.rates["16/greedy"]["tree"] = 900.0
     tries = [spec._measured_to_pay("16/greedy") for _ in range(EXPLORE_EVERY)]
     assert sum(tries) == EXPLORE_BURST
 
@@ -240,6 +242,31 @@ def test_one_sequence_keeps_exploring_every_period():
     spec = _gated_speculator(1)
     tries = [spec._measured_to_pay("1/greedy") for _ in range(8 * EXPLORE_EVERY)]
     assert sum(tries) == 8 * EXPLORE_BURST
+
+
+@pytest.mark.parametrize("slowdown, period", [(1.1, EXPLORE_EVERY), (2.0, 75), (4.0, 225), (50.0, MAX_LOSS_EXPLORE_EVERY)])
+def test_tries_are_spaced_by_how_much_speculation_loses(slowdown, period):
+    """Each try of a burst costs about `slowdown` plain steps per token: EXPLORE_BURST * (slowdown - 1) extra in
+    every `period` steps is EXPLORE_OVERHEAD (4%) of the time (T = 1 at batch 1 lost 15% with a fixed period)."""
+    assert period == max(EXPLORE_EVERY, min(MAX_LOSS_EXPLORE_EVERY, round(3 * (slowdown - 1) / 0.04)))
+    spec = _gated_speculator(1)
+    spec.rates["1/greedy"]["tree"] = 1000 / slowdown
+    tries = [spec._measured_to_pay("1/greedy") for _ in range(4 * period)]
+    assert sum(tries) == 4 * EXPLORE_BURST
+    starts = [i for i, t in enumerate(tries) if t][::EXPLORE_BURST]
+    assert [b - a for a, b in zip(starts, starts[1:])] == [period] * 3
+
+
+def test_hot_sampling_is_governed_apart_from_warm_sampling_and_greedy():
+    from tgi_space.sampling import SamplingParams as P
+    from tgi_space.speculation import sampling_regime
+
+    def step(*params):
+        return [(SimpleNamespace(params=p), None) for p in params]
+
+    assert sampling_regime(step(P(), P())) == "greedy"
+    assert sampling_regime(step(P(), P(do_sample=True, temperature=0.2, top_p=0.95))) == "sampled"
+    assert sampling_regime(step(P(do_sample=True, temperature=0.2), P(do_sample=True, temperature=1.0))) == "hot"
 
 
 def test_a_small_batch_explores_whole():
@@ -349,7 +376,7 @@ def test_a_fresh_plain_rate_that_beats_speculation_stops_it():
             spec.observe_rate(1, 1.0, 500, "plain")
         else:
             spec.observe_rate(1, 1.0, 300, "tree")
-    later = [spec._measured_to_pay("1/greedy") for _ in range(EXPLORE_EVERY)]
+    later = [spec._measured_to_pay("1/greedy") for _ in range(_loss_period(500 / 300, EXPLORE_BURST))]
     assert sum(later) == EXPLORE_BURST  # gated: exploring only
 
 

@@ -10,7 +10,10 @@ import pytest
 from tgi_space.config import SpacePolicy
 from tgi_space.llm import LLM
 from tgi_space.sampling import SamplingParams
-from tgi_space.speculation import EXPLORE_BURST_SDSAT, EXPLORE_EVERY, EXPLORE_MIN_SEQS, PLAIN_EVERY, Speculator
+from tgi_space import speculation
+from tgi_space.speculation import (
+    EXPLORE_BURST_SDSAT, EXPLORE_EVERY, EXPLORE_MIN_SEQS, PLAIN_EVERY, Speculator,
+)
 from tgi_space.tree import ROOT, DraftTree
 
 from tests.test_sdsat import PROMPTS
@@ -55,8 +58,8 @@ def test_sdsat_steps_are_judged_in_pairs():
 def test_sdsat_measured_to_lose_decodes_plainly_but_for_bursts_of_a_pair():
     spec = _speculator()
     spec.observe_rate(1, 1.0, 100, "plain")
-    spec.observe_rate(1, 1.0, 10, "sdsat")
-    spec.observe_rate(1, 1.0, 10, "sdsat")  # 10 tokens/s against 100
+    spec.observe_rate(1, 1.0, 80, "sdsat")
+    spec.observe_rate(1, 1.0, 80, "sdsat")  # 80 tokens/s against 100 (a loss this small: tries every EXPLORE_EVERY)
     steps = [spec.sdsat_passes(_seqs(1)) for _ in range(3 * EXPLORE_EVERY)]
     tries = [i for i, s in enumerate(steps) if s]
     assert len(tries) == 3 * EXPLORE_BURST_SDSAT
@@ -87,8 +90,8 @@ def test_sdsat_that_pays_keeps_running_with_a_plain_step_now_and_then():
 def test_exploring_a_large_batch_takes_a_share_and_verifies_every_pending_draft():
     spec = _speculator()
     spec.observe_rate(32, 1.0, 3200, "plain")
-    spec.observe_rate(32, 1.0, 320, "sdsat")
-    spec.observe_rate(32, 1.0, 320, "sdsat")
+    spec.observe_rate(32, 1.0, 2560, "sdsat")
+    spec.observe_rate(32, 1.0, 2560, "sdsat")
     planned = _seqs(32)
     chosen = None
     for _ in range(EXPLORE_EVERY):
@@ -101,15 +104,16 @@ def test_exploring_a_large_batch_takes_a_share_and_verifies_every_pending_draft(
     assert spec._step_scale == pytest.approx(32 / len(chosen))
 
 
-def test_governed_sdsat_measured_to_lose_is_plain_decoding_and_lossless(llama_dir):
+def test_governed_sdsat_measured_to_lose_is_plain_decoding_and_lossless(llama_dir, monkeypatch):
     """With SDSAT's pairs measured far slower than plain steps, the engine decodes plainly but for exploring
     bursts; outputs stay those of plain decoding."""
     llm = LLM(str(llama_dir), kv_cache_bytes=2**24, block_size=4, space=SpacePolicy(k_max=3))
+    monkeypatch.setattr(speculation, "MAX_LOSS_EXPLORE_EVERY", EXPLORE_EVERY)  # tries every EXPLORE_EVERY steps
     params = SamplingParams(max_new_tokens=3 * EXPLORE_EVERY)
     ref = [o.token_ids for o in llm.generate(PROMPTS[:1], params, speculate="none")]
     spec = llm.engine.speculator
-    spec.rates["1/greedy"]["sdsat"] = 1e-6  # tokens per second: SDSAT loses against any plain step
-    spec.rates["1/greedy"]["plain"] = 1e6
+    spec.rates["1/greedy"]["sdsat"] = 1e-6  # tokens per second: SDSAT loses against any plain step, so
+    spec.rates["1/greedy"]["plain"] = 1e6  # (however much: the cap on the period is patched)
     out = llm.generate(PROMPTS[:1], params, speculate="sdsat")
     assert [o.token_ids for o in out] == ref
     info = llm.engine.sdsat.info()

@@ -34,7 +34,7 @@ from tgi_space.sdsat import Sdsat, check_checkpoint
 from tgi_space.sequence import Sequence, TokenInfo
 from tgi_space.space import SeqPlan, StepLayout, build_layout, split_logits
 from tgi_space.model.prepack import packing, prepack_linears, warm_packed, warm_rows
-from tgi_space.speculation import Speculator, any_sampled, measure_forward, probe_row_counts
+from tgi_space.speculation import Speculator, any_sampled, measure_forward, probe_row_counts, sampling_regime
 from tgi_space.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -314,13 +314,13 @@ class Engine:
         """What the planner learns from a step that took `seconds`: its rate (decode steps only: a prefill's
         time says nothing about speculation), and, from SPACE steps, the rows' cost and the drafts' worth."""
         plans = [p for _, p in planned]
-        sampled = any_sampled(planned)
+        sampled, regime = any_sampled(planned), sampling_regime(planned)
         decode = sum(p.num_uncached for p in plans) == len(plans)
         tokens = sum(len(e) for _, e in results)
         if any(seq.sdsat for seq, _ in planned):
             kind = _sdsat_kind(planned)
             if decode and kind is not None:
-                self.speculator.defer_rate(len(plans), seconds, tokens, kind, sampled)
+                self.speculator.defer_rate(len(plans), seconds, tokens, kind, regime)
             self.speculator.step_done()
             return
         trees = [p.tree for p in plans if p.is_tree]
@@ -330,7 +330,7 @@ class Engine:
         candidates = any(p.num_candidates for p in plans)
         if decode and (candidates or not masks):  # nor does a step sending groups with no drafts to verify yet
             kind = "masks" if masks else "tree" if candidates else "plain"
-            self.speculator.defer_rate(len(plans), seconds, tokens, kind, sampled)
+            self.speculator.defer_rate(len(plans), seconds, tokens, kind, regime)
         if self.speculator.curve is not None and decode:  # decode steps: wall time vs surface
             rows = sum(p.num_rows for p in plans)
             self.speculator.observe_step(len(plans), rows, len(plans), seconds, masks)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ class Speculator:
         self._observe_gap(len(planned))
         spec = [i for i, (seq, _) in enumerate(planned) if seq.speculate and not seq.sdsat]  # SDSAT: sdsat.py
         sampled = any_sampled(planned)
-        key = _rate_key(len(planned), sampled)
+        key = _rate_key(len(planned), sampling_regime(planned))
         chosen = self._speculating(planned, spec, key, sampled)
         for i in set(spec) - set(chosen):  # the next tree is drafted when speculation pays again
             planned[i][0].draft_tree = None
@@ -192,7 +193,7 @@ class Speculator:
         sd = [i for i, (seq, _) in enumerate(planned) if seq.sdsat]
         if not sd or not self.adaptive:
             return None
-        key = _rate_key(len(planned), any_sampled(planned))
+        key = _rate_key(len(planned), sampling_regime(planned))
         if not self._measured_to_pay(key, SDSAT_GATE):
             for i in sd:
                 planned[i][0].draft_tree = None
@@ -226,7 +227,7 @@ class Speculator:
             if self._explore_period.pop(counter, None) is not None:
                 self._gated[counter] = 0  # the next losing stretch starts a fresh period
             return spec is None or not self._plain_due(counter, missing="plain" not in rates)
-        period = self._explore_period.get(counter, EXPLORE_EVERY)
+        period = max(self._explore_period.get(counter, EXPLORE_EVERY), _loss_period(rates["plain"] / spec, gate.burst))
         self._exploring[counter] = _explore(self._gated, counter, period, gate.burst)
         if self._gated[counter] >= period and _batch_of(key) > 1:  # a whole period, and still losing
             self._gated[counter] = 0
@@ -264,11 +265,11 @@ class Speculator:
             return True
         return _explore(self._masks_gated, key, MASKS_EXPLORE_EVERY, EXPLORE_BURST)
 
-    def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: bool = False,
+    def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: str | bool = False,
                      outside: float | None = None) -> None:
         """One step's realised tokens per second (wall time of the whole step), by kind ("plain": no
         candidate and no group, "tree": candidates only, "masks": with mask groups), batch bucket, and
-        whether any sequence of the step samples. `outside`: the step's own time outside the engine (else
+        `sampling_regime` (a bool: sampled or greedy). `outside`: the step's own time outside the engine (else
         the running mean of the batch size's)."""
         key = _rate_key(num_seqs, sampled)
         rates = self.rates[key]
@@ -360,7 +361,7 @@ class Speculator:
         if pending is not None:
             self.observe_rate(*pending, outside=gap if gap < MAX_GAP else None)
 
-    def defer_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: bool = False) -> None:
+    def defer_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: str | bool = False) -> None:
         """`observe_rate` of the step that just ran, once the time until the next step is known (with a pinned
         curve, now: nothing is learnt from timing then)."""
         if self.adaptive:
@@ -535,6 +536,23 @@ def _process_rows(logits: torch.Tensor, seq: Sequence, tree: DraftTree) -> torch
     return torch.cat([process(logits[r : r + 1], params, seq.tokens + paths[r]) for r in range(len(paths))])
 
 
+def sampling_regime(planned: list[tuple[Sequence, SeqPlan]]) -> str:
+    """The governor's regime of a step: "greedy", "sampled", or "hot" when a sequence samples at a temperature
+    of at least HOT_TEMPERATURE (drafts are rarely accepted there: its figures must not stop speculation at
+    T = 0.2, nor T = 0.2's keep paying for tries at T = 1)."""
+    params = [seq.params for seq, _ in planned if not seq.params.is_greedy]
+    if not params:
+        return "greedy"
+    return "hot" if any(p.temperature >= HOT_TEMPERATURE for p in params) else "sampled"
+
+
+def _loss_period(slowdown: float, burst: int) -> int:
+    """The exploring period at which bursts of `burst` steps, each `slowdown` times a plain step's time per
+    token, cost about EXPLORE_OVERHEAD of the time (at least EXPLORE_EVERY, at most MAX_LOSS_EXPLORE_EVERY)."""
+    period = math.ceil(burst * max(0.0, slowdown - 1.0) / EXPLORE_OVERHEAD)
+    return max(EXPLORE_EVERY, min(MAX_LOSS_EXPLORE_EVERY, period))
+
+
 def any_sampled(planned: list[tuple[Sequence, SeqPlan]]) -> bool:
     """Whether any sequence of the step samples (the planner keeps its figures apart for such steps)."""
     return any(not seq.params.is_greedy for seq, _ in planned)
@@ -558,9 +576,11 @@ def explore_share(spec: list[int], seq_ids: list[int], round_: int) -> list[int]
     return sorted(spec[j] for j in order[:size])
 
 
-def _rate_key(num_seqs: int, sampled: bool) -> str:
-    """The governor's key of a step: its batch bucket and whether any of its sequences samples."""
-    return f"{_bucket(num_seqs)}/{'sampled' if sampled else 'greedy'}"
+def _rate_key(num_seqs: int, regime: str | bool) -> str:
+    """The governor's key of a step: its batch bucket and its `sampling_regime` (True/False: sampled/greedy)."""
+    if isinstance(regime, bool):
+        regime = "sampled" if regime else "greedy"
+    return f"{_bucket(num_seqs)}/{regime}"
 
 
 def _batch_of(key: str) -> int:
@@ -575,6 +595,9 @@ def _bucket(num_seqs: int) -> int:
 
 EXPLORE_EVERY = 24  # while speculation is measured to lose at a batch size, EXPLORE_BURST steps in this many try it
 MAX_EXPLORE_EVERY = 96  # the longest exploring period a batch larger than one backs off to
+EXPLORE_OVERHEAD = 0.04  # while speculation loses by a measured factor, tries are spaced to cost about this share
+MAX_LOSS_EXPLORE_EVERY = 384  # ... but one comes at least this often
+HOT_TEMPERATURE = 0.7  # sampling at this temperature or above is governed apart ("hot")
 MASKS_EXPLORE_EVERY = 48  # the same for mask groups (rarer: a losing masked step can cost ~2 plain steps)
 EXPLORE_MIN_SEQS = 4  # an exploring step drafts for all of a batch this small ...
 EXPLORE_FRACTION = 4  # ... and for about a quarter of a larger one
