@@ -388,3 +388,32 @@ def test_fused_delta_kernel_adds_what_the_torch_path_adds_on_the_mask_rows_only(
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
     torch.testing.assert_close(ours[rows], ref[rows], **tol)
     assert not torch.equal(ours[rows], y[rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_delta_gives_a_row_the_same_bits_alone_or_among_others(dtype):
+    """The kernel handles mask rows a few at a time (one pass over A and B for all of them): a row's
+    delta must not depend on which rows share its pass, nor on how many there are."""
+    from tgi_space.attention.fused import available, kernel
+    from tgi_space.model.adapter import GatedDelta
+
+    if available() is not None:
+        pytest.skip(f"fused kernels do not build: {available()}")
+    g = torch.Generator().manual_seed(5)
+    r, sizes, inp = 8, [43, 21], 77  # outputs past whole vectors, inputs past whole lanes
+    a = torch.randn(2 * r, inp, generator=g)
+    b = torch.zeros(sum(sizes), 2 * r)
+    b[:43, :r], b[43:, r:] = torch.randn(43, r, generator=g), torch.randn(21, r, generator=g)
+    delta = GatedDelta(a, b, [(0, r, 0, 43), (r, 2 * r, 43, 64)])
+    x, y = torch.randn(11, inp, generator=g).to(dtype), torch.randn(11, 64, generator=g).to(dtype)
+    together = y.clone()
+    delta.add_to(together, x, torch.arange(11), kernel())
+    for row in range(11):
+        alone = y.clone()
+        delta.add_to(alone, x, torch.tensor([row]), kernel())
+        assert torch.equal(alone[row], together[row]), row
+    reference = y.clone()
+    delta.add_to(reference, x, torch.arange(11))
+    assert not torch.equal(together, y)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    torch.testing.assert_close(together, reference, **tol)

@@ -82,6 +82,25 @@ def test_panel_gemm_rows_are_batch_invariant_and_right(dtype):
     torch.testing.assert_close(alone.double(), ref, rtol=tol, atol=tol)
 
 
+def test_float32_weights_that_bf16_holds_are_packed_as_bf16_with_the_same_bits():
+    """A bf16 checkpoint run in float32: its weights are packed as bf16 panels (half the bytes) and the
+    float32 results keep every bit of float32 panels; weights bf16 cannot hold stay float32."""
+    from tgi_space.model.prepack import narrowest_exact
+
+    gen = torch.Generator().manual_seed(4)
+    w = (torch.randn(37, 100, generator=gen) * 0.1).to(torch.bfloat16).float()
+    x = torch.randn(20, 100, generator=gen)
+    assert narrowest_exact(w).dtype == torch.bfloat16
+    assert narrowest_exact(w + 1e-4).dtype == torch.float32  # not exact in bf16: kept
+    narrow = Panels(panel_kernel().pack_panels(narrowest_exact(w)), 37)
+    wide = Panels(panel_kernel().pack_panels(w), 37)
+    assert narrow.panels.dtype == torch.bfloat16 and wide.panels.dtype == torch.float32
+    ours = packed_linear(narrow, None, x)
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, packed_linear(wide, None, x))
+    torch.testing.assert_close(ours.double(), F.linear(x.double(), w.double()), rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_tokens_are_those_of_unpacked_weights(packed):
     """oneDNN: packing changes no bit (tokens and logprobs). Panels: another summation order than MKL's
     F.linear (which is not batch-invariant), so the check is the same tokens, plain and speculative."""

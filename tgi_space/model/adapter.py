@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tgi_space.config import CheckpointError, ModelConfig
+from tgi_space.model.prepack import narrowest_exact
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -143,20 +144,26 @@ class GatedDelta(nn.Module):
 
     A: [S*r, in] the stacked lora_A of its S adapted shards; B: [out, S*r] block-diagonal, each
     shard's lora_B in its output rows and its own r columns (zero rows for shards not adapted).
-    Kept and computed in float32 whatever the model's dtype: a few rows through two thin GEMMs
-    cost 3-4x less in float32 than in oneDNN's bf16 on CPU, and mask rows never reach verification.
+    Computed in float32 whatever the model's dtype: a few rows through two thin GEMMs cost 3-4x less
+    in float32 than in oneDNN's bf16 on CPU, and mask rows never reach verification. Kept as bf16 when
+    bf16 holds A and B exactly (an adapter saved in bf16, a power-of-two scale): the same float32
+    values once widened, half the bytes a step streams (prepack.narrowest_exact).
     """
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, spans: list[tuple[int, int, int, int]] | None = None) -> None:
         super().__init__()
+        a, bt = a.float(), b.t().float().contiguous()  # B transposed, [S*r, out]: the fused kernel reads its rows
+        narrow_a, narrow_bt = narrowest_exact(a), narrowest_exact(bt)
+        if narrow_a.dtype == narrow_bt.dtype:
+            a, bt = narrow_a, narrow_bt
         self.register_buffer("a", a)
-        self.register_buffer("bt", b.t().contiguous())  # B transposed, [S*r, out]: the fused kernel reads its rows
+        self.register_buffer("bt", bt)
         spans = spans if spans is not None else [(0, a.shape[0], 0, b.shape[0])]
         self.register_buffer("spans", torch.tensor(spans, dtype=torch.long).reshape(-1, 4))  # B's nonzero blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Delta rows [n, out] of input rows x [n, in]."""
-        return F.linear(F.linear(x.float(), self.a), self.bt.t())
+        return F.linear(F.linear(x.float(), self.a.float()), self.bt.t().float())
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, kernels=None) -> None:
         """y[rows] += delta(x[rows]) rounded to y's dtype, in place; one fused call when `kernels` (the

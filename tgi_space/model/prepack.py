@@ -10,6 +10,8 @@
   float32, and where MKL's and oneDNN's float32 GEMMs round a lone row differently from a row among
   others). `csrc/panel_gemm.cpp`: W as panels of 16 output columns, every output one float32 fused
   multiply-add chain over K in order, whatever the row count, the rows beside it or the thread.
+  float32 weights that bf16 holds exactly (a bf16 checkpoint run in float32) are kept as bf16 panels
+  and widened in the kernel: the same bits, half the bytes streamed per step (`narrowest_exact`).
 
 Either way a row gets the same bits whatever else is in the step (tests/test_prepack.py,
 docs/lossless.md), so greedy speculation stays plain decoding bit for bit.
@@ -102,8 +104,18 @@ def prepack_linears(model: nn.Module, kind: str = "onednn") -> dict[nn.Module, t
 
 def _pack(weight: torch.Tensor, kind: str) -> torch.Tensor | Panels:
     if kind == "panels":
-        return Panels(panel_kernel().pack_panels(weight.contiguous()), weight.shape[0])
+        return Panels(panel_kernel().pack_panels(narrowest_exact(weight).contiguous()), weight.shape[0])
     return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+
+
+def narrowest_exact(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as bf16 when it is float32 and bf16 holds every value exactly (a bf16 checkpoint run in
+    float32): the kernels widen it back to the same float32 values, so the products and sums keep their
+    bits, and a step streams half the bytes. Else `weight` itself."""
+    if weight.dtype != torch.float32:
+        return weight
+    narrow = weight.to(torch.bfloat16)
+    return narrow if torch.equal(narrow.float(), weight) else weight
 
 
 def packed_linear(packed: torch.Tensor | Panels, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

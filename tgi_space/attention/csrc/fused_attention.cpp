@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -1030,49 +1031,135 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor cache, torch::Tens
 // A gated adapter's delta on the mask rows of one projection, in float32, added in place:
 // y[row] += T(B (A x[row])) for each row in `rows`, where A is a [R, in] and B^T is bt [R, out]; B is
 // block-diagonal, given by spans [S, 4] = (first column, end column, first output, end output) of each
-// shard, so only its blocks are read and outputs outside them keep their bits.
-template <typename T>
-void lora_rows(T* y, int64_t y_row, const T* x, int64_t x_row, const int64_t* rows, int64_t n, const float* a,
-               const float* bt, const int64_t* spans, int64_t num_spans, int64_t in, int64_t r_total, int64_t out) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xf(in), t(r_total), d(out);
-    const int64_t whole = in / W * W;
-    for (int64_t w = begin; w < end; ++w) {
-      const T* xr = x + rows[w] * x_row;
-      for (int64_t i = 0; i < in; ++i) xf[i] = static_cast<float>(xr[i]);
-      for (int64_t j = 0; j < r_total; ++j) {  // t = A x: W-lane partial sums, then the fixed tree
-        const float* aj = a + j * in;
-        vf lane = {};
-        for (int64_t i = 0; i < whole; i += W) lane = fma(load(aj + i), load(xf.data() + i), lane);
-        for (int64_t i = whole; i < in; ++i) lane[i - whole] = std::fma(aj[i], xf[i], lane[i - whole]);
-        t[j] = reduce(lane);
+// shard, so only its blocks are read and outputs outside them keep their bits. A and B are float32, or bf16
+// when bf16 holds them exactly (widened in registers: the same float32 math, half the bytes; a step with
+// mask rows streams every layer's A and B once, which is what it costs at a few rows).
+constexpr int LORA_ROWS = 4;  // mask rows per pass over A and B: each weight vector is loaded once for all
+
+// t[r][j0 + jj] = A[j0 + jj] . x[r] for jj < J: W-lane partial sums in index order, the tail into the first
+// lanes, then the fixed tree (`reduce`): for each output the computation of one row and one j alone.
+template <int R, int J, typename TW>
+inline void lora_in(const TW* a, int64_t in, int64_t j0, const float* xf, float* t, int64_t r_total) {
+  const int64_t whole = in / W * W;
+  vf lane[J][R] = {};
+  for (int64_t i = 0; i < whole; i += W) {
+    vf av[J];
+    for (int jj = 0; jj < J; ++jj) av[jj] = load(a + (j0 + jj) * in + i);
+    for (int r = 0; r < R; ++r) {
+      const vf xv = load(xf + r * in + i);
+      for (int jj = 0; jj < J; ++jj) lane[jj][r] = fma(av[jj], xv, lane[jj][r]);
+    }
+  }
+  for (int jj = 0; jj < J; ++jj) {
+    const TW* aj = a + (j0 + jj) * in;
+    for (int r = 0; r < R; ++r) {
+      for (int64_t i = whole; i < in; ++i)
+        lane[jj][r][i - whole] = std::fma(static_cast<float>(aj[i]), xf[r * in + i], lane[jj][r][i - whole]);
+      t[r * r_total + j0 + jj] = reduce(lane[jj][r]);
+    }
+  }
+}
+
+// d[r][o .. o + V W) = sum over j in [j0, j1), in order, of t[r][j] * B^T[j][o ..] (one fma per term).
+template <int R, int V, typename TW>
+inline void lora_out(const float* t, int64_t r_total, const TW* bt, int64_t out, int64_t j0, int64_t j1, int64_t o,
+                     float* d) {
+  vf acc[R][V] = {};
+  for (int64_t j = j0; j < j1; ++j) {
+    vf bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = load(bt + j * out + o + v * W);
+    for (int r = 0; r < R; ++r) {
+      const vf tj = vf{} + t[r * r_total + j];
+      for (int v = 0; v < V; ++v) acc[r][v] = fma(tj, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store(d + r * out + o + v * W, acc[r][v]);
+}
+
+// R rows at a time: every output is the same float32 computation as for a row alone (A x: W-lane partial
+// sums in index order, then the fixed tree; B t: one fma per rank index, in order), so blocking changes no bit.
+template <int R, typename T, typename TW>
+void lora_block(T* y, int64_t y_row, const T* x, int64_t x_row, const int64_t* rows, const TW* a,
+                const TW* bt, const int64_t* spans, int64_t num_spans, int64_t in, int64_t r_total, int64_t out,
+                float* xf, float* t, float* d) {
+  for (int r = 0; r < R; ++r) {
+    const T* xr = x + rows[r] * x_row;
+    for (int64_t i = 0; i < in; ++i) xf[r * in + i] = static_cast<float>(xr[i]);
+  }
+  int64_t j = 0;  // t = A x: J rows of A x R rows of x, each its own chain (J R chains hide the fma latency)
+  for (; j + 2 <= r_total; j += 2) lora_in<R, 2, TW>(a, in, j, xf, t, r_total);
+  for (; j < r_total; ++j) lora_in<R, 1, TW>(a, in, j, xf, t, r_total);
+  for (int64_t s = 0; s < num_spans; ++s) {
+    const int64_t j0 = spans[4 * s], j1 = spans[4 * s + 1], o0 = spans[4 * s + 2], o1 = spans[4 * s + 3];
+    int64_t o = o0;  // d = B t over this shard's outputs: V vectors of outputs x R rows in registers
+    for (; o + 2 * W <= o1; o += 2 * W) lora_out<R, 2, TW>(t, r_total, bt, out, j0, j1, o, d);
+    for (; o + W <= o1; o += W) lora_out<R, 1, TW>(t, r_total, bt, out, j0, j1, o, d);
+    for (; o < o1; ++o)
+      for (int r = 0; r < R; ++r) {
+        float acc = 0.f;
+        for (int64_t j = j0; j < j1; ++j) acc = std::fma(t[r * r_total + j], static_cast<float>(bt[j * out + o]), acc);
+        d[r * out + o] = acc;
       }
-      T* yr = y + rows[w] * y_row;
-      for (int64_t s = 0; s < num_spans; ++s) {
-        const int64_t j0 = spans[4 * s], j1 = spans[4 * s + 1], o0 = spans[4 * s + 2], o1 = spans[4 * s + 3];
-        std::fill(d.begin() + o0, d.begin() + o1, 0.f);
-        for (int64_t j = j0; j < j1; ++j) {  // d = B t over this shard's outputs, lanes over outputs
-          const vf tj = vf{} + t[j];
-          const float* bj = bt + j * out;
-          int64_t o = o0;
-          for (; o + W <= o1; o += W) store(d.data() + o, fma(tj, load(bj + o), load(d.data() + o)));
-          for (; o < o1; ++o) d[o] = std::fma(t[j], bj[o], d[o]);
-        }
-        for (int64_t o = o0; o < o1; ++o) {
-          yr[o] = static_cast<T>(static_cast<float>(yr[o]) + static_cast<float>(static_cast<T>(d[o])));
-        }
+    for (int r = 0; r < R; ++r) {
+      T* yr = y + rows[r] * y_row;
+      for (int64_t o = o0; o < o1; ++o)
+        yr[o] = static_cast<T>(static_cast<float>(yr[o]) + static_cast<float>(static_cast<T>(d[r * out + o])));
+    }
+  }
+}
+
+template <typename T, typename TW>
+void lora_rows(T* y, int64_t y_row, const T* x, int64_t x_row, const int64_t* rows, int64_t n, const TW* a,
+               const TW* bt, const int64_t* spans, int64_t num_spans, int64_t in, int64_t r_total, int64_t out) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(LORA_ROWS * in), t(LORA_ROWS * r_total), d(LORA_ROWS * out);
+    for (int64_t w = begin; w < end; w += LORA_ROWS) {
+      const auto call = [&](auto rows_here) {
+        lora_block<decltype(rows_here)::value, T, TW>(y, y_row, x, x_row, rows + w, a, bt, spans, num_spans, in,
+                                                  r_total, out, xf.data(), t.data(), d.data());
+      };
+      switch (std::min<int64_t>(LORA_ROWS, end - w)) {
+        case 1: call(std::integral_constant<int, 1>{}); break;
+        case 2: call(std::integral_constant<int, 2>{}); break;
+        case 3: call(std::integral_constant<int, 3>{}); break;
+        default: call(std::integral_constant<int, 4>{}); break;
       }
     }
   });
+}
+
+// lora_delta_ for adapter weights of type TW (float32, or bf16 when it holds them exactly), by activation dtype.
+template <typename TW>
+void lora_typed(torch::Tensor& y, const torch::Tensor& x, const int64_t* rp, int64_t n, const TW* a, const TW* bt,
+                const int64_t* sp, int64_t num_spans, int64_t r_total) {
+  const int64_t in = x.size(1), out = y.size(1);
+  switch (y.scalar_type()) {
+    case torch::kFloat:
+      lora_rows<float, TW>(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), rp, n, a, bt, sp,
+                           num_spans, in, r_total, out);
+      break;
+    case torch::kBFloat16:
+      lora_rows<c10::BFloat16, TW>(y.data_ptr<c10::BFloat16>(), y.stride(0), x.data_ptr<c10::BFloat16>(),
+                                   x.stride(0), rp, n, a, bt, sp, num_spans, in, r_total, out);
+      break;
+    case torch::kHalf:
+      lora_rows<c10::Half, TW>(y.data_ptr<c10::Half>(), y.stride(0), x.data_ptr<c10::Half>(), x.stride(0), rp, n, a,
+                               bt, sp, num_spans, in, r_total, out);
+      break;
+    default:
+      TORCH_CHECK(false, "lora_delta_: dtype must be float32, bfloat16 or float16");
+  }
 }
 
 void lora_delta_(torch::Tensor y, torch::Tensor x, torch::Tensor rows, torch::Tensor a, torch::Tensor bt,
                  torch::Tensor spans) {
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.stride(1) == 1 && x.stride(1) == 1, "lora_delta_: y, x [N, *] rows");
   TORCH_CHECK(y.scalar_type() == x.scalar_type(), "lora_delta_: y and x must share a dtype");
-  TORCH_CHECK(a.scalar_type() == torch::kFloat && bt.scalar_type() == torch::kFloat && a.is_contiguous() &&
-                  bt.is_contiguous() && a.size(1) == x.size(1) && bt.size(0) == a.size(0) && bt.size(1) == y.size(1),
-              "lora_delta_: a [R, in] and bt [R, out] float32");
+  TORCH_CHECK((a.scalar_type() == torch::kFloat || a.scalar_type() == torch::kBFloat16) &&
+                  bt.scalar_type() == a.scalar_type() && a.is_contiguous() && bt.is_contiguous() &&
+                  a.size(1) == x.size(1) && bt.size(0) == a.size(0) && bt.size(1) == y.size(1),
+              "lora_delta_: a [R, in] and bt [R, out], both float32 or both bf16");
   TORCH_CHECK(spans.scalar_type() == torch::kLong && spans.dim() == 2 && spans.size(1) == 4 && spans.is_contiguous(),
               "lora_delta_: spans [S, 4] int64");
   TORCH_CHECK(rows.scalar_type() == torch::kLong, "lora_delta_: rows int64");
@@ -1086,21 +1173,10 @@ void lora_delta_(torch::Tensor y, torch::Tensor x, torch::Tensor rows, torch::Te
                     sp[4 * s + 2] <= sp[4 * s + 3] && sp[4 * s + 3] <= out,
                 "lora_delta_: span out of range");
   }
-  switch (y.scalar_type()) {
-    case torch::kFloat:
-      lora_rows<float>(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), rp, n, a.data_ptr<float>(),
-                       bt.data_ptr<float>(), sp, spans.size(0), x.size(1), r_total, out);
-      break;
-    case torch::kBFloat16:
-      lora_rows<c10::BFloat16>(y.data_ptr<c10::BFloat16>(), y.stride(0), x.data_ptr<c10::BFloat16>(), x.stride(0), rp,
-                               n, a.data_ptr<float>(), bt.data_ptr<float>(), sp, spans.size(0), x.size(1), r_total, out);
-      break;
-    case torch::kHalf:
-      lora_rows<c10::Half>(y.data_ptr<c10::Half>(), y.stride(0), x.data_ptr<c10::Half>(), x.stride(0), rp, n,
-                           a.data_ptr<float>(), bt.data_ptr<float>(), sp, spans.size(0), x.size(1), r_total, out);
-      break;
-    default:
-      TORCH_CHECK(false, "lora_delta_: dtype must be float32, bfloat16 or float16");
+  if (a.scalar_type() == torch::kBFloat16) {
+    lora_typed(y, x, rp, n, a.data_ptr<c10::BFloat16>(), bt.data_ptr<c10::BFloat16>(), sp, spans.size(0), r_total);
+  } else {
+    lora_typed(y, x, rp, n, a.data_ptr<float>(), bt.data_ptr<float>(), sp, spans.size(0), r_total);
   }
 }
 

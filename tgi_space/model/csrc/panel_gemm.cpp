@@ -122,19 +122,24 @@ torch::Tensor pack_panels(const torch::Tensor& weight) {
   return padded.view({P, COLS, K}).transpose(1, 2).contiguous();
 }
 
-// x [M, K] @ W^T (+ bias) -> [M, N], x of the panels' dtype (float32 or bf16), W packed by pack_panels.
+// x [M, K] @ W^T (+ bias) -> [M, N], x of the panels' dtype (float32 or bf16), W packed by pack_panels; or x
+// float32 with bf16 panels (float32 weights that bf16 holds exactly: the same bits, half the weight traffic).
 torch::Tensor panel_linear(const torch::Tensor& x_in, const torch::Tensor& panels, const c10::optional<torch::Tensor>& bias,
                            int64_t N) {
   TORCH_CHECK(x_in.dim() == 2 && panels.dim() == 3 && panels.size(2) == COLS, "panel_linear: x [M, K], panels [P, K, 16]");
   TORCH_CHECK(x_in.size(1) == panels.size(1), "panel_linear: x has ", x_in.size(1), " columns, W ", panels.size(1));
-  TORCH_CHECK(x_in.scalar_type() == panels.scalar_type(), "panel_linear: x and W must share a dtype");
+  const bool mixed = x_in.scalar_type() == torch::kFloat32 && panels.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(x_in.scalar_type() == panels.scalar_type() || mixed,
+              "panel_linear: x and W must share a dtype (or x float32, W bf16)");
   const auto x = x_in.contiguous();
   auto y = torch::empty({x.size(0), N}, x.options());
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->to(torch::kFloat32).contiguous();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (x.size(0) == 0) return y;
-  if (x.scalar_type() == torch::kFloat32) {
+  if (mixed) {
+    run<float, c10::BFloat16>(x, panels, bp, N, y);
+  } else if (x.scalar_type() == torch::kFloat32) {
     run<float, float>(x, panels, bp, N, y);
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "panel_linear: float32 or bfloat16");
