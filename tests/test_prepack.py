@@ -353,10 +353,42 @@ def test_rows_are_priced_without_the_steps_drafting_time():
                       max_probe_rows=64)
     surface = spec.latency()
     plain, extra = surface(1, 1), surface(9, 1) - surface(1, 1)
-    spec._busy = 0.004  # this step's drafting
-    spec.end_step(1, 8, 4)
-    spec.observe_step(1, 9, 1, spec.plain_factor[1] * plain + 1.0 * extra + 0.004)  # the rows cost what probed
-    assert spec.marginal_factor[1] == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)
+    for _ in range(5):
+        spec._busy = 0.004  # this step's drafting
+        spec.end_step(1, 8, 4)
+        spec.observe_step(1, 9, 1, spec.plain_factor[1] * plain + 1.0 * extra + 0.004)  # the rows cost what probed
+    assert spec.marginal_factor[1] == pytest.approx(1.0)  # charged the drafting too: (extra + 4 ms) / extra
+
+
+def test_a_few_stalled_steps_do_not_price_rows_out():
+    """On a shared CPU a step is now and then stalled by another process: the cost corrections are
+    medians of recent steps, so a stall of 20 ms in one step in eight moves them little (a running mean
+    of the per-step ratio ends at its clamp: 20 ms over a probed cost of a fraction of a millisecond)."""
+    spec = Speculator(SpacePolicy(latency_curve=None), 4, lambda b, rows, *g: 1e-3 * rows, max_batch=1,
+                      max_probe_rows=64)
+    surface = spec.latency()
+    plain = surface(1, 1)
+    for step in range(64):
+        stall = 0.020 if step % 8 == 7 else 0.0
+        spec.observe_step(1, 1, 1, 1.1 * plain + stall)  # plain steps cost 1.1x what probed
+        rows = 2 + step % 3  # one to three extra rows, costing 1.5x what probed
+        spec.observe_step(1, rows, 1, spec.plain_factor[1] * plain + 1.5 * (surface(rows, 1) - plain) + stall)
+    assert spec.plain_factor[1] == pytest.approx(1.1, rel=0.05)
+    assert spec.marginal_factor[1] == pytest.approx(1.5, rel=0.1)
+
+
+def test_robust_ratio_is_a_weighted_median_of_recent_steps():
+    from tgi_space.planner import RobustRatio
+
+    ratio = RobustRatio(2.0, lo=0.5, hi=6.0, window=5)
+    assert ratio.value == 2.0  # the prior until a step is seen
+    assert ratio.observe(3.0, 1.0) == 3.0
+    ratio.observe(1.0, 10.0)  # a heavy observation at 0.1 outweighs the light one at 3.0
+    assert ratio.value == pytest.approx(0.5)  # the median 0.1, clamped to lo
+    for _ in range(5):
+        ratio.observe(4.0, 1.0)  # the window forgets the heavy one after five more
+    assert ratio.value == 4.0
+    assert ratio.observe(100.0, 1.0) == 4.0  # one outlier among five does not move it
 
 
 def test_a_step_is_judged_with_its_own_time_outside_the_engine():

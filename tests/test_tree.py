@@ -282,3 +282,35 @@ def test_suffix_trie_counts_what_followed_every_match():
     got = {tuple(tree.tokens[j] for j in tree.path(i)): (tree.scores[i], tree.confidences[i]) for i in range(len(tree))}
     assert got.keys() == want.keys()
     assert all(got[p] == pytest.approx(want[p]) for p in want)
+
+
+def _continuations_by_hand(tokens: list[int], max_n: int, min_n: int, max_depth: int, max_matches: int):
+    """The longest suffix (min_n..max_n tokens) that also ends earlier, and what followed its most recent
+    earlier ends (oldest first): by comparing every earlier window."""
+    last = len(tokens) - 1
+    for n in range(min(max_n, last), max(min_n, 1) - 1, -1):
+        suffix = tokens[last - n + 1 :]
+        ends = [e for e in range(n - 1, last) if tokens[e - n + 1 : e + 1] == suffix]
+        if ends:
+            return n, [tokens[e + 1 : e + 1 + max_depth] for e in ends[-max_matches:]]
+    return 0, []
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 4), min_size=1, max_size=120),
+    cuts=st.lists(st.integers(1, 60), max_size=6),
+    max_n=st.integers(1, 8),
+    min_n=st.integers(1, 3),
+)
+def test_suffix_index_finds_what_a_scan_of_every_window_finds(tokens, cuts, max_n, min_n):
+    """Whatever pieces the tokens arrive in (one at a time, or a prompt's worth through numpy), the index
+    finds the same longest repeated suffix and the same recent occurrences as comparing every window."""
+    from tgi_space.drafters import SuffixIndex
+
+    index, held = SuffixIndex(max_n=max_n), 0
+    for cut in cuts + [len(tokens)]:
+        index.extend(tokens[held : held + cut])
+        held = min(len(tokens), held + cut)
+        got = index.continuations(min_n, max_depth=5, max_matches=3)
+        assert got == _continuations_by_hand(tokens[:held], max_n, min_n, 5, 3)

@@ -12,8 +12,7 @@ really accepted, per drafter, depth and confidence bucket.
 
 from __future__ import annotations
 
-import heapq
-import itertools
+from array import array
 from collections import defaultdict
 
 import numpy as np
@@ -41,6 +40,15 @@ class Calibration:
         """Calibrated acceptance probability of one edge; the drafter's confidence is the prior."""
         k = self.key(source, depth, confidence)
         return (self.hits[k] + self.prior_weight * confidence) / (self.trials[k] + self.prior_weight)
+
+    def estimates(self, source: str, depths: list[int], confidences: list[float]) -> list[float]:
+        """`estimate` of many edges of one drafter at once (the same numbers, one call)."""
+        hits, trials, w = self.hits, self.trials, self.prior_weight
+        out = []
+        for depth, c in zip(depths, confidences):
+            k = (source, depth if depth < MAX_DEPTH else MAX_DEPTH, min(NUM_BUCKETS - 1, int(c * NUM_BUCKETS)))
+            out.append((hits.get(k, 0.0) + w * c) / (trials.get(k, 0.0) + w))
+        return out
 
     def observe(self, tree: DraftTree, reached: set[int], accepted: set[int]) -> None:
         """Count every node whose parent verification reached: a trial, and a hit if accepted."""
@@ -82,80 +90,134 @@ def mask_tree_of(tops: list[tuple[list[int], list[float]]], calibration: Calibra
     return tree
 
 
+_HASH_MASK = (1 << 64) - 1  # n-gram keys: a polynomial hash modulo 2**64 (numpy's uint64 arithmetic)
+_HASH_BASE = 1_000_003
+BULK_EXTEND = 32  # appending at least this many tokens at once (a prompt) is done with numpy
+
+
 class SuffixIndex:
-    """A growing token list, searched for earlier occurrences of its own suffix (numpy, no per-token index)."""
+    """A growing token list that finds earlier occurrences of its own suffix in O(max_n + matches).
+
+    For every n in 1..max_n and every position i, `_prev[n - 1][i]` is the previous position where the
+    n-gram ending at i also ended (-1: none), found through a dict from the n-gram's hash to its last end.
+    The longest repeated suffix is then the largest n with `_prev[n - 1][last] >= 0`, and its earlier
+    occurrences, most recent first, a walk along `_prev`. Each found occurrence is compared token by token,
+    so a hash collision can only hide an occurrence, never invent one. Appending costs max_n dict updates
+    per token (a prompt: a few numpy passes); memory is a few ints per token and per distinct n-gram.
+    """
 
     def __init__(self, max_n: int) -> None:
         self.max_n = max_n
-        self.array = np.zeros(0, dtype=np.int64)
-
-    @property
-    def tokens(self) -> np.ndarray:
-        return self.array
+        self.tokens: list[int] = []
+        self._last: list[dict[int, int]] = [{} for _ in range(max_n)]  # per n: n-gram hash -> last end position
+        self._prev: list[array] = [array("q") for _ in range(max_n)]  # per n: previous end of the same n-gram
+        self._powers = [pow(_HASH_BASE, n, 1 << 64) for n in range(max_n)]
 
     def extend(self, tokens: list[int]) -> None:
         """Append the new tokens (call with everything after the part already held)."""
-        if tokens:
-            self.array = np.concatenate((self.array, np.asarray(tokens, dtype=np.int64)))
+        if len(tokens) >= BULK_EXTEND:
+            self._extend_bulk(tokens)
+            return
+        toks, last, prev, powers = self.tokens, self._last, self._prev, self._powers
+        for token in tokens:
+            toks.append(token)
+            i = len(toks) - 1
+            h = 0
+            for k in range(self.max_n):  # the (k + 1)-gram toks[i - k : i + 1], hashed from its end backwards
+                if k > i:
+                    prev[k].append(-1)
+                    continue
+                h = (h + (toks[i - k] + 1) * powers[k]) & _HASH_MASK
+                seen = last[k]
+                prev[k].append(seen.get(h, -1))
+                seen[h] = i
+
+    def _extend_bulk(self, tokens: list[int]) -> None:
+        """`extend` with numpy: the same hashes and links, the new positions' links found by a stable sort."""
+        start = len(self.tokens)
+        self.tokens.extend(tokens)
+        window = np.asarray(self.tokens[max(0, start - self.max_n + 1) :], dtype=np.uint64) + np.uint64(1)
+        first = start - max(0, start - self.max_n + 1)  # the first new position in `window`
+        h = window.copy()  # the 1-grams (powers[0] == 1)
+        positions = np.arange(start, len(self.tokens), dtype=np.int64)
+        for k in range(self.max_n):  # the (k + 1)-grams
+            if k:
+                h[k:] += window[:-k] * np.uint64(self._powers[k])  # wraps modulo 2**64, like the loop
+            new = h[first:]
+            valid = positions - k >= 0  # positions where the (k + 1)-gram fits
+            links = np.full(len(new), -1, dtype=np.int64)
+            order = np.argsort(new, kind="stable")
+            keys = new[order]
+            same = np.flatnonzero(keys[1:] == keys[:-1]) + 1  # after an earlier new position with the same hash
+            links[order[same]] = positions[order[same - 1]]
+            seen = self._last[k]
+            change = keys[1:] != keys[:-1]
+            heads = np.flatnonzero(np.concatenate(([True], change)))  # the first new position of each hash
+            for j in heads.tolist() if seen else ():  # (a prompt: nothing is held before it)
+                if valid[order[j]]:
+                    links[order[j]] = seen.get(int(keys[j]), -1)
+            links[~valid] = -1
+            self._prev[k].extend(links.tolist())
+            ends = order[np.concatenate((change, [True]))]  # the last new position of each hash
+            seen.update(zip(new[ends][valid[ends]].tolist(), positions[ends][valid[ends]].tolist()))
 
     def continuations(self, min_n: int, max_depth: int, max_matches: int) -> tuple[int, list[list[int]]]:
-        """(match length, the tokens that followed the most recent earlier occurrences of the longest suffix)."""
-        a = self.array
-        last = len(a) - 1
-        if last < 1:
-            return 0, []
-        ends = np.flatnonzero(a[:last] == a[last])  # earlier positions holding the last token
-        length = 1
-        while ends.size and length < self.max_n:
-            ok = ends >= length
-            ok[ok] = a[ends[ok] - length] == a[last - length]
-            if not ok.any():
-                break
-            ends, length = ends[ok], length + 1
-        if not ends.size or length < min_n:
-            return 0, []
-        recent = ends[-max_matches:]
-        return length, [a[e + 1 : e + 1 + max_depth].tolist() for e in recent]
+        """(match length, the tokens that followed the most recent earlier occurrences of the longest suffix,
+        oldest first)."""
+        toks = self.tokens
+        last = len(toks) - 1
+        for n in range(min(self.max_n, last), max(min_n, 1) - 1, -1):
+            ends, at = [], self._prev[n - 1][last]
+            suffix = toks[last - n + 1 :]
+            while at >= 0 and len(ends) < max_matches and toks[at - n + 1 : at + 1] == suffix:
+                ends.append(at)
+                at = self._prev[n - 1][at]
+            if ends:
+                return n, [toks[e + 1 : e + 1 + max_depth] for e in reversed(ends)]
+        return 0, []
 
 
 def suffix_tree(index: SuffixIndex, calibration: Calibration, min_n: int, max_depth: int,
                 max_matches: int = 8, max_nodes: int | None = None) -> DraftTree:
     """A trie of what followed the longest repeated suffix; node confidence = its share of its parent's
-    matches. With `max_nodes`, only that many best-scored nodes: the trie is grown best score first (a
-    node never outscores its parent, so they form a tree, parents first), and nothing past them is built."""
-    tree = DraftTree()
+    matches. With `max_nodes`, only that many best-scored nodes (a node never outscores its parent, and ties
+    go to the shallower node, so the kept nodes form a tree), listed best first, parents before children."""
     _, conts = index.continuations(min_n, max_depth, max_matches)
     if not conts:
-        return tree
-    weights: dict[tuple[int, ...], int] = defaultdict(int)  # repeated text repeats its continuations
+        return DraftTree()
+    tokens, parents, counts, depths, children = _trie(conts)
+    shares = [1.0] + [counts[j] / counts[parents[j]] for j in range(1, len(tokens))]
+    edges = calibration.estimates("suffix", depths, shares)
+    scores = [1.0] * len(tokens)
+    for j in range(1, len(tokens)):  # parents precede children
+        scores[j] = scores[parents[j]] * edges[j]
+    order = sorted(range(1, len(tokens)), key=lambda j: (-scores[j], depths[j], j))
+    if max_nodes is not None:
+        order = order[:max_nodes]
+    index_of = {0: ROOT, **{j: i for i, j in enumerate(order)}}
+    return DraftTree([tokens[j] for j in order], [index_of[parents[j]] for j in order], [scores[j] for j in order],
+                     ["suffix"] * len(order), [shares[j] for j in order])
+
+
+def _trie(conts: list[list[int]]) -> tuple[list[int], list[int], list[int], list[int], list[dict[int, int]]]:
+    """The trie of token lists, node 0 the root: (token, parent, how many lists pass through, depth, children)
+    per node, parents before children."""
+    tokens, parents, counts, depths, children = [-1], [-1], [len(conts)], [0], [{}]
     for cont in conts:
-        weights[tuple(cont)] += 1
-    unique, counts = list(weights), list(weights.values())
-    limit = len(conts) * max_depth if max_nodes is None else max_nodes
-    frontier: list = []  # (-score, push order, parent node, depth, token, continuations holding it, confidence)
-    order = itertools.count()
-    _push_children(frontier, order, unique, counts, range(len(unique)), 0, ROOT, 1.0, calibration)
-    while frontier and len(tree) < limit:
-        neg, _, parent, depth, token, held, confidence = heapq.heappop(frontier)
-        node = tree.append(token, parent, -neg, "suffix", confidence)
-        _push_children(frontier, order, unique, counts, held, depth, node, -neg, calibration)
-    return tree
-
-
-def _push_children(frontier: list, order, conts: list[tuple[int, ...]], counts: list[int], held, depth: int,
-                   node: int, score: float, calibration: Calibration) -> None:
-    """Push the children of `node`: the tokens at `depth` of the continuations it holds (`counts` matches
-    each), scored by their share of those matches."""
-    by_token: dict[int, list[int]] = {}
-    total = 0
-    for m in held:
-        total += counts[m]
-        if len(conts[m]) > depth:
-            by_token.setdefault(conts[m][depth], []).append(m)
-    for token, members in by_token.items():
-        confidence = sum(counts[m] for m in members) / total
-        child = score * calibration.estimate("suffix", depth + 1, confidence)
-        heapq.heappush(frontier, (-child, next(order), node, depth + 1, token, members, confidence))
+        node = 0
+        for token in cont:
+            child = children[node].get(token)
+            if child is None:
+                child = len(tokens)
+                children[node][token] = child
+                tokens.append(token)
+                parents.append(node)
+                counts.append(0)
+                depths.append(depths[node] + 1)
+                children.append({})
+            counts[child] += 1
+            node = child
+    return tokens, parents, counts, depths, children
 
 
 def merge(trees: list[DraftTree]) -> DraftTree:

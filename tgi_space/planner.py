@@ -145,3 +145,38 @@ def _best_prefix(items, value: float, rows: int, curve, max_rows: int, fixed: fl
         if rate > best:
             best_k, best = k, rate
     return [(s, i) for _, _, s, i in items[:best_k]]
+
+
+class RobustRatio:
+    """A cost correction learnt from noisy steps: the weighted median of `seconds / weight` over the last
+    `window` observations, clamped to [lo, hi].
+
+    On a shared CPU a step is sometimes stalled by another process; a running mean lets one such step
+    (a residual of milliseconds over a probed cost of a fraction of one) drag the factor to its clamp,
+    where it prices every row out. A weighted median moves by at most one observation's weight share,
+    and observations with little probed cost (one extra row) weigh little.
+    """
+
+    def __init__(self, initial: float, lo: float, hi: float, window: int = 32) -> None:
+        self.value, self.lo, self.hi, self.window = initial, lo, hi, window
+        self._seen: list[tuple[float, float]] = []  # (ratio, weight), oldest first
+
+    def observe(self, seconds: float, weight: float) -> float:
+        """Add one step's `seconds` against its probed `weight` (> 0); the updated value."""
+        if weight <= 0:
+            return self.value
+        self._seen.append((seconds / weight, weight))
+        del self._seen[: -self.window]
+        self.value = min(self.hi, max(self.lo, _weighted_median(self._seen)))
+        return self.value
+
+
+def _weighted_median(pairs: list[tuple[float, float]]) -> float:
+    """The value at half the total weight of (value, weight) pairs."""
+    ordered = sorted(pairs)
+    half, running = sum(w for _, w in ordered) / 2, 0.0
+    for value, weight in ordered:
+        running += weight
+        if running >= half:
+            return value
+    return ordered[-1][0]

@@ -23,7 +23,7 @@ import torch
 from tgi_space.config import SpacePolicy
 from tgi_space.drafters import Calibration, SuffixIndex, mask_tree, mask_tree_of, merge, suffix_tree
 from tgi_space.logit_stats import MAX_TOP, LogitStats, reads_stats
-from tgi_space.planner import LatencyCurve, LatencySurface, Proposal, plan
+from tgi_space.planner import LatencyCurve, LatencySurface, Proposal, RobustRatio, plan
 from tgi_space.sampling import process
 from tgi_space.sequence import Sequence
 from tgi_space.space import SeqPlan
@@ -93,6 +93,10 @@ class Speculator:
         self.mask_factor = 1.0  # measured / probed cost of a step's mask groups, learnt from masked steps
         self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
         self.marginal_factor = {b: 2.0 if self.adaptive else 1.0 for b in PROBE_BATCHES}
+        # ... as weighted medians of recent steps (RobustRatio): a stalled step must not price rows out.
+        self._plain_ratio = {b: RobustRatio(f, 0.5, 4.0) for b, f in self.plain_factor.items()}
+        self._marginal_ratio = {b: RobustRatio(f, 0.5, 6.0) for b, f in self.marginal_factor.items()}
+        self._mask_ratio = RobustRatio(self.mask_factor, 0.5, 4.0)
         self._busy = 0.0  # this step's drafting / verification seconds so far
         self._step_busy = 0.0  # the last finished step's (end_step), taken out of its time when rows are priced
         # Exploring steps of a large batch draft for a share of the sequences only (explore_share): which
@@ -334,17 +338,16 @@ class Speculator:
         surface, b = self.latency(), _bucket(num_seqs)
         plain = surface(base_rows, num_seqs)
         if rows == base_rows:
-            self.plain_factor[b] = min(4.0, max(0.5, 0.9 * self.plain_factor[b] + 0.1 * seconds / plain))
+            self.plain_factor[b] = self._plain_ratio[b].observe(seconds, plain)
             return
         extra = surface(rows, num_seqs) - plain
         seconds -= self._step_busy  # drafting and verification are priced per sequence (overhead_per_seq), not per row
         if masks and self.mask_step_cost > MIN_MASK_COST:
             rest = seconds - self.plain_factor[b] * plain - self.marginal_factor[b] * extra
-            self.mask_factor = min(4.0, max(0.5, 0.9 * self.mask_factor + 0.1 * rest / self.mask_step_cost))
+            self.mask_factor = self._mask_ratio.observe(rest, self.mask_step_cost)
             return
         if extra > 0:
-            observed = (seconds - self.plain_factor[b] * plain) / extra
-            self.marginal_factor[b] = min(6.0, max(0.5, 0.9 * self.marginal_factor[b] + 0.1 * observed))
+            self.marginal_factor[b] = self._marginal_ratio[b].observe(seconds - self.plain_factor[b] * plain, extra)
 
     def _observe_gap(self, num_seqs: int) -> None:
         """Learn `outside` from the time since the last step ended (not across idle pauses), and record
