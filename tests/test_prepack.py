@@ -149,6 +149,18 @@ def _speculator() -> Speculator:
     return Speculator(SpacePolicy(), 4, lambda *a: 1e-3, max_batch=1, max_probe_rows=64)
 
 
+def test_a_step_that_only_sends_mask_groups_is_judged_with_the_step_verifying_their_drafts():
+    """Alone, a groups-only step looks slow (one token, the adapter's cost) and the step after it fast
+    (the drafts, no groups): both are the price and the gain of mask drafting, rated together."""
+    spec = _speculator()
+    spec.observe_rate(1, 0.004, 1, "lead")
+    assert not spec.rates["1/greedy"]  # nothing until its drafts are verified
+    spec.observe_rate(1, 0.003, 3, "tree")
+    assert spec.rates["1/greedy"] == {"masks": pytest.approx(4 / 0.007)}
+    spec.observe_rate(1, 0.003, 3, "tree")  # a tree step on its own is a tree step
+    assert spec.rates["1/greedy"]["tree"] == pytest.approx(3 / 0.003)
+
+
 def test_mask_groups_measured_to_lose_against_plain_steps_stop_but_trees_go_on():
     spec = _speculator()
     spec.observe_rate(1, 1.0, 100, "masks")

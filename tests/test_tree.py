@@ -175,6 +175,57 @@ def test_planner_attaches_a_mask_group_where_the_walk_likely_ends():
     assert 0 in choice.anchors  # P(last accepted = node 0) = 0.9 - 0.1: the best anchor
 
 
+def _group_rate(proposal: Proposal, nodes: list[int], anchors, g: int, curve, group_cost: float) -> float:
+    """Expected tokens per second of one chain sequence sending `nodes` and groups of g rows at `anchors`."""
+    scores, n = proposal.tree.scores, len(nodes)
+    value = 1 + sum(scores[i] for i in nodes) + sum(
+        ((1.0 if a == ROOT else scores[a]) - (scores[a + 1] if a + 1 < n else 0.0)) * proposal.group_values()[g]
+        for a in anchors)
+    return value / (curve(1 + n + g * len(anchors)) + (group_cost if anchors else 0.0))
+
+
+@pytest.mark.parametrize("points, group_cost, size", [
+    ({1: 1.0, 64: 1.0}, 0.5, 4),  # rows free: the largest group
+    ({1: 1.0, 4: 1.05, 5: 1.6, 64: 40.0}, 0.0, 1),  # one row to spare under the knee
+    ({1: 1.0, 5: 1.05, 6: 1.7, 64: 40.0}, 0.05, 2),
+    ({1: 1.0, 6: 1.1, 7: 1.8, 64: 40.0}, 0.05, 3),
+    ({1: 1.0, 2: 3.0, 64: 120.0}, 0.0, 0),  # nothing pays
+])
+def test_planner_picks_the_group_size_that_an_enumeration_of_every_group_plan_finds_best(points, group_cost, size):
+    """Small groups are what pays where rows are dear: for the nodes it keeps, the planner's group size is the
+    best of every group size x anchor set, and its rate the best one's (close: its anchors are best-first)."""
+    from itertools import combinations
+
+    curve = LatencyCurve(points)
+    proposal = Proposal(1, chain_tree([0.8, 0.5]), 4, 2.4, mask_values=(0.8, 1.4, 1.9, 2.4))
+    (choice,) = plan([proposal], curve, 512, group_cost=group_cost)
+    nodes = choice.nodes
+    options = [(_group_rate(proposal, nodes, (), 0, curve, group_cost), 0)] + [
+        (_group_rate(proposal, nodes, anchors, g, curve, group_cost), g)
+        for g in (1, 2, 3, 4) for k in range(1, len(nodes) + 2) for anchors in combinations([ROOT] + nodes, k)
+    ]
+    best_rate, best_size = max(options)
+    assert choice.group_size == best_size == size
+    got = _group_rate(proposal, nodes, choice.anchors, choice.group_size, curve, group_cost)
+    assert got == pytest.approx(best_rate, rel=0.03)
+
+
+def test_calibration_counts_whether_a_reached_nodes_drafts_extended_the_path():
+    from tgi_space.drafters import Calibration
+
+    tree = DraftTree()
+    a = tree.add(5, ROOT, 0.9, "masks", 0.9)
+    tree.add(6, ROOT, 0.1, "masks", 0.1)  # a sibling: the root's mask drafts count once
+    b = tree.add(7, a, 0.5, "masks", 0.5)
+    tree.add(8, b, 0.4, "masks", 0.4)  # below a rejected node: never reached
+    calibration = Calibration(prior_weight=0.0)
+    calibration.observe(tree, {ROOT, a}, {a})  # a accepted, b rejected
+    assert calibration.extend_trials[("masks", 1)] == 1 and calibration.extend_hits[("masks", 1)] == 1
+    assert calibration.extend_trials[("masks", 2)] == 1 and calibration.extend_hits[("masks", 2)] == 0
+    assert ("masks", 3) not in calibration.extend_trials
+    assert calibration.extension("masks", 1, prior=0.3) == 1.0
+
+
 @pytest.mark.parametrize("bad", [dict(drafters=("masks", "ngram")), dict(max_tree_nodes=0), dict(max_tree_depth=-1),
                                  dict(max_tree_depth=33),
                                  dict(suffix_min_match=5, suffix_max_match=3), dict(latency_curve={1: -1.0})])

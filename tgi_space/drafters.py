@@ -31,6 +31,10 @@ class Calibration:
         self.prior_weight = prior_weight
         self.hits: dict[tuple[str, int, int], float] = defaultdict(float)
         self.trials: dict[tuple[str, int, int], float] = defaultdict(float)
+        # Per (drafter, depth): how often a reached node with children from the drafter at that depth had one
+        # of them accepted (the chance its drafts extend the accepted path one more token).
+        self.extend_hits: dict[tuple[str, int], float] = defaultdict(float)
+        self.extend_trials: dict[tuple[str, int], float] = defaultdict(float)
 
     @staticmethod
     def key(source: str, depth: int, confidence: float) -> tuple[str, int, int]:
@@ -50,13 +54,27 @@ class Calibration:
             out.append((hits.get(k, 0.0) + w * c) / (trials.get(k, 0.0) + w))
         return out
 
+    def extension(self, source: str, depth: int, prior: float) -> float:
+        """P(a reached node's children from `source`, at `depth`, include the accepted one), with `prior`."""
+        k = (source, min(depth, MAX_DEPTH))
+        return (self.extend_hits[k] + self.prior_weight * prior) / (self.extend_trials[k] + self.prior_weight)
+
     def observe(self, tree: DraftTree, reached: set[int], accepted: set[int]) -> None:
-        """Count every node whose parent verification reached: a trial, and a hit if accepted."""
+        """Count every node whose parent verification reached: a trial, and a hit if accepted (and per
+        reached parent and drafter, whether one of its children from that drafter was accepted)."""
+        extended: dict[tuple[int, str], bool] = {}
         for i in range(len(tree)):
-            if tree.parents[i] in reached:
-                k = self.key(tree.sources[i], tree.depth(i), tree.confidences[i])
+            parent = tree.parents[i]
+            if parent in reached:
+                source, hit = tree.sources[i], i in accepted
+                k = self.key(source, tree.depth(i), tree.confidences[i])
                 self.trials[k] += 1
-                self.hits[k] += float(i in accepted)
+                self.hits[k] += float(hit)
+                extended[parent, source] = extended.get((parent, source), False) or hit
+        for (parent, source), hit in extended.items():
+            k = (source, min(tree.depth(parent) + 1, MAX_DEPTH))
+            self.extend_trials[k] += 1
+            self.extend_hits[k] += float(hit)
 
     def table(self) -> list[dict]:
         """The calibration as rows (drafter, depth, bucket, trials, acceptance), for /info and logs."""

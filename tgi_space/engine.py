@@ -328,8 +328,8 @@ class Engine:
         self.speculator.end_step(len(trees), sum(len(t) for t in trees), accepted, sampled)
         masks = any(p.anchors for p in plans)
         candidates = any(p.num_candidates for p in plans)
-        if decode and (candidates or not masks):  # nor does a step sending groups with no drafts to verify yet
-            kind = "masks" if masks else "tree" if candidates else "plain"
+        if decode:  # a step sending groups with no drafts to verify yet leads the step that verifies them
+            kind = ("masks" if candidates else "lead") if masks else "tree" if candidates else "plain"
             self.speculator.defer_rate(len(plans), seconds, tokens, kind, regime)
         if self.speculator.curve is not None and decode:  # decode steps: wall time vs surface
             rows = sum(p.num_rows for p in plans)

@@ -77,16 +77,27 @@ class Proposal:
 
     base_rows: int  # its uncached tokens: always sent
     tree: DraftTree  # scored candidates (may be empty)
-    group_size: int  # rows of a mask group (0: this sequence gets none)
-    mask_value: float  # expected extra tokens next step from mask drafts
+    group_size: int  # rows of a mask group at most (0: this sequence gets none)
+    mask_value: float  # expected extra tokens next step from mask drafts of a group of group_size rows
+    # ... and of a group of 1, 2, ... rows, when smaller groups may be sent (empty: group_size rows only)
+    mask_values: tuple[float, ...] = ()
+
+    def group_values(self) -> dict[int, float]:
+        """{group rows: expected extra tokens next step} for the group sizes this sequence may send."""
+        if not self.group_size:
+            return {}
+        if not self.mask_values:
+            return {self.group_size: self.mask_value}
+        return {g: v for g, v in enumerate(self.mask_values[: self.group_size], start=1)}
 
 
 @dataclass
 class Choice:
-    """What one sequence sends: tree nodes kept and mask-group anchors (ROOT or node indices)."""
+    """What one sequence sends: tree nodes kept, mask-group anchors (ROOT or node indices), rows per group."""
 
     nodes: list[int]
     anchors: list[int]
+    group_size: int = 0
 
 
 def plan(
@@ -105,11 +116,17 @@ def plan(
         return cost(rows, num_seqs)
 
     base = other_rows + sum(p.base_rows for p in proposals)
-    nodes = _best_prefix(_node_items(proposals), num_seqs, base, curve, max_rows)
+    nodes, _ = _best_prefix(_node_items(proposals), num_seqs, base, curve, max_rows)
     chosen = [[i for s, i in nodes if s == seq] for seq in range(len(proposals))]
     value = num_seqs + sum(proposals[s].tree.scores[i] for s, i in nodes)
-    groups = _best_prefix(_group_items(proposals, chosen), value, base + len(nodes), curve, max_rows, group_cost)
-    return [Choice(chosen[s], sorted(a for g, a in groups if g == s)) for s in range(len(proposals))]
+    best_rate, groups, size = value / curve(base + len(nodes)), [], 0
+    sizes = sorted({g for p in proposals for g in p.group_values()})
+    for g in sizes:  # one group size for the step: the one whose best groups give the best rate (ties: smaller)
+        found, rate = _best_prefix(_group_items(proposals, chosen, g), value, base + len(nodes), curve, max_rows,
+                                   group_cost)
+        if found and rate > best_rate:
+            best_rate, groups, size = rate, found, g
+    return [Choice(chosen[s], sorted(a for q, a in groups if q == s), size) for s in range(len(proposals))]
 
 
 def _node_items(proposals: list[Proposal]) -> list[tuple[float, int, int, int]]:
@@ -119,23 +136,26 @@ def _node_items(proposals: list[Proposal]) -> list[tuple[float, int, int, int]]:
     return sorted(items, key=lambda it: (-it[0], proposals[it[2]].tree.depth(it[3])))
 
 
-def _group_items(proposals: list[Proposal], chosen: list[list[int]]) -> list[tuple[float, int, int, int]]:
-    """(value, cost, sequence, anchor): P(anchor is the last accepted node) * mask value, per group row."""
+def _group_items(proposals: list[Proposal], chosen: list[list[int]], size: int) -> list[tuple[float, int, int, int]]:
+    """(value, cost, sequence, anchor) of groups of `size` rows: P(anchor is the last accepted node) * the
+    mask value of such a group, best per row first (sequences that may not send `size` rows have none)."""
     items = []
     for s, p in enumerate(proposals):
-        if not p.group_size:
+        mask_value = p.group_values().get(size)
+        if mask_value is None:
             continue
         kept = set(chosen[s])
         for anchor in [ROOT] + chosen[s]:
             reach = 1.0 if anchor == ROOT else p.tree.scores[anchor]
             onward = sum(p.tree.scores[c] for c in p.tree.children(anchor) if c in kept)
-            items.append((max(0.0, reach - onward) * p.mask_value, p.group_size, s, anchor))
+            items.append((max(0.0, reach - onward) * mask_value, size, s, anchor))
     return sorted(items, key=lambda it: -it[0] / it[1])
 
 
-def _best_prefix(items, value: float, rows: int, curve, max_rows: int, fixed: float = 0.0) -> list[tuple[int, int]]:
-    """The (sequence, index) pairs of the best prefix of `items` by (value / t(rows)); a non-empty
-    prefix also pays `fixed` seconds."""
+def _best_prefix(items, value: float, rows: int, curve, max_rows: int,
+                 fixed: float = 0.0) -> tuple[list[tuple[int, int]], float]:
+    """The (sequence, index) pairs of the best prefix of `items` by (value / t(rows)), and that rate; a
+    non-empty prefix also pays `fixed` seconds."""
     best_k, best = 0, value / curve(rows)
     for k, (v, cost, _, _) in enumerate(items, start=1):
         value, rows = value + v, rows + cost
@@ -144,7 +164,7 @@ def _best_prefix(items, value: float, rows: int, curve, max_rows: int, fixed: fl
         rate = value / (curve(rows) + fixed)
         if rate > best:
             best_k, best = k, rate
-    return [(s, i) for _, _, s, i in items[:best_k]]
+    return [(s, i) for _, _, s, i in items[:best_k]], best
 
 
 class RobustRatio:

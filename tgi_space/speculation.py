@@ -64,7 +64,8 @@ class Speculator:
         pinned = policy.latency_curve
         self.curve: LatencySurface | None = LatencySurface({1: LatencyCurve(pinned)}) if pinned else None
         self.calibration = Calibration()
-        self.mask_gain = 1.0  # running mean of tokens the mask drafts got accepted per step
+        self.mask_gain = 1.0  # running mean of tokens the mask drafts got accepted per step (reported)
+        self._step_mask_values: tuple[float, ...] = ()  # this step's mask_values()
         # Running means, apart for greedy steps and steps with sampled sequences (sampling accepts fewer
         # drafts and costs more per node): accepted nodes per node sent; seconds of drafting, planning and
         # tree walking per speculating sequence.
@@ -88,6 +89,7 @@ class Speculator:
         self._explore_period: dict[str, int] = {}  # a key's exploring period while it keeps losing (>= EXPLORE_EVERY)
         self._exploring: dict[str, bool] = defaultdict(bool)  # this step speculates only to re-measure
         self._masks_gated: dict[str, int] = defaultdict(int)
+        self._mask_lead: dict[str, tuple[float, float]] = {}  # a groups-only step's tokens and seconds, by key
         self._sdsat_half: dict[str, tuple[float, float]] = {}  # an SDSAT step's tokens and seconds, until its pair's
         self._sdsat_round = 0  # turns over between SDSAT exploring bursts (which share of a batch tries)
         self.mask_factor = 1.0  # measured / probed cost of a step's mask groups, learnt from masked steps
@@ -144,6 +146,7 @@ class Speculator:
         if not spec:
             return planned  # plain decoding, without even drafting
         start = time.perf_counter()
+        self._step_mask_values = self.mask_values()
         proposals = [self._proposal(*planned[i]) for i in spec]
         others = [p for i, (_, p) in enumerate(planned) if i not in set(spec)]
         overhead = self.overhead_per_seq[sampled] * len(spec) + self.outside[_bucket(len(planned))]
@@ -272,7 +275,8 @@ class Speculator:
     def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: str | bool = False,
                      outside: float | None = None) -> None:
         """One step's realised tokens per second (wall time of the whole step), by kind ("plain": no
-        candidate and no group, "tree": candidates only, "masks": with mask groups), batch bucket, and
+        candidate and no group, "tree": candidates only, "masks": with mask groups; "lead": mask groups and
+        no candidates, rated as "masks" together with the next step, which verifies their drafts), batch bucket, and
         `sampling_regime` (a bool: sampled or greedy). `outside`: the step's own time outside the engine (else
         the running mean of the batch size's)."""
         key = _rate_key(num_seqs, sampled)
@@ -282,6 +286,12 @@ class Speculator:
             plain = num_seqs / rates["plain"]  # speculating everybody would give, from its extra tokens and time
             tokens = num_seqs + (tokens - num_seqs) * self._step_scale
             total = plain + (total - plain) * self._step_scale
+        if kind == "lead":  # it sent mask groups and had no drafts: judged with the step that verifies theirs
+            self._mask_lead[key] = (tokens, total)
+            return
+        lead = self._mask_lead.pop(key, None)
+        if lead is not None:  # (whatever that step is: when it verifies nothing, the groups were wasted)
+            tokens, total, kind = tokens + lead[0], total + lead[1], "masks"
         if kind == "sdsat":
             paired = self._pair(key, tokens, total)
             if paired is None:
@@ -397,7 +407,19 @@ class Speculator:
             keep = [i for i in range(len(tree)) if tree.depth(i) <= depth_cap]
             tree = tree.subtree(sorted(keep, key=lambda i: -tree.scores[i])[: self.policy.max_tree_nodes])
         group = self.group_size if remaining > 1 else 0
-        return Proposal(len(base.chain), tree, group, self.mask_gain)
+        values = self._step_mask_values
+        return Proposal(len(base.chain), tree, group, values[group - 1] if group else 0.0, values)
+
+    def mask_values(self) -> tuple[float, ...]:
+        """Expected tokens a mask group adds next step, by its rows 1..group_size (when anchored at the last
+        accepted node): the sum over depths of the chance its drafts extend the accepted path that far, from
+        the calibration. Small groups are what pays where rows are dear (a compute-bound CPU)."""
+        out, reach, total = [], 1.0, 0.0
+        for depth in range(1, self.group_size + 1):
+            reach *= self.calibration.extension("masks", depth, MASK_EXTEND_PRIOR)
+            total += reach
+            out.append(total)
+        return tuple(out)
 
     def _current_tree(self, seq: Sequence) -> DraftTree:
         """The drafted tree of the last step, or (first step) suffix drafts from the prompt."""
@@ -493,7 +515,7 @@ class Speculator:
             "outside_ms_per_step": {b: 1000 * t for b, t in self.outside.items()},
             "tokens_per_s_by_batch": dict(self.rates),
             "calibration": self.calibration.table(),
-            "mask_gain": self.mask_gain,
+            "mask_gain": self.mask_gain, "mask_values_by_group_rows": list(self.mask_values()),
             "steps": s.steps, "plain_fallback_rate": s.plain_steps / max(1, s.steps),
             "rows_per_step": s.rows / max(1, s.steps),
             "predicted_tokens_per_step": s.predicted_tokens / max(1, s.steps),
@@ -522,7 +544,7 @@ def _tree_plan(base: SeqPlan, proposal: Proposal, choice) -> SeqPlan:
         chain=list(base.chain) + tree.tokens,
         num_candidates=len(tree),
         anchors=anchors,
-        group_size=proposal.group_size if anchors else 0,
+        group_size=(choice.group_size or proposal.group_size) if anchors else 0,
         num_cached=base.num_cached,
         parents=tuple(tree.parents),
         tree=tree,
@@ -609,6 +631,7 @@ PLAIN_EVERY = 32  # while speculation is judged to pay, one step in this many st
 PLAIN_MISSING_EVERY = 4  # the same while plain steps were never measured at a batch size
 EXPLORE_BURST_SDSAT = 2  # an SDSAT try: a draft pass, then the verify pass of its drafts
 MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
+MASK_EXTEND_PRIOR = 0.7  # before any is measured: the chance a mask draft extends the accepted path, per depth
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
 GATE_MARGIN = 0.95  # speculation is stopped when measured more than 5% slower than plain (a run-to-run noise level here)
 
