@@ -38,6 +38,23 @@ def test_slots_follow_the_block_table():
     assert bm.slots(1, 3, 6).tolist() == [table[0] * 4 + 3, table[1] * 4, table[1] * 4 + 1]
 
 
+def test_slots_stay_right_as_tables_grow_and_blocks_change_hands():
+    """slots() keeps each sequence's slot table between calls: it must follow appends, frees and reuse."""
+    bm = BlockManager(num_blocks=6, block_size=4)
+    by_hand = lambda seq, start, stop: [bm.block_tables[seq][p // 4] * 4 + p % 4 for p in range(start, stop)]
+    bm.allocate(1, 4)
+    bm.allocate(2, 4)
+    assert bm.slots(1, 0, 4).tolist() == by_hand(1, 0, 4)
+    bm.append(1, 9)  # two more blocks
+    assert bm.slots(1, 0, 9).tolist() == by_hand(1, 0, 9)
+    with pytest.raises(IndexError, match="sequence 1"):
+        bm.slots(1, 0, 13)  # past its blocks
+    bm.free(1)
+    bm.free(2)
+    bm.allocate(1, 8)  # the same id, other blocks (the freed ones come back in another order)
+    assert bm.slots(1, 2, 8).tolist() == by_hand(1, 2, 8)
+
+
 def live_blocks_needed(engine) -> int:
     bm = engine.block_manager
     return sum(len(t) for t in bm.block_tables.values())

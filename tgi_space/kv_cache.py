@@ -21,6 +21,7 @@ class BlockManager:
         self.block_size = block_size
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.block_tables: dict[int, list[int]] = {}  # seq id -> its blocks, in order
+        self._slot_tables: dict[int, torch.Tensor] = {}  # seq id -> the slots of all its blocks (`slots`)
 
     @property
     def num_free_blocks(self) -> int:
@@ -61,13 +62,21 @@ class BlockManager:
 
     def free(self, seq_id: int) -> None:
         """Return every block of seq_id (no-op if it has none)."""
+        self._slot_tables.pop(seq_id, None)
         self.free_blocks.extend(self.block_tables.pop(seq_id, ()))
 
     def slots(self, seq_id: int, start: int, stop: int) -> torch.Tensor:
-        """Flat cache slots [stop - start] of token positions start..stop-1 of seq_id."""
-        table = torch.tensor(self.block_tables[seq_id], dtype=torch.long)
-        pos = torch.arange(start, stop)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+        """Flat cache slots [stop - start] of token positions start..stop-1 of seq_id (a view of the slots of
+        all its blocks, rebuilt only when its table has grown: a sequence's blocks never change while held)."""
+        table = self._slot_tables.get(seq_id)
+        blocks = self.block_tables[seq_id]
+        if table is None or table.numel() < len(blocks) * self.block_size:
+            block_ids = torch.tensor(blocks, dtype=torch.long)
+            table = (block_ids[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
+            self._slot_tables[seq_id] = table
+        if not 0 <= start <= stop <= table.numel():
+            raise IndexError(f"sequence {seq_id}: positions {start}..{stop - 1} outside its {table.numel()} slots")
+        return table[start:stop]
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
