@@ -151,33 +151,18 @@ class SuffixIndex:
                 seen[h] = i
 
     def _extend_bulk(self, tokens: list[int]) -> None:
-        """`extend` with numpy: the same hashes and links, the new positions' links found by a stable sort."""
+        """`extend` with numpy: the same hashes and links."""
         start = len(self.tokens)
         self.tokens.extend(tokens)
-        window = np.asarray(self.tokens[max(0, start - self.max_n + 1) :], dtype=np.uint64) + np.uint64(1)
-        first = start - max(0, start - self.max_n + 1)  # the first new position in `window`
+        first = min(start, self.max_n - 1)  # the window holds the max_n - 1 tokens before the new ones
+        window = np.asarray(self.tokens[start - first :], dtype=np.uint64) + np.uint64(1)
         h = window.copy()  # the 1-grams (powers[0] == 1)
         positions = np.arange(start, len(self.tokens), dtype=np.int64)
         for k in range(self.max_n):  # the (k + 1)-grams
             if k:
                 h[k:] += window[:-k] * np.uint64(self._powers[k])  # wraps modulo 2**64, like the loop
-            new = h[first:]
-            valid = positions - k >= 0  # positions where the (k + 1)-gram fits
-            links = np.full(len(new), -1, dtype=np.int64)
-            order = np.argsort(new, kind="stable")
-            keys = new[order]
-            same = np.flatnonzero(keys[1:] == keys[:-1]) + 1  # after an earlier new position with the same hash
-            links[order[same]] = positions[order[same - 1]]
-            seen = self._last[k]
-            change = keys[1:] != keys[:-1]
-            heads = np.flatnonzero(np.concatenate(([True], change)))  # the first new position of each hash
-            for j in heads.tolist() if seen else ():  # (a prompt: nothing is held before it)
-                if valid[order[j]]:
-                    links[order[j]] = seen.get(int(keys[j]), -1)
-            links[~valid] = -1
+            links = _link_new(h[first:], positions, positions - k >= 0, self._last[k])
             self._prev[k].extend(links.tolist())
-            ends = order[np.concatenate((change, [True]))]  # the last new position of each hash
-            seen.update(zip(new[ends][valid[ends]].tolist(), positions[ends][valid[ends]].tolist()))
 
     def continuations(self, min_n: int, max_depth: int, max_matches: int) -> tuple[int, list[list[int]]]:
         """(match length, the tokens that followed the most recent earlier occurrences of the longest suffix,
@@ -193,6 +178,26 @@ class SuffixIndex:
             if ends:
                 return n, [toks[e + 1 : e + 1 + max_depth] for e in reversed(ends)]
         return 0, []
+
+
+def _link_new(keys: np.ndarray, positions: np.ndarray, valid: np.ndarray, last: dict[int, int]) -> np.ndarray:
+    """The previous end of each new position's n-gram (hash `keys`, -1: none; `valid`: the n-gram fits), from
+    the earlier new positions (a stable sort groups equal hashes in order) or else from `last`, which then
+    learns the new positions' ends."""
+    links = np.full(len(keys), -1, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    change = ordered[1:] != ordered[:-1]
+    repeat = np.flatnonzero(~change) + 1  # after an earlier new position with the same hash
+    links[order[repeat]] = positions[order[repeat - 1]]
+    if last:  # (a prompt: nothing is held before it)
+        for j in np.flatnonzero(np.concatenate(([True], change))).tolist():  # each hash's first new position
+            links[order[j]] = last.get(int(ordered[j]), -1)
+    links[~valid] = -1
+    ends = order[np.concatenate((change, [True]))]  # each hash's last new position
+    ends = ends[valid[ends]]
+    last.update(zip(keys[ends].tolist(), positions[ends].tolist()))
+    return links
 
 
 def suffix_tree(index: SuffixIndex, calibration: Calibration, min_n: int, max_depth: int,
