@@ -14,6 +14,7 @@ from tgi_space.config import SpacePolicy
 from tgi_space.llm import LLM
 from tgi_space.planner import LatencyCurve, Proposal, plan
 from tgi_space.sampling import SamplingParams, sample
+from tgi_space.sequence import Sequence
 from tgi_space.space import SeqPlan, seq_layout
 from tgi_space.speculation import Speculator
 from tgi_space.tree import ROOT, DraftTree, verify_tree_greedy, verify_tree_sampled
@@ -224,6 +225,39 @@ def test_calibration_counts_whether_a_reached_nodes_drafts_extended_the_path():
     assert calibration.extend_trials[("masks", 2)] == 1 and calibration.extend_hits[("masks", 2)] == 0
     assert ("masks", 3) not in calibration.extend_trials
     assert calibration.extension("masks", 1, prior=0.3) == 1.0
+
+
+def test_realised_share_is_a_ratio_of_recent_sums_with_a_prior():
+    from tgi_space.planner import RealisedShare
+
+    share = RealisedShare(prior=2.0, hi=1.5, window=2)
+    assert share.value == 1.0
+    assert share.observe(0, 2.0) == pytest.approx((0 + 2) / (2 + 2))
+    assert share.observe(3, 1.0) == pytest.approx((0 + 3 + 2) / (2 + 1 + 2))
+    assert share.observe(1, 1.0) == pytest.approx((3 + 1 + 2) / (1 + 1 + 2))  # the first fell out of the window
+    assert share.observe(5, 0.0) == pytest.approx(1.5)  # nothing predicted: ignored (value as before, clamped)
+    assert share.observe(9, 1.0) == 1.5  # clamped
+
+
+def test_mask_drafts_are_worth_only_the_accepted_tokens_the_suffix_drafts_missed():
+    """Next to suffix drafts, a mask group is worth the accepted tokens past the deepest node the suffix
+    tree covered; the share is learnt apart for sequences whose suffix drafter had a match."""
+    spec = Speculator(SpacePolicy(), 4, lambda *a: 1e-3, max_batch=1, max_probe_rows=64)
+    suffix = chain_tree([0.9, 0.8, 0.7])  # tokens 10, 11, 12
+    nodes = {(suffix.parents[i], suffix.tokens[i]): i for i in range(len(suffix))}
+    spec._learn_mask_worth((True, 2.0, nodes), [10, 11, 12])  # all covered: the masks added nothing
+    assert spec.mask_worth[True].value == pytest.approx(2 / 4)
+    spec._learn_mask_worth((True, 2.0, nodes), [10, 7, 8, 9])  # past depth 1 only the masks had it: 3
+    assert spec.mask_worth[True].value == pytest.approx((0 + 3 + 2) / (2 + 2 + 2))
+    spec._learn_mask_worth((False, 1.0, {}), [4, 5])  # no suffix draft: every accepted token is the masks'
+    assert spec.mask_worth[False].value == pytest.approx((2 + 2) / (1 + 2))
+    seq = Sequence(0, [3, 4, 5, 3, 4], SamplingParams(max_new_tokens=8), True, None)
+    seq.draft_tree, seq.suffix_matched = chain_tree([0.9]), True
+    spec._step_mask_values = (0.8, 1.4, 1.9, 2.4)
+    base = SeqPlan(chain=[5], num_candidates=0, anchors=[], group_size=0, num_cached=4)
+    proposal = spec._proposal(seq, base)
+    assert proposal.mask_values == pytest.approx(tuple(v * 5 / 6 for v in (0.8, 1.4, 1.9, 2.4)))
+    assert proposal.mask_value == pytest.approx(2.4 * 5 / 6)
 
 
 @pytest.mark.parametrize("bad", [dict(drafters=("masks", "ngram")), dict(max_tree_nodes=0), dict(max_tree_depth=-1),

@@ -200,3 +200,26 @@ def _weighted_median(pairs: list[tuple[float, float]]) -> float:
         if running >= half:
             return value
     return ordered[-1][0]
+
+
+class RealisedShare:
+    """What share of a predicted amount is realised: sum(realised) / sum(predicted) over the last `window`
+    observations plus a prior of `prior` predicted units realised in full, clamped to [0, hi].
+
+    A ratio of sums, not a median: realised amounts are small integers, mostly 0 where a prediction is
+    rarely met, and it is their total against the predicted total that prices what is sent."""
+
+    def __init__(self, prior: float = 2.0, hi: float = 1.5, window: int = 64) -> None:
+        self.prior, self.hi, self.window = prior, hi, window
+        self._seen: list[tuple[float, float]] = []  # (realised, predicted), oldest first
+        self.value = 1.0
+
+    def observe(self, realised: float, predicted: float) -> float:
+        """Add one observation (`predicted` > 0, else ignored); the updated value."""
+        if predicted <= 0:
+            return self.value
+        self._seen.append((realised, predicted))
+        del self._seen[: -self.window]
+        got = sum(r for r, _ in self._seen) + self.prior
+        self.value = min(self.hi, got / (sum(p for _, p in self._seen) + self.prior))
+        return self.value

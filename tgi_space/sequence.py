@@ -74,6 +74,8 @@ class Sequence:
         self.error: str | None = None  # set when this request alone failed inside a step
         self.draft_tree = None  # DraftTree for the next step (planned speculation), None until first drafted
         self.suffix_index = None  # SuffixIndex over self.tokens, built by the suffix drafter
+        self.suffix_matched = False  # the suffix drafter's last tree was not empty
+        self.mask_expect = None  # what the mask drafts in draft_tree were predicted to add (Speculator)
         self.stats = SeqStats()
 
     @property
@@ -92,3 +94,4 @@ class Sequence:
         self.candidates = []
         self.draft_probs = None
         self.draft_tree = None
+        self.mask_expect = None

@@ -23,7 +23,7 @@ import torch
 from tgi_space.config import SpacePolicy
 from tgi_space.drafters import Calibration, SuffixIndex, mask_tree, mask_tree_of, merge, suffix_tree
 from tgi_space.logit_stats import MAX_TOP, LogitStats, reads_stats
-from tgi_space.planner import LatencyCurve, LatencySurface, Proposal, RobustRatio, plan
+from tgi_space.planner import LatencyCurve, LatencySurface, Proposal, RealisedShare, RobustRatio, plan
 from tgi_space.sampling import process
 from tgi_space.sequence import Sequence
 from tgi_space.space import SeqPlan
@@ -66,6 +66,10 @@ class Speculator:
         self.calibration = Calibration()
         self.mask_gain = 1.0  # running mean of tokens the mask drafts got accepted per step (reported)
         self._step_mask_values: tuple[float, ...] = ()  # this step's mask_values()
+        # The share of their predicted value that mask drafts really added: accepted tokens past the deepest
+        # the suffix drafts of the same step covered (next to suffix drafts, masks are worth only what those
+        # miss). Kept apart by whether the sequence's suffix drafter had a match when its groups were planned.
+        self.mask_worth = {False: RealisedShare(), True: RealisedShare()}
         # Running means, apart for greedy steps and steps with sampled sequences (sampling accepts fewer
         # drafts and costs more per node): accepted nodes per node sent; seconds of drafting, planning and
         # tree walking per speculating sequence.
@@ -141,7 +145,7 @@ class Speculator:
         key = _rate_key(len(planned), sampling_regime(planned))
         chosen = self._speculating(planned, spec, key, sampled)
         for i in set(spec) - set(chosen):  # the next tree is drafted when speculation pays again
-            planned[i][0].draft_tree = None
+            planned[i][0].draft_tree = planned[i][0].mask_expect = None
         spec = chosen
         if not spec:
             return planned  # plain decoding, without even drafting
@@ -407,7 +411,8 @@ class Speculator:
             keep = [i for i in range(len(tree)) if tree.depth(i) <= depth_cap]
             tree = tree.subtree(sorted(keep, key=lambda i: -tree.scores[i])[: self.policy.max_tree_nodes])
         group = self.group_size if remaining > 1 else 0
-        values = self._step_mask_values
+        share = self.mask_worth[seq.suffix_matched].value
+        values = tuple(v * share for v in self._step_mask_values)
         return Proposal(len(base.chain), tree, group, values[group - 1] if group else 0.0, values)
 
     def mask_values(self) -> tuple[float, ...]:
@@ -456,6 +461,9 @@ class Speculator:
         else:
             path, bonus = verify_tree_sampled(target, tree, seq.generator)
         self._observe(tree, path)
+        if seq.mask_expect is not None and len(tree):
+            self._learn_mask_worth(seq.mask_expect, [tree.tokens[i] for i in path])
+        seq.mask_expect = None
         self._busy += time.perf_counter() - start
         return path, bonus, None if target is None else target[[0] + [i + 1 for i in path]]
 
@@ -472,6 +480,19 @@ class Speculator:
             gained = sum(tree.sources[i] == "masks" for i in path)
             self.mask_gain = 0.9 * self.mask_gain + 0.1 * gained
 
+    def _learn_mask_worth(self, expect: tuple[bool, float, dict], path: list[int]) -> None:
+        """`expect`: (suffix matched at planning, the mask drafts' predicted value, the suffix tree's nodes by
+        (parent, token)); `path`: the accepted tokens. The masks' own gain is the accepted tokens past the
+        deepest the suffix tree covered."""
+        matched, predicted, suffix = expect
+        node, covered = ROOT, 0
+        for token in path:
+            node = suffix.get((node, token))
+            if node is None:
+                break
+            covered += 1
+        self.mask_worth[matched].observe(len(path) - covered, predicted)
+
     # ---- drafting ------------------------------------------------------------------------
 
     def draft_next(
@@ -480,10 +501,17 @@ class Speculator:
         """The next step's tree: mask drafts from the group on the accepted path nearest its end, and suffix
         drafts. `stats`: the step's logit statistics from the sequence's first row (the groups' best tokens)."""
         start = time.perf_counter()
+        matched = seq.suffix_matched  # as when this step was planned
         trees = [self._suffix(seq)]
+        seq.mask_expect = None
         found = _mask_rows(plan, path)
         if found is not None and found[1] < plan.group_size:
             j, offset = found
+            values = self._step_mask_values
+            if plan.group_size - offset <= len(values):
+                suffix = trees[0]  # (before `merge` extends it)
+                nodes = {(suffix.parents[i], suffix.tokens[i]): i for i in range(len(suffix))}
+                seq.mask_expect = (matched, values[plan.group_size - offset - 1], nodes)
             m = self.policy.mask_top_m
             if m <= MAX_TOP:  # group rows follow the n + 1 verify rows
                 first = plan.num_candidates + 1 + j * plan.group_size
@@ -500,8 +528,10 @@ class Speculator:
         if seq.suffix_index is None:
             seq.suffix_index = SuffixIndex(self.policy.suffix_max_match)
         seq.suffix_index.extend(seq.tokens[len(seq.suffix_index.tokens) :])
-        return suffix_tree(seq.suffix_index, self.calibration, self.policy.suffix_min_match, self.policy.max_tree_depth,
+        tree = suffix_tree(seq.suffix_index, self.calibration, self.policy.suffix_min_match, self.policy.max_tree_depth,
                            max_nodes=self.policy.max_tree_nodes)
+        seq.suffix_matched = len(tree) > 0
+        return tree
 
     def info(self) -> dict:
         """The latency curve, the calibration and the running figures (for /info, logs, benchmarks)."""
@@ -516,6 +546,7 @@ class Speculator:
             "tokens_per_s_by_batch": dict(self.rates),
             "calibration": self.calibration.table(),
             "mask_gain": self.mask_gain, "mask_values_by_group_rows": list(self.mask_values()),
+            "mask_worth": {("suffix matched" if k else "no suffix match"): w.value for k, w in self.mask_worth.items()},
             "steps": s.steps, "plain_fallback_rate": s.plain_steps / max(1, s.steps),
             "rows_per_step": s.rows / max(1, s.steps),
             "predicted_tokens_per_step": s.predicted_tokens / max(1, s.steps),
