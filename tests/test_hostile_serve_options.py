@@ -75,6 +75,16 @@ def test_serve_passes_device_and_backend_to_the_engine(llama_dir):
         app_.state.tgi.service.worker.stop()
 
 
+def test_serve_passes_the_shared_suffix_cache_budget_to_the_engine(llama_dir):
+    app_ = create_app(ServeSettings(model_id=str(llama_dir), device="cpu", num_threads=1, suffix_shared_tokens=4096,
+                                    **ENGINE_ARGS), str(llama_dir), load_in_background=False)
+    engine = app_.state.tgi.service.engine
+    try:
+        assert engine.config.space.suffix_shared_tokens == 4096 and engine.speculator.shared.max_tokens == 4096
+    finally:
+        app_.state.tgi.service.worker.stop()
+
+
 # ---- item 9: CPU threads ----------------------------------------------------------------------------
 
 

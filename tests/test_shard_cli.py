@@ -84,6 +84,7 @@ def test_launcher_argv_and_env_are_accepted(llama_dir, captured, monkeypatch):
         ([], {"ROPE_SCALING": "dynamic"}, "ROPE_SCALING"),
         ([], {"SPECULATE_MODE": "medusa"}, "SPECULATE_MODE"),
         (["--dtype", "float8"], {}, "--dtype"),
+        ([], {"TGI_SPACE_SUFFIX_SHARED_TOKENS": "many"}, "TGI_SPACE_SUFFIX_SHARED_TOKENS"),
     ],
 )
 def test_unsupported_options_are_refused_clearly(llama_dir, captured, monkeypatch, extra, env, message):
@@ -93,6 +94,14 @@ def test_unsupported_options_are_refused_clearly(llama_dir, captured, monkeypatc
     assert result.exit_code == 1 and not captured
     errors = [line for line in json_lines(result.stdout) if line["record"]["level"]["name"] == "ERROR"]
     assert errors and message in errors[0]["text"]
+
+
+def test_the_shared_suffix_cache_is_off_unless_its_variable_sets_a_budget(llama_dir):
+    from tgi_space.server.options import from_launcher
+
+    assert from_launcher(str(llama_dir), env={}).engine_config().space.suffix_shared_tokens == 0
+    opts = from_launcher(str(llama_dir), env={"TGI_SPACE_SUFFIX_SHARED_TOKENS": "2048"})
+    assert opts.engine_config().space.suffix_shared_tokens == 2048
 
 
 def test_speculate_mode_from_env_checkpoint_and_flag(llama_dir, tmp_path, captured, monkeypatch):

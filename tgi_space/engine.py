@@ -270,6 +270,8 @@ class Engine:
         for seq, _ in results:
             if seq.is_finished:
                 self.scheduler.finish(seq)
+                if self.planned:
+                    self.speculator.finished(seq)
         return results
 
     def speculate(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 from tgi_space.config import SpacePolicy
-from tgi_space.drafters import Calibration, SuffixIndex, mask_tree, mask_tree_of, merge, suffix_tree
+from tgi_space.drafters import (SUFFIX_MATCHES, Calibration, SharedSuffixCache, SuffixIndex, mask_tree, mask_tree_of,
+                                merge, trie_tree)
 from tgi_space.logit_stats import MAX_TOP, LogitStats, reads_stats
 from tgi_space.planner import LatencyCurve, LatencySurface, Proposal, RealisedShare, RobustRatio, plan
 from tgi_space.sampling import process
@@ -64,6 +65,8 @@ class Speculator:
         pinned = policy.latency_curve
         self.curve: LatencySurface | None = LatencySurface({1: LatencyCurve(pinned)}) if pinned else None
         self.calibration = Calibration()
+        shared = policy.suffix_shared_tokens if "suffix" in policy.drafters else 0
+        self.shared = SharedSuffixCache(policy.suffix_max_match, shared) if shared else None
         self.mask_gain = 1.0  # running mean of tokens the mask drafts got accepted per step (reported)
         self._step_mask_values: tuple[float, ...] = ()  # this step's mask_values()
         # The share of their predicted value that mask drafts really added: accepted tokens past the deepest
@@ -528,10 +531,21 @@ class Speculator:
         if seq.suffix_index is None:
             seq.suffix_index = SuffixIndex(self.policy.suffix_max_match)
         seq.suffix_index.extend(seq.tokens[len(seq.suffix_index.tokens) :])
-        tree = suffix_tree(seq.suffix_index, self.calibration, self.policy.suffix_min_match, self.policy.max_tree_depth,
-                           max_nodes=self.policy.max_tree_nodes)
+        min_n, depth = self.policy.suffix_min_match, self.policy.max_tree_depth
+        n, conts = seq.suffix_index.continuations(min_n, depth, SUFFIX_MATCHES)
+        source = "suffix"
+        if self.shared is not None:  # the other requests' outputs, where they match longer than its own text
+            shared_n, shared_conts = self.shared.index.lookup(seq.tokens, min_n, depth, SUFFIX_MATCHES)
+            if shared_n > n:
+                conts, source = shared_conts, "shared"
+        tree = trie_tree(conts, self.calibration, self.policy.max_tree_nodes, source)
         seq.suffix_matched = len(tree) > 0
         return tree
+
+    def finished(self, seq: Sequence) -> None:
+        """A request ended: its output joins the shared suffix cache, when there is one (not a failed one's)."""
+        if self.shared is not None and seq.error is None and seq.speculate:
+            self.shared.add(seq.output_ids)
 
     def info(self) -> dict:
         """The latency curve, the calibration and the running figures (for /info, logs, benchmarks)."""
@@ -547,6 +561,7 @@ class Speculator:
             "calibration": self.calibration.table(),
             "mask_gain": self.mask_gain, "mask_values_by_group_rows": list(self.mask_values()),
             "mask_worth": {("suffix matched" if k else "no suffix match"): w.value for k, w in self.mask_worth.items()},
+            "shared_suffix_tokens": len(self.shared.index.tokens) if self.shared else None,
             "steps": s.steps, "plain_fallback_rate": s.plain_steps / max(1, s.steps),
             "rows_per_step": s.rows / max(1, s.steps),
             "predicted_tokens_per_step": s.predicted_tokens / max(1, s.steps),

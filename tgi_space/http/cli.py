@@ -79,6 +79,11 @@ def serve(
     mask_top_m: int = typer.Option(2, envvar="SPACE_MASK_TOP_M", help="Mask drafts: top-1 chain plus m - 1 runners-up at depth 1."),
     suffix_min_match: int = typer.Option(1, envvar="SPACE_SUFFIX_MIN_MATCH", help="Suffix drafts: shortest repeated suffix used."),
     suffix_max_match: int = typer.Option(8, envvar="SPACE_SUFFIX_MAX_MATCH", help="Suffix drafts: longest suffix looked up."),
+    suffix_shared_tokens: int = typer.Option(
+        0, envvar="SPACE_SUFFIX_SHARED_TOKENS",
+        help="Suffix drafts also from this many tokens of recent outputs of all requests; 0: off (with it, one "
+             "request's speed, never its output, depends on other requests' text).",
+    ),
     dtype: str = typer.Option("auto", envvar="DTYPE", help="auto (CPU: bfloat16 where it has native bf16 GEMMs, else float32; both batch-invariant, docs/lossless.md) | bfloat16 | float32 | float16."),
     device: str = typer.Option("auto", envvar="DEVICE", help="auto (cuda if torch sees a GPU, else cpu) | cpu | cuda | cuda:N."),
     attention_backend: Optional[str] = typer.Option(
@@ -118,7 +123,7 @@ def serve(
             fixed_layout=fixed_layout, drafters=tuple(d for d in drafters.split(",") if d),
             max_tree_nodes=max_tree_nodes, max_tree_depth=max_tree_depth, mask_top_m=mask_top_m,
             sdsat_tree_sizes=parse_tree_sizes(sdsat_tree_sizes),
-            suffix_min_match=suffix_min_match, suffix_max_match=suffix_max_match,
+            suffix_min_match=suffix_min_match, suffix_max_match=suffix_max_match, suffix_shared_tokens=suffix_shared_tokens,
             attention_backend=attention_backend, block_size=block_size,
             kv_cache_bytes=kv_cache_bytes, num_threads=num_threads, seed=seed, api_key=api_key, otlp_endpoint=otlp_endpoint, otlp_service_name=otlp_service_name,
             cors_allow_origin=list(cors_allow_origin) if cors_allow_origin else None,

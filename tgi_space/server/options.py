@@ -47,6 +47,7 @@ class ServeOptions:
     planner: bool = True  # the planned tree step; False (TGI_SPACE_FIXED_LAYOUT=1): the paper's fixed layout
     latency_curve: dict[int, float] | None = None  # TGI_SPACE_LATENCY_CURVE='{"1": 6.1, "32": 8.0}' (ms): pins the planner
     drafters: tuple[str, ...] = ("masks", "suffix")  # TGI_SPACE_DRAFTERS=masks,suffix
+    suffix_shared_tokens: int = 0  # TGI_SPACE_SUFFIX_SHARED_TOKENS: suffix drafts from all requests' recent outputs
     adapter: str | None = None  # TGI_SPACE_ADAPTER: gated SPACE adapter folder; None: config.json space_adapter
     sdsat_tree_sizes: tuple[int, ...] = SDSAT_TREE_SIZES  # TGI_SPACE_SDSAT_TREE_SIZES=4,8,8,5,3 (SDSAT sampling)
 
@@ -86,6 +87,7 @@ class ServeOptions:
             # path (the planned step's tree depth) as well as the mask group size.
             space=SpacePolicy(k_max=self.k, max_step_query_tokens=self.max_step_query_tokens, planner=self.planner,
                               latency_curve=self.latency_curve, drafters=self.drafters,
+                              suffix_shared_tokens=self.suffix_shared_tokens,
                               speculate_mode="sdsat" if self.speculate_mode == "sdsat" else "space",
                               sdsat_tree_sizes=self.sdsat_tree_sizes,
                               **({"max_tree_depth": self.k} if self.k else {})),
@@ -151,6 +153,7 @@ def from_launcher(
         planner=env.get("TGI_SPACE_FIXED_LAYOUT", "0") != "1",
         latency_curve=_latency_curve(env.get("TGI_SPACE_LATENCY_CURVE")),
         drafters=tuple(d for d in env.get("TGI_SPACE_DRAFTERS", "masks,suffix").split(",") if d),
+        suffix_shared_tokens=_count(env, "TGI_SPACE_SUFFIX_SHARED_TOKENS"),
         sdsat_tree_sizes=_tree_sizes(env.get("TGI_SPACE_SDSAT_TREE_SIZES")),
         kv_cache_bytes=int(env["TGI_SPACE_KV_CACHE_BYTES"]) if env.get("TGI_SPACE_KV_CACHE_BYTES") else None,
         kv_cache_memory_fraction=_memory_fraction(env, cuda_available),
@@ -159,6 +162,14 @@ def from_launcher(
         watermark=Watermark.from_env(env),
         max_input_tokens=max_input_tokens,
     )
+
+
+def _count(env: dict[str, str], name: str) -> int:
+    """A non-negative integer environment variable (0 when unset)."""
+    text = env.get(name, "0") or "0"
+    if not text.isdigit():
+        raise UnsupportedOption(f"{name} must be a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def _speculate_mode(config: dict, speculate: int | None, env: dict[str, str]) -> str:
