@@ -531,16 +531,20 @@ class Speculator:
         if seq.suffix_index is None:
             seq.suffix_index = SuffixIndex(self.policy.suffix_max_match)
         seq.suffix_index.extend(seq.tokens[len(seq.suffix_index.tokens) :])
-        min_n, depth = self.policy.suffix_min_match, self.policy.max_tree_depth
-        n, conts = seq.suffix_index.continuations(min_n, depth, SUFFIX_MATCHES)
-        source = "suffix"
-        if self.shared is not None:  # the other requests' outputs, where they match longer than its own text
-            shared_n, shared_conts = self.shared.index.lookup(seq.tokens, min_n, depth, SUFFIX_MATCHES)
-            if shared_n > n:
-                conts, source = shared_conts, "shared"
+        conts, source = self._continuations(seq)
         tree = trie_tree(conts, self.calibration, self.policy.max_tree_nodes, source)
         seq.suffix_matched = len(tree) > 0
         return tree
+
+    def _continuations(self, seq: Sequence) -> tuple[list[list[int]], str]:
+        """What followed the longest match of the sequence's suffix, and its drafter: in its own text, or in
+        the shared cache's outputs when it matches longer there."""
+        min_n, depth = self.policy.suffix_min_match, self.policy.max_tree_depth
+        n, conts = seq.suffix_index.continuations(min_n, depth, SUFFIX_MATCHES)
+        if self.shared is None:
+            return conts, "suffix"
+        shared_n, shared_conts = self.shared.index.lookup(seq.tokens, min_n, depth, SUFFIX_MATCHES)
+        return (shared_conts, "shared") if shared_n > n else (conts, "suffix")
 
     def finished(self, seq: Sequence) -> None:
         """A request ended: its output joins the shared suffix cache, when there is one (not a failed one's)."""
