@@ -245,19 +245,34 @@ def test_mask_drafts_are_worth_only_the_accepted_tokens_the_suffix_drafts_missed
     spec = Speculator(SpacePolicy(), 4, lambda *a: 1e-3, max_batch=1, max_probe_rows=64)
     suffix = chain_tree([0.9, 0.8, 0.7])  # tokens 10, 11, 12
     nodes = {(suffix.parents[i], suffix.tokens[i]): i for i in range(len(suffix))}
-    spec._learn_mask_worth((True, 2.0, nodes), [10, 11, 12])  # all covered: the masks added nothing
-    assert spec.mask_worth[True].value == pytest.approx(2 / 4)
-    spec._learn_mask_worth((True, 2.0, nodes), [10, 7, 8, 9])  # past depth 1 only the masks had it: 3
-    assert spec.mask_worth[True].value == pytest.approx((0 + 3 + 2) / (2 + 2 + 2))
-    spec._learn_mask_worth((False, 1.0, {}), [4, 5])  # no suffix draft: every accepted token is the masks'
-    assert spec.mask_worth[False].value == pytest.approx((2 + 2) / (1 + 2))
+    spec._learn_mask_worth((("greedy", True), 2.0, nodes), [10, 11, 12])  # all covered: the masks added nothing
+    assert spec.mask_worth["greedy", True].value == pytest.approx(2 / 4)
+    spec._learn_mask_worth((("greedy", True), 2.0, nodes), [10, 7, 8, 9])  # past depth 1 only the masks had it: 3
+    assert spec.mask_worth["greedy", True].value == pytest.approx((0 + 3 + 2) / (2 + 2 + 2))
+    spec._learn_mask_worth((("greedy", False), 1.0, {}), [4, 5])  # no suffix draft: every accepted token is the masks'
+    assert spec.mask_worth["greedy", False].value == pytest.approx((2 + 2) / (1 + 2))
     seq = Sequence(0, [3, 4, 5, 3, 4], SamplingParams(max_new_tokens=8), True, None)
     seq.draft_tree, seq.suffix_matched = chain_tree([0.9]), True
-    spec._step_mask_values = (0.8, 1.4, 1.9, 2.4)
+    spec._step_mask_values = {"greedy": (0.8, 1.4, 1.9, 2.4)}
     base = SeqPlan(chain=[5], num_candidates=0, anchors=[], group_size=0, num_cached=4)
     proposal = spec._proposal(seq, base)
     assert proposal.mask_values == pytest.approx(tuple(v * 5 / 6 for v in (0.8, 1.4, 1.9, 2.4)))
     assert proposal.mask_value == pytest.approx(2.4 * 5 / 6)
+
+
+def test_sampled_requests_do_not_change_what_greedy_drafts_are_priced_at():
+    """Drafts are accepted far less often when sampling hot: their counts go to a calibration of their own,
+    so a server mixing both does not price greedy drafts at sampled odds (nor sampled at greedy odds)."""
+    llm = LLM("models/tiny-space-py", space=SpacePolicy(drafters=("suffix",), latency_curve={1: 1.0, 512: 1.0}))
+    prompt = llm.tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
+    spec = llm.engine.speculator
+    trials = lambda regime: sum(spec.calibrations[regime].trials.values()) if regime in spec.calibrations else 0
+    llm.generate([prompt], SamplingParams(max_new_tokens=48, do_sample=True, temperature=1.0, seed=3))
+    assert trials("hot") > 0 and trials("greedy") == 0 and trials("sampled") == 0
+    hot = dict(spec.calibrations["hot"].trials)
+    llm.generate([prompt], SamplingParams(max_new_tokens=48))
+    assert trials("greedy") > 0 and trials("sampled") == 0 and spec.calibrations["hot"].trials == hot
+    assert spec.info()["calibration"].keys() == {"hot", "greedy"}
 
 
 @pytest.mark.parametrize("bad", [dict(drafters=("masks", "ngram")), dict(max_tree_nodes=0), dict(max_tree_depth=-1),

@@ -64,15 +64,18 @@ class Speculator:
         self.mask_step_cost = 0.0
         pinned = policy.latency_curve
         self.curve: LatencySurface | None = LatencySurface({1: LatencyCurve(pinned)}) if pinned else None
-        self.calibration = Calibration()
+        # Per sampling regime of the sequence (`seq_regime`: greedy, sampled, hot): sampling accepts fewer
+        # drafts than greedy decoding, and a server mixing both must not price greedy drafts at sampled odds.
+        self.calibrations: dict[str, Calibration] = defaultdict(Calibration)
         shared = policy.suffix_shared_tokens if "suffix" in policy.drafters else 0
         self.shared = SharedSuffixCache(policy.suffix_max_match, shared) if shared else None
         self.mask_gain = 1.0  # running mean of tokens the mask drafts got accepted per step (reported)
-        self._step_mask_values: tuple[float, ...] = ()  # this step's mask_values()
+        self._step_mask_values: dict[str, tuple[float, ...]] = {}  # this step's mask_values(), by regime
         # The share of their predicted value that mask drafts really added: accepted tokens past the deepest
         # the suffix drafts of the same step covered (next to suffix drafts, masks are worth only what those
-        # miss). Kept apart by whether the sequence's suffix drafter had a match when its groups were planned.
-        self.mask_worth = {False: RealisedShare(), True: RealisedShare()}
+        # miss). Kept apart by regime and by whether the sequence's suffix drafter had a match when its groups
+        # were planned.
+        self.mask_worth: dict[tuple[str, bool], RealisedShare] = defaultdict(RealisedShare)
         # Running means, apart for greedy steps and steps with sampled sequences (sampling accepts fewer
         # drafts and costs more per node): accepted nodes per node sent; seconds of drafting, planning and
         # tree walking per speculating sequence.
@@ -153,7 +156,7 @@ class Speculator:
         if not spec:
             return planned  # plain decoding, without even drafting
         start = time.perf_counter()
-        self._step_mask_values = self.mask_values()
+        self._step_mask_values = {}
         proposals = [self._proposal(*planned[i]) for i in spec]
         others = [p for i, (_, p) in enumerate(planned) if i not in set(spec)]
         overhead = self.overhead_per_seq[sampled] * len(spec) + self.outside[_bucket(len(planned))]
@@ -285,12 +288,13 @@ class Speculator:
         candidate and no group, "tree": candidates only, "masks": with mask groups; "lead": mask groups and
         no candidates, rated as "masks" together with the next step, which verifies their drafts), batch bucket, and
         `sampling_regime` (a bool: sampled or greedy). `outside`: the step's own time outside the engine (else
-        the running mean of the batch size's)."""
+        the running mean of the batch size's). Rates are kept at the bucket's batch size (`_to_bucket`)."""
         key = _rate_key(num_seqs, sampled)
         rates = self.rates[key]
+        scale = self._to_bucket(num_seqs)
         total = seconds + (self.outside[_bucket(num_seqs)] if outside is None else outside)
         if kind != "plain" and self._step_scale > 1 and "plain" in rates:  # an exploring share: what
-            plain = num_seqs / rates["plain"]  # speculating everybody would give, from its extra tokens and time
+            plain = num_seqs * scale / rates["plain"]  # speculating everybody would give, from its extra tokens and time
             tokens = num_seqs + (tokens - num_seqs) * self._step_scale
             total = plain + (total - plain) * self._step_scale
         if kind == "lead":  # it sent mask groups and had no drafts: judged with the step that verifies theirs
@@ -306,8 +310,19 @@ class Speculator:
             tokens, total = paired
         else:
             self._sdsat_half.pop(key, None)  # a pair is two consecutive SDSAT steps
-        rate = tokens / max(total, 1e-9)
+        rate = tokens / max(total, 1e-9) * scale
         rates[kind] = rate if kind not in rates else 0.8 * rates[kind] + 0.2 * rate
+
+    def _to_bucket(self, num_seqs: int) -> float:
+        """Plain decoding's probed tokens per second at the batch bucket's size over that at `num_seqs`: a
+        step's rate times this is what it would be at the bucket's size. A bucket holds several batch sizes
+        (2, 3 and 4 share one) whose plain rates differ by half; unscaled, a plain rate measured while two
+        sequences ran made speculation at four look like it paid (shard, concurrency 2 then 4: 0.83x)."""
+        size = min(_bucket(num_seqs), self.max_batch)
+        if num_seqs == size or self.curve is None:
+            return 1.0
+        surface = self.curve
+        return (size / surface(size, size)) / (num_seqs / surface(num_seqs, num_seqs))
 
     def _pair(self, key: str, tokens: float, total: float) -> tuple[float, float] | None:
         """SDSAT steps are judged two at a time (a draft pass, then the verify pass of its drafts: alone, the
@@ -414,17 +429,24 @@ class Speculator:
             keep = [i for i in range(len(tree)) if tree.depth(i) <= depth_cap]
             tree = tree.subtree(sorted(keep, key=lambda i: -tree.scores[i])[: self.policy.max_tree_nodes])
         group = self.group_size if remaining > 1 else 0
-        share = self.mask_worth[seq.suffix_matched].value
-        values = tuple(v * share for v in self._step_mask_values)
+        regime = seq_regime(seq.params)
+        share = self.mask_worth[regime, seq.suffix_matched].value
+        values = tuple(v * share for v in self._mask_values_of(regime))
         return Proposal(len(base.chain), tree, group, values[group - 1] if group else 0.0, values)
 
-    def mask_values(self) -> tuple[float, ...]:
+    def _mask_values_of(self, regime: str) -> tuple[float, ...]:
+        """`mask_values(regime)`, computed once per step."""
+        if regime not in self._step_mask_values:
+            self._step_mask_values[regime] = self.mask_values(regime)
+        return self._step_mask_values[regime]
+
+    def mask_values(self, regime: str = "greedy") -> tuple[float, ...]:
         """Expected tokens a mask group adds next step, by its rows 1..group_size (when anchored at the last
         accepted node): the sum over depths of the chance its drafts extend the accepted path that far, from
         the calibration. Small groups are what pays where rows are dear (a compute-bound CPU)."""
         out, reach, total = [], 1.0, 0.0
         for depth in range(1, self.group_size + 1):
-            reach *= self.calibration.extension("masks", depth, MASK_EXTEND_PRIOR)
+            reach *= self.calibrations[regime].extension("masks", depth, MASK_EXTEND_PRIOR)
             total += reach
             out.append(total)
         return tuple(out)
@@ -463,15 +485,15 @@ class Speculator:
             path, bonus = verify_tree_rejection(target, tree, tree.sampled, seq.generator)
         else:
             path, bonus = verify_tree_sampled(target, tree, seq.generator)
-        self._observe(tree, path)
+        self._observe(tree, path, seq_regime(params))
         if seq.mask_expect is not None and len(tree):
             self._learn_mask_worth(seq.mask_expect, [tree.tokens[i] for i in path])
         seq.mask_expect = None
         self._busy += time.perf_counter() - start
         return path, bonus, None if target is None else target[[0] + [i + 1 for i in path]]
 
-    def _observe(self, tree: DraftTree, path: list[int]) -> None:
-        self.calibration.observe(tree, {ROOT, *path}, set(path))
+    def _observe(self, tree: DraftTree, path: list[int], regime: str) -> None:
+        self.calibrations[regime].observe(tree, {ROOT, *path}, set(path))
         self.stats.realised_tokens += len(path) + 1
         for i in range(len(tree)):
             src = tree.sources[i]
@@ -483,18 +505,18 @@ class Speculator:
             gained = sum(tree.sources[i] == "masks" for i in path)
             self.mask_gain = 0.9 * self.mask_gain + 0.1 * gained
 
-    def _learn_mask_worth(self, expect: tuple[bool, float, dict], path: list[int]) -> None:
-        """`expect`: (suffix matched at planning, the mask drafts' predicted value, the suffix tree's nodes by
-        (parent, token)); `path`: the accepted tokens. The masks' own gain is the accepted tokens past the
-        deepest the suffix tree covered."""
-        matched, predicted, suffix = expect
+    def _learn_mask_worth(self, expect: tuple[tuple[str, bool], float, dict], path: list[int]) -> None:
+        """`expect`: ((regime, suffix matched at planning), the mask drafts' predicted value, the suffix tree's
+        nodes by (parent, token)); `path`: the accepted tokens. The masks' own gain is the accepted tokens past
+        the deepest the suffix tree covered."""
+        key, predicted, suffix = expect
         node, covered = ROOT, 0
         for token in path:
             node = suffix.get((node, token))
             if node is None:
                 break
             covered += 1
-        self.mask_worth[matched].observe(len(path) - covered, predicted)
+        self.mask_worth[key].observe(len(path) - covered, predicted)
 
     # ---- drafting ------------------------------------------------------------------------
 
@@ -504,24 +526,25 @@ class Speculator:
         """The next step's tree: mask drafts from the group on the accepted path nearest its end, and suffix
         drafts. `stats`: the step's logit statistics from the sequence's first row (the groups' best tokens)."""
         start = time.perf_counter()
-        matched = seq.suffix_matched  # as when this step was planned
+        key = seq_regime(seq.params), seq.suffix_matched  # as when this step was planned
+        calibration = self.calibrations[key[0]]
         trees = [self._suffix(seq)]
         seq.mask_expect = None
         found = _mask_rows(plan, path)
         if found is not None and found[1] < plan.group_size:
             j, offset = found
-            values = self._step_mask_values
+            values = self._step_mask_values.get(key[0], ())
             if plan.group_size - offset <= len(values):
                 suffix = trees[0]  # (before `merge` extends it)
                 nodes = {(suffix.parents[i], suffix.tokens[i]): i for i in range(len(suffix))}
-                seq.mask_expect = (matched, values[plan.group_size - offset - 1], nodes)
+                seq.mask_expect = (key, values[plan.group_size - offset - 1], nodes)
             m = self.policy.mask_top_m
             if m <= MAX_TOP:  # group rows follow the n + 1 verify rows
                 first = plan.num_candidates + 1 + j * plan.group_size
                 tops = [stats.top(r, m) for r in range(first + offset, first + plan.group_size)]
-                trees.append(mask_tree_of(tops, self.calibration))
+                trees.append(mask_tree_of(tops, calibration))
             else:
-                trees.append(mask_tree(groups[j, offset:], self.calibration, m))
+                trees.append(mask_tree(groups[j, offset:], calibration, m))
         seq.draft_tree = merge(trees) if not seq.is_finished else DraftTree()
         self._busy += time.perf_counter() - start
 
@@ -532,7 +555,7 @@ class Speculator:
             seq.suffix_index = SuffixIndex(self.policy.suffix_max_match)
         seq.suffix_index.extend(seq.tokens[len(seq.suffix_index.tokens) :])
         conts, source = self._continuations(seq)
-        tree = trie_tree(conts, self.calibration, self.policy.max_tree_nodes, source)
+        tree = trie_tree(conts, self.calibrations[seq_regime(seq.params)], self.policy.max_tree_nodes, source)
         seq.suffix_matched = len(tree) > 0
         return tree
 
@@ -562,9 +585,10 @@ class Speculator:
             "mask_step_ms": 1000 * self.mask_step_cost, "mask_factor": self.mask_factor,
             "outside_ms_per_step": {b: 1000 * t for b, t in self.outside.items()},
             "tokens_per_s_by_batch": dict(self.rates),
-            "calibration": self.calibration.table(),
+            "calibration": {regime: c.table() for regime, c in self.calibrations.items()},
             "mask_gain": self.mask_gain, "mask_values_by_group_rows": list(self.mask_values()),
-            "mask_worth": {("suffix matched" if k else "no suffix match"): w.value for k, w in self.mask_worth.items()},
+            "mask_worth": {f"{regime}/{'suffix matched' if matched else 'no suffix match'}": w.value
+                           for (regime, matched), w in self.mask_worth.items()},
             "shared_suffix_tokens": len(self.shared.index.tokens) if self.shared else None,
             "steps": s.steps, "plain_fallback_rate": s.plain_steps / max(1, s.steps),
             "rows_per_step": s.rows / max(1, s.steps),
@@ -615,10 +639,15 @@ def sampling_regime(planned: list[tuple[Sequence, SeqPlan]]) -> str:
     """The governor's regime of a step: "greedy", "sampled", or "hot" when a sequence samples at a temperature
     of at least HOT_TEMPERATURE (drafts are rarely accepted there: its figures must not stop speculation at
     T = 0.2, nor T = 0.2's keep paying for tries at T = 1)."""
-    params = [seq.params for seq, _ in planned if not seq.params.is_greedy]
-    if not params:
+    regimes = {seq_regime(seq.params) for seq, _ in planned}
+    return next((r for r in ("hot", "sampled") if r in regimes), "greedy")
+
+
+def seq_regime(params) -> str:
+    """One sequence's regime: "greedy", "sampled", or "hot" (sampling at HOT_TEMPERATURE or above)."""
+    if params.is_greedy:
         return "greedy"
-    return "hot" if any(p.temperature >= HOT_TEMPERATURE for p in params) else "sampled"
+    return "hot" if params.temperature >= HOT_TEMPERATURE else "sampled"
 
 
 def _loss_period(slowdown: float, burst: int) -> int:
