@@ -389,6 +389,20 @@ def test_a_few_stalled_steps_do_not_price_rows_out():
     assert spec.marginal_factor[1] == pytest.approx(1.5, rel=0.1)
 
 
+def test_row_costs_are_learnt_from_greedy_steps_only():
+    """A sampled step's filtering and draws cost more per sequence than greedy's argmax: learnt from such steps,
+    the cost corrections priced plain rows dear and extra rows cheap for the greedy requests of the same
+    engine. They are learnt from greedy steps alone."""
+    llm = LLM(str(MODEL), space=SpacePolicy(drafters=("suffix",)))
+    prompt = llm.tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
+    spec = llm.engine.speculator
+    seen = lambda: sum(len(r._seen) for r in (*spec._plain_ratio.values(), *spec._marginal_ratio.values()))
+    llm.generate([prompt], SamplingParams(max_new_tokens=24, do_sample=True, temperature=1.0, seed=1))
+    assert spec.curve is not None and seen() == 0  # measured, then sampled steps taught nothing
+    llm.generate([prompt], SamplingParams(max_new_tokens=24))
+    assert seen() > 0
+
+
 def test_robust_ratio_is_a_weighted_median_of_recent_steps():
     from tgi_space.planner import RobustRatio
 

@@ -333,7 +333,7 @@ class Engine:
         if decode:  # a step sending groups with no drafts to verify yet leads the step that verifies them
             kind = ("masks" if candidates else "lead") if masks else "tree" if candidates else "plain"
             self.speculator.defer_rate(len(plans), seconds, tokens, kind, regime)
-        if self.speculator.curve is not None and decode:  # decode steps: wall time vs surface
+        if self.speculator.curve is not None and decode and not sampled:  # greedy decode steps: wall time vs surface
             rows = sum(p.num_rows for p in plans)
             self.speculator.observe_step(len(plans), rows, len(plans), seconds, masks)
         self.speculator.step_done()

@@ -364,7 +364,10 @@ class Speculator:
 
     def observe_step(self, base_rows: int, rows: int, num_seqs: int, seconds: float, masks: bool = False) -> None:
         """Learn the correction factors from one step's wall time (not with a pinned curve); `masks`:
-        the step carried mask groups (their probed fixed cost is learnt apart from the rows')."""
+        the step carried mask groups (their probed fixed cost is learnt apart from the rows'). The engine
+        calls it for greedy steps only: a sampled step's filtering and draws cost more per sequence, and
+        learnt here they made plain rows look dear and extra rows cheap (an engine serving greedy and T = 1
+        requests sent 16 rows per greedy step where a greedy-only one sent 13, for the same tokens)."""
         if not self.adaptive:
             return
         surface, b = self.latency(), _bucket(num_seqs)
