@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 import random
 
 import pytest
@@ -18,6 +19,8 @@ from tgi_space.sequence import Sequence
 from tgi_space.space import SeqPlan, seq_layout
 from tgi_space.speculation import Speculator
 from tgi_space.tree import ROOT, DraftTree, verify_tree_greedy, verify_tree_sampled
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
 
 MASK = 999
 
@@ -263,7 +266,7 @@ def test_mask_drafts_are_worth_only_the_accepted_tokens_the_suffix_drafts_missed
 def test_sampled_requests_do_not_change_what_greedy_drafts_are_priced_at():
     """Drafts are accepted far less often when sampling hot: their counts go to a calibration of their own,
     so a server mixing both does not price greedy drafts at sampled odds (nor sampled at greedy odds)."""
-    llm = LLM("models/tiny-space-py", space=SpacePolicy(drafters=("suffix",), latency_curve={1: 1.0, 512: 1.0}))
+    llm = LLM(str(BUNDLED), space=SpacePolicy(drafters=("suffix",), latency_curve={1: 1.0, 512: 1.0}))
     prompt = llm.tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
     spec = llm.engine.speculator
     trials = lambda regime: sum(spec.calibrations[regime].trials.values()) if regime in spec.calibrations else 0
@@ -469,7 +472,7 @@ def test_shared_cache_holds_at_most_its_budget_dropping_the_oldest_outputs():
 def test_shared_cache_drafts_from_other_requests_outputs_and_changes_no_token():
     """A second request for the same prompt finds the first one's output in the shared cache: its drafts
     come from there ("shared") and are accepted, and every token is still plain decoding's."""
-    llm = LLM("models/tiny-space-py", space=SpacePolicy(drafters=("suffix",), suffix_shared_tokens=4096,
+    llm = LLM(str(BUNDLED), space=SpacePolicy(drafters=("suffix",), suffix_shared_tokens=4096,
                                                         latency_curve={1: 1.0, 512: 1.0}))
     prompt = llm.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
@@ -480,7 +483,7 @@ def test_shared_cache_drafts_from_other_requests_outputs_and_changes_no_token():
     stats = llm.engine.speculator.stats
     assert stats.accepted_by_drafter.get("shared", 0) > 0  # the second request's drafts: the first's output
     assert second.stats.num_steps < first.stats.num_steps
-    unshared = LLM("models/tiny-space-py", space=SpacePolicy(drafters=("suffix",), latency_curve={1: 1.0, 512: 1.0}))
+    unshared = LLM(str(BUNDLED), space=SpacePolicy(drafters=("suffix",), latency_curve={1: 1.0, 512: 1.0}))
     for _ in range(2):
         unshared.generate([prompt], params, speculate="space")
     assert "shared" not in unshared.engine.speculator.stats.accepted_by_drafter  # off by default
