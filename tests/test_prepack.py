@@ -368,8 +368,8 @@ def test_rows_are_priced_without_the_steps_drafting_time():
     for _ in range(5):
         spec._busy = 0.004  # this step's drafting
         spec.end_step(1, 8, 4)
-        spec.observe_step(1, 9, 1, spec.plain_factor[1] * plain + 1.0 * extra + 0.004)  # the rows cost what probed
-    assert spec.marginal_factor[1] == pytest.approx(1.0)  # charged the drafting too: (extra + 4 ms) / extra
+        spec.observe_step(1, 9, 1, spec.plain_factor[1, False] * plain + 1.0 * extra + 0.004)  # the rows cost what probed
+    assert spec.marginal_factor[1, False] == pytest.approx(1.0)  # charged the drafting too: (extra + 4 ms) / extra
 
 
 def test_a_few_stalled_steps_do_not_price_rows_out():
@@ -384,23 +384,26 @@ def test_a_few_stalled_steps_do_not_price_rows_out():
         stall = 0.020 if step % 8 == 7 else 0.0
         spec.observe_step(1, 1, 1, 1.1 * plain + stall)  # plain steps cost 1.1x what probed
         rows = 2 + step % 3  # one to three extra rows, costing 1.5x what probed
-        spec.observe_step(1, rows, 1, spec.plain_factor[1] * plain + 1.5 * (surface(rows, 1) - plain) + stall)
-    assert spec.plain_factor[1] == pytest.approx(1.1, rel=0.05)
-    assert spec.marginal_factor[1] == pytest.approx(1.5, rel=0.1)
+        spec.observe_step(1, rows, 1, spec.plain_factor[1, False] * plain + 1.5 * (surface(rows, 1) - plain) + stall)
+    assert spec.plain_factor[1, False] == pytest.approx(1.1, rel=0.05)
+    assert spec.marginal_factor[1, False] == pytest.approx(1.5, rel=0.1)
 
 
-def test_row_costs_are_learnt_from_greedy_steps_only():
-    """A sampled step's filtering and draws cost more per sequence than greedy's argmax: learnt from such steps,
-    the cost corrections priced plain rows dear and extra rows cheap for the greedy requests of the same
-    engine. They are learnt from greedy steps alone."""
+def test_row_costs_are_learnt_apart_for_greedy_and_sampled_steps():
+    """A sampled step's filtering and draws cost more per sequence than greedy's argmax: learnt together, the
+    cost corrections priced plain rows dear and extra rows cheap for the greedy requests of the same engine.
+    Each regime learns its own."""
     llm = LLM(str(MODEL), space=SpacePolicy(drafters=("suffix",)))
     prompt = llm.tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
     spec = llm.engine.speculator
-    seen = lambda: sum(len(r._seen) for r in (*spec._plain_ratio.values(), *spec._marginal_ratio.values()))
+    seen = lambda sampled: sum(len(r._seen) for ratios in (spec._plain_ratio, spec._marginal_ratio)
+                               for (_, s), r in ratios.items() if s == sampled)
     llm.generate([prompt], SamplingParams(max_new_tokens=24, do_sample=True, temperature=1.0, seed=1))
-    assert spec.curve is not None and seen() == 0  # measured, then sampled steps taught nothing
+    assert spec.curve is not None and seen(False) == 0 and seen(True) > 0  # sampled steps taught their own only
+    sampled = seen(True)
     llm.generate([prompt], SamplingParams(max_new_tokens=24))
-    assert seen() > 0
+    assert seen(False) > 0 and seen(True) == sampled
+    assert set(spec.info()["plain_factor"]) >= {"1/greedy", "1/sampled"}
 
 
 def test_robust_ratio_is_a_weighted_median_of_recent_steps():

@@ -333,9 +333,9 @@ class Engine:
         if decode:  # a step sending groups with no drafts to verify yet leads the step that verifies them
             kind = ("masks" if candidates else "lead") if masks else "tree" if candidates else "plain"
             self.speculator.defer_rate(len(plans), seconds, tokens, kind, regime)
-        if self.speculator.curve is not None and decode and not sampled:  # greedy decode steps: wall time vs surface
+        if self.speculator.curve is not None and decode:  # decode steps: wall time vs surface
             rows = sum(p.num_rows for p in plans)
-            self.speculator.observe_step(len(plans), rows, len(plans), seconds, masks)
+            self.speculator.observe_step(len(plans), rows, len(plans), seconds, masks, sampled)
         self.speculator.step_done()
 
     def _write_slots(self, planned: list[tuple[Sequence, SeqPlan]], slots: SlotSource) -> torch.Tensor:

@@ -85,7 +85,12 @@ class Speculator:
         # What steps really cost against the probed surface, learnt from every step (wall time of the
         # whole step, logits, verification and Python included): plain steps scale t(B, B); extra rows
         # cost marginal_factor times what the surface says they add.
-        # Kept per batch-size bucket (PROBE_BATCHES), since what a row costs depends on the batch.
+        # Kept per batch-size bucket (PROBE_BATCHES), since what a row costs depends on the batch, and apart
+        # for greedy steps and steps with sampled sequences (`_factor_key`): a sampled step's filtering and
+        # draws cost more per sequence, and learnt together they made plain rows look dear and extra rows
+        # cheap for greedy requests (the batch-1 bench's hybrid engine, which also serves its T = 0.2 and 1.0
+        # runs: plain factor 1.47 against 1.23 in a greedy-only engine, 16.2 rows per greedy step; 14.0 with
+        # the greedy steps' own factors, for more tokens per step).
         # A pinned curve (policy.latency_curve) is taken as the truth: no factors, no learnt overhead,
         # so the planner's choices do not depend on timing (reproducible runs, snapshot tests).
         self.adaptive = policy.latency_curve is None
@@ -103,11 +108,12 @@ class Speculator:
         self._sdsat_half: dict[str, tuple[float, float]] = {}  # an SDSAT step's tokens and seconds, until its pair's
         self._sdsat_round = 0  # turns over between SDSAT exploring bursts (which share of a batch tries)
         self.mask_factor = 1.0  # measured / probed cost of a step's mask groups, learnt from masked steps
-        self.plain_factor = {b: 1.3 if self.adaptive else 1.0 for b in PROBE_BATCHES}
-        self.marginal_factor = {b: 2.0 if self.adaptive else 1.0 for b in PROBE_BATCHES}
+        keys = [(b, sampled) for b in PROBE_BATCHES for sampled in (False, True)]
+        self.plain_factor = {k: 1.3 if self.adaptive else 1.0 for k in keys}
+        self.marginal_factor = {k: 2.0 if self.adaptive else 1.0 for k in keys}
         # ... as weighted medians of recent steps (RobustRatio): a stalled step must not price rows out.
-        self._plain_ratio = {b: RobustRatio(f, 0.5, 4.0) for b, f in self.plain_factor.items()}
-        self._marginal_ratio = {b: RobustRatio(f, 0.5, 6.0) for b, f in self.marginal_factor.items()}
+        self._plain_ratio = {k: RobustRatio(f, 0.5, 4.0) for k, f in self.plain_factor.items()}
+        self._marginal_ratio = {k: RobustRatio(f, 0.5, 6.0) for k, f in self.marginal_factor.items()}
         self._mask_ratio = RobustRatio(self.mask_factor, 0.5, 4.0)
         self._busy = 0.0  # this step's drafting / verification seconds so far
         self._step_busy = 0.0  # the last finished step's (end_step), taken out of its time when rows are priced
@@ -163,7 +169,7 @@ class Speculator:
         base_rows = sum(p.num_rows for _, p in planned)
         if not self._sends_masks(key):
             proposals = [dataclasses.replace(p, group_size=0) for p in proposals]
-        choices = plan(proposals, self._cost_of_rows(base_rows, len(planned), overhead),
+        choices = plan(proposals, self._cost_of_rows(base_rows, len(planned), overhead, sampled),
                        self.policy.max_step_query_tokens,
                        other_rows=sum(p.num_rows for p in others), other_seqs=len(others),
                        group_cost=self.mask_factor * self.mask_step_cost)
@@ -337,20 +343,23 @@ class Speculator:
         num_seqs = len(planned)
         rows = num_seqs  # judged in the decode regime (one row each): drafts made while prefilling
         outside = self.outside[_bucket(num_seqs)]  # pay only if the decode steps after speculate too:
-        plain = num_seqs / (self.step_cost(rows, rows, num_seqs) + outside)
+        plain = num_seqs / (self.step_cost(rows, rows, num_seqs, sampled) + outside)
         overhead = self.overhead_per_seq[sampled] * num_spec + outside
         v = max(self.value_per_row[sampled], 0.05)
         sizes = [k * m for k in (1, 2, 4, 8, self.policy.max_tree_depth) for m in (1, num_spec)]
-        return any((num_seqs + v * k) / (self.step_cost(rows, rows + k, num_seqs) + overhead) > plain for k in sizes)
+        cost = self._cost_of_rows(rows, num_seqs, sampled=sampled)
+        return any((num_seqs + v * k) / (cost(rows + k) + overhead) > plain for k in sizes)
 
-    def step_cost(self, base_rows: int, rows: int, num_seqs: int) -> float:
-        """Predicted seconds of a step of `rows` rows whose sequences alone need `base_rows` (corrected online)."""
-        return self._cost_of_rows(base_rows, num_seqs)(rows, num_seqs)
+    def step_cost(self, base_rows: int, rows: int, num_seqs: int, sampled: bool = False) -> float:
+        """Predicted seconds of a step of `rows` rows whose sequences alone need `base_rows` (corrected online;
+        `sampled`: the step has sampled sequences)."""
+        return self._cost_of_rows(base_rows, num_seqs, sampled=sampled)(rows, num_seqs)
 
-    def _cost_of_rows(self, base_rows: int, num_seqs: int, fixed: float = 0.0) -> Callable[[int, int], float]:
-        """step_cost(base_rows, rows, num_seqs) + fixed as a function of rows (the batch size is
+    def _cost_of_rows(self, base_rows: int, num_seqs: int, fixed: float = 0.0,
+                      sampled: bool = False) -> Callable[[int, int], float]:
+        """step_cost(base_rows, rows, num_seqs, sampled) + fixed as a function of rows (the batch size is
         num_seqs), remembered per row count: the planner asks for the same counts many times."""
-        surface, b = self.latency(), _bucket(num_seqs)
+        surface, b = self.latency(), _factor_key(num_seqs, sampled)
         plain = surface(base_rows, num_seqs)
         known: dict[int, float] = {}
 
@@ -362,16 +371,14 @@ class Speculator:
 
         return cost
 
-    def observe_step(self, base_rows: int, rows: int, num_seqs: int, seconds: float, masks: bool = False) -> None:
+    def observe_step(self, base_rows: int, rows: int, num_seqs: int, seconds: float, masks: bool = False,
+                     sampled: bool = False) -> None:
         """Learn the correction factors from one step's wall time (not with a pinned curve); `masks`:
-        the step carried mask groups (their probed fixed cost is learnt apart from the rows'). The engine
-        calls it for greedy steps only: a sampled step's filtering and draws cost more per sequence, and
-        learnt here they made plain rows look dear and extra rows cheap (the batch-1 bench's hybrid engine,
-        which also serves its T = 0.2 and 1.0 runs: plain factor 1.47 against 1.23 in a greedy-only engine,
-        16.2 rows per greedy step; 14.0 once learnt from greedy steps only, for more tokens per step)."""
+        the step carried mask groups (their probed fixed cost is learnt apart from the rows'); `sampled`: it
+        had sampled sequences (their factors are their own)."""
         if not self.adaptive:
             return
-        surface, b = self.latency(), _bucket(num_seqs)
+        surface, b = self.latency(), _factor_key(num_seqs, sampled)
         plain = surface(base_rows, num_seqs)
         if rows == base_rows:
             self.plain_factor[b] = self._plain_ratio[b].observe(seconds, plain)
@@ -585,7 +592,7 @@ class Speculator:
             "latency_ms": self.curve.as_dict() if self.curve else None,
             "overhead_ms_per_sequence": {("sampled" if k else "greedy"): 1000 * v for k, v in self.overhead_per_seq.items()},
             "value_per_row": {("sampled" if k else "greedy"): v for k, v in self.value_per_row.items()},
-            "plain_factor": self.plain_factor, "marginal_factor": self.marginal_factor,
+            "plain_factor": _by_regime(self.plain_factor), "marginal_factor": _by_regime(self.marginal_factor),
             "mask_step_ms": 1000 * self.mask_step_cost, "mask_factor": self.mask_factor,
             "outside_ms_per_step": {b: 1000 * t for b, t in self.outside.items()},
             "tokens_per_s_by_batch": dict(self.rates),
@@ -682,6 +689,16 @@ def explore_share(spec: list[int], seq_ids: list[int], round_: int) -> list[int]
         return spec
     order = sorted(range(len(spec)), key=lambda j: ((seq_ids[j] + round_) * 2654435761) % 2**32)
     return sorted(spec[j] for j in order[:size])
+
+
+def _factor_key(num_seqs: int, sampled: bool) -> tuple[int, bool]:
+    """The key a step's cost corrections are kept under: its batch bucket, and whether it samples."""
+    return _bucket(num_seqs), sampled
+
+
+def _by_regime(factors: dict[tuple[int, bool], float]) -> dict[str, float]:
+    """Cost corrections keyed as in /info: "1/greedy", "16/sampled", ..."""
+    return {f"{b}/{'sampled' if sampled else 'greedy'}": f for (b, sampled), f in factors.items()}
 
 
 def _rate_key(num_seqs: int, regime: str | bool) -> str:
