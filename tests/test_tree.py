@@ -243,17 +243,15 @@ def test_realised_share_is_a_ratio_of_recent_sums_with_a_prior():
 
 
 def test_mask_drafts_are_worth_only_the_accepted_tokens_the_suffix_drafts_missed():
-    """Next to suffix drafts, a mask group is worth the accepted tokens past the deepest node the suffix
-    tree covered; the share is learnt apart for sequences whose suffix drafter had a match."""
+    """Next to a suffix match, a mask group is worth the accepted tokens past the deepest node the suffix
+    tree covered; without a match the masks' own calibration prices it, unscaled."""
     spec = Speculator(SpacePolicy(), 4, lambda *a: 1e-3, max_batch=1, max_probe_rows=64)
     suffix = chain_tree([0.9, 0.8, 0.7])  # tokens 10, 11, 12
     nodes = {(suffix.parents[i], suffix.tokens[i]): i for i in range(len(suffix))}
-    spec._learn_mask_worth((("greedy", True), 2.0, nodes), [10, 11, 12])  # all covered: the masks added nothing
-    assert spec.mask_worth["greedy", True].value == pytest.approx(2 / 4)
-    spec._learn_mask_worth((("greedy", True), 2.0, nodes), [10, 7, 8, 9])  # past depth 1 only the masks had it: 3
-    assert spec.mask_worth["greedy", True].value == pytest.approx((0 + 3 + 2) / (2 + 2 + 2))
-    spec._learn_mask_worth((("greedy", False), 1.0, {}), [4, 5])  # no suffix draft: every accepted token is the masks'
-    assert spec.mask_worth["greedy", False].value == pytest.approx((2 + 2) / (1 + 2))
+    spec._learn_mask_worth(("greedy", 2.0, nodes), [10, 11, 12])  # all covered: the masks added nothing
+    assert spec.mask_worth["greedy"].value == pytest.approx(2 / 4)
+    spec._learn_mask_worth(("greedy", 2.0, nodes), [10, 7, 8, 9])  # past depth 1 only the masks had it: 3
+    assert spec.mask_worth["greedy"].value == pytest.approx((0 + 3 + 2) / (2 + 2 + 2))
     seq = Sequence(0, [3, 4, 5, 3, 4], SamplingParams(max_new_tokens=8), True, None)
     seq.draft_tree, seq.suffix_matched = chain_tree([0.9]), True
     spec._step_mask_values = {"greedy": (0.8, 1.4, 1.9, 2.4)}
@@ -261,6 +259,8 @@ def test_mask_drafts_are_worth_only_the_accepted_tokens_the_suffix_drafts_missed
     proposal = spec._proposal(seq, base)
     assert proposal.mask_values == pytest.approx(tuple(v * 5 / 6 for v in (0.8, 1.4, 1.9, 2.4)))
     assert proposal.mask_value == pytest.approx(2.4 * 5 / 6)
+    seq.suffix_matched = False  # no suffix match: nothing to overlap with
+    assert spec._proposal(seq, base).mask_values == pytest.approx((0.8, 1.4, 1.9, 2.4))
 
 
 def test_sampled_requests_do_not_change_what_greedy_drafts_are_priced_at():

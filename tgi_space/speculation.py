@@ -71,11 +71,12 @@ class Speculator:
         self.shared = SharedSuffixCache(policy.suffix_max_match, shared) if shared else None
         self.mask_gain = 1.0  # running mean of tokens the mask drafts got accepted per step (reported)
         self._step_mask_values: dict[str, tuple[float, ...]] = {}  # this step's mask_values(), by regime
-        # The share of their predicted value that mask drafts really added: accepted tokens past the deepest
-        # the suffix drafts of the same step covered (next to suffix drafts, masks are worth only what those
-        # miss). Kept apart by regime and by whether the sequence's suffix drafter had a match when its groups
-        # were planned.
-        self.mask_worth: dict[tuple[str, bool], RealisedShare] = defaultdict(RealisedShare)
+        # The share of their predicted value that mask drafts really added next to a suffix match: accepted
+        # tokens past the deepest the suffix drafts of the same step covered (masks are worth only what those
+        # miss), by regime. Learnt and applied only where the sequence's suffix drafter had a match when its
+        # groups were planned: without one the masks' own calibration prices them, and a share learnt there
+        # fed on itself (fewer nodes sent, fewer accepted, a lower share; masks-only fell to 0.95x plain).
+        self.mask_worth: dict[str, RealisedShare] = defaultdict(RealisedShare)
         # Running means, apart for greedy steps and steps with sampled sequences (sampling accepts fewer
         # drafts and costs more per node): accepted nodes per node sent; seconds of drafting, planning and
         # tree walking per speculating sequence.
@@ -441,7 +442,7 @@ class Speculator:
             tree = tree.subtree(sorted(keep, key=lambda i: -tree.scores[i])[: self.policy.max_tree_nodes])
         group = self.group_size if remaining > 1 else 0
         regime = seq_regime(seq.params)
-        share = self.mask_worth[regime, seq.suffix_matched].value
+        share = self.mask_worth[regime].value if seq.suffix_matched else 1.0
         values = tuple(v * share for v in self._mask_values_of(regime))
         return Proposal(len(base.chain), tree, group, values[group - 1] if group else 0.0, values)
 
@@ -516,9 +517,9 @@ class Speculator:
             gained = sum(tree.sources[i] == "masks" for i in path)
             self.mask_gain = 0.9 * self.mask_gain + 0.1 * gained
 
-    def _learn_mask_worth(self, expect: tuple[tuple[str, bool], float, dict], path: list[int]) -> None:
-        """`expect`: ((regime, suffix matched at planning), the mask drafts' predicted value, the suffix tree's
-        nodes by (parent, token)); `path`: the accepted tokens. The masks' own gain is the accepted tokens past
+    def _learn_mask_worth(self, expect: tuple[str, float, dict], path: list[int]) -> None:
+        """`expect`: (regime, the mask drafts' predicted value, the suffix tree's nodes by (parent, token));
+        `path`: the accepted tokens. The masks' own gain is the accepted tokens past
         the deepest the suffix tree covered."""
         key, predicted, suffix = expect
         node, covered = ROOT, 0
@@ -537,18 +538,18 @@ class Speculator:
         """The next step's tree: mask drafts from the group on the accepted path nearest its end, and suffix
         drafts. `stats`: the step's logit statistics from the sequence's first row (the groups' best tokens)."""
         start = time.perf_counter()
-        key = seq_regime(seq.params), seq.suffix_matched  # as when this step was planned
-        calibration = self.calibrations[key[0]]
+        regime, matched = seq_regime(seq.params), seq.suffix_matched  # as when this step was planned
+        calibration = self.calibrations[regime]
         trees = [self._suffix(seq)]
         seq.mask_expect = None
         found = _mask_rows(plan, path)
         if found is not None and found[1] < plan.group_size:
             j, offset = found
-            values = self._step_mask_values.get(key[0], ())
-            if plan.group_size - offset <= len(values):
+            values = self._step_mask_values.get(regime, ())
+            if matched and plan.group_size - offset <= len(values):
                 suffix = trees[0]  # (before `merge` extends it)
                 nodes = {(suffix.parents[i], suffix.tokens[i]): i for i in range(len(suffix))}
-                seq.mask_expect = (key, values[plan.group_size - offset - 1], nodes)
+                seq.mask_expect = (regime, values[plan.group_size - offset - 1], nodes)
             m = self.policy.mask_top_m
             if m <= MAX_TOP:  # group rows follow the n + 1 verify rows
                 first = plan.num_candidates + 1 + j * plan.group_size
@@ -598,8 +599,7 @@ class Speculator:
             "tokens_per_s_by_batch": dict(self.rates),
             "calibration": {regime: c.table() for regime, c in self.calibrations.items()},
             "mask_gain": self.mask_gain, "mask_values_by_group_rows": list(self.mask_values()),
-            "mask_worth": {f"{regime}/{'suffix matched' if matched else 'no suffix match'}": w.value
-                           for (regime, matched), w in self.mask_worth.items()},
+            "mask_worth": {regime: w.value for regime, w in self.mask_worth.items()},
             "shared_suffix_tokens": len(self.shared.index.tokens) if self.shared else None,
             "steps": s.steps, "plain_fallback_rate": s.plain_steps / max(1, s.steps),
             "rows_per_step": s.rows / max(1, s.steps),
