@@ -46,10 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The CLI: model folder, requests per (mode, concurrency), tokens per request, and limits."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="model folder (config.json, tokenizer.json, *.safetensors)")
-    p.add_argument("--requests", type=int, default=64, help="requests per mode and concurrency")
+    p.add_argument("--requests", type=int, default=64, help="requests per mode and concurrency (at least)")
+    p.add_argument("--waves", type=int, default=0,
+                   help="at least this many requests per in-flight slot: max(--requests, waves * c) at concurrency c")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="comma-separated in-flight request limits")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated settings to run (none is always run)")
+    p.add_argument("--length-spread", type=float, default=0.0,
+                   help="0: every request generates --max-new-tokens (they finish together when started together); "
+                        "s in (0, 1): request i generates round(M * (1 + s * u_i)), u_i spread evenly over [-1, 1]")
     p.add_argument("--max-input-tokens", type=int, default=512, help="router truncation of the prompts")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="> 0: nucleus sampling (with --top-p)")
@@ -59,11 +64,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.modes = ["none"] + [m for m in args.modes.split(",") if m and m != "none"]
+    if not 0 <= args.length_spread < 1:
+        p.error(f"--length-spread must be in [0, 1), got {args.length_spread}")
+    args.longest = new_tokens(args, 0) if args.length_spread == 0 else round(args.max_new_tokens * (1 + args.length_spread))
     context = json.loads((Path(args.model) / "config.json").read_text()).get("max_position_embeddings")
-    if context and args.max_input_tokens + args.max_new_tokens > context:  # Warmup would refuse it
-        args.max_input_tokens = context - args.max_new_tokens
+    if context and args.max_input_tokens + args.longest > context:  # Warmup would refuse it
+        args.max_input_tokens = context - args.longest
         print(f"--max-input-tokens lowered to {args.max_input_tokens} (context {context})", file=sys.stderr)
     return args
+
+
+def new_tokens(args: argparse.Namespace, i: int) -> int:
+    """Tokens request i generates: --max-new-tokens, or spread around it (a fixed, evenly spread sequence: the
+    golden-ratio points of [-1, 1]), so requests started together finish apart, as real traffic does."""
+    u = 2 * ((i * 0.6180339887498949) % 1.0) - 1
+    return max(1, round(args.max_new_tokens * (1 + args.length_spread * u)))
 
 
 def kv_cache_bytes(model_dir: Path, tokens: int) -> int:
@@ -77,7 +92,7 @@ def kv_cache_bytes(model_dir: Path, tokens: int) -> int:
 def start_shards(args: argparse.Namespace, socket_dir: Path) -> dict[str, ShardProcess]:
     """Both shards, started together; the cache holds max(concurrency) full requests plus slack."""
     model = Path(args.model)
-    per_request = args.max_input_tokens + args.max_new_tokens + 8 + 2 * args.block_size
+    per_request = args.max_input_tokens + args.longest + 8 + 2 * args.block_size
     env = {"TGI_SPACE_KV_CACHE_BYTES": str(kv_cache_bytes(model, per_request * (max(args.concurrency) + 2))),
            "TGI_SPACE_BLOCK_SIZE": str(args.block_size), "MAX_BATCH_SIZE": str(max(args.concurrency))}
     shards = {mode: ShardProcess(model, socket_dir / mode, MODES[mode][1], {**env, **MODES[mode][0]})
@@ -89,14 +104,14 @@ def start_shards(args: argparse.Namespace, socket_dir: Path) -> dict[str, ShardP
 
 def run_once(shard: ShardProcess, prompts: list[str], args: argparse.Namespace, concurrency: int) -> dict:
     """Serve every prompt with at most `concurrency` in flight; throughput and steps of this run."""
-    limits = dict(max_input_tokens=args.max_input_tokens, max_total_tokens=args.max_input_tokens + args.max_new_tokens,
+    limits = dict(max_input_tokens=args.max_input_tokens, max_total_tokens=args.max_input_tokens + args.longest,
                   max_prefill_tokens=2 * args.max_input_tokens, max_batch_size=concurrency)
     emu = shard.router(**limits)  # start-up and Warmup are outside the timing
-    requests = [EmuRequest(p, max_new_tokens=args.max_new_tokens, ignore_eos=True, parameters=sampling(args, i))
+    requests = [EmuRequest(p, max_new_tokens=new_tokens(args, i), ignore_eos=True, parameters=sampling(args, i))
                 for i, p in enumerate(prompts)]
     # Untimed warm-up at this concurrency: oneDNN builds a kernel for each new row count on first use
     # (about 1 ms each), and the planner learns its correction factors; a server pays both once.
-    emu.run([EmuRequest(p, max_new_tokens=args.max_new_tokens, ignore_eos=True, parameters=sampling(args, i))
+    emu.run([EmuRequest(p, max_new_tokens=new_tokens(args, i), ignore_eos=True, parameters=sampling(args, i))
              for i, p in enumerate(prompts[:concurrency])])
     start = time.perf_counter()
     results = emu.run(requests)
@@ -122,15 +137,16 @@ def sampling(args: argparse.Namespace, i: int) -> dict:
 
 def bench(args: argparse.Namespace) -> dict:
     """Every concurrency, both modes back to back (order alternating); ratios SPACE / none."""
-    prompts = humaneval_prompts(min(args.requests, 164))
-    prompts = [prompts[i % len(prompts)] for i in range(args.requests)]
-    report = {"model": args.model, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
+    pool = humaneval_prompts(min(max(args.requests, args.waves * max(args.concurrency)), 164))
+    report = {"model": args.model, "requests": args.requests, "waves": args.waves, "max_new_tokens": args.max_new_tokens,
+              "length_spread": args.length_spread,
               "max_input_tokens": args.max_input_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "by_concurrency": {}}
     with tempfile.TemporaryDirectory() as socket_dir:
         shards = start_shards(args, Path(socket_dir))
         try:
             for i, c in enumerate(args.concurrency):
+                prompts = requests_at(pool, args, c)
                 reps: dict[str, list[dict]] = {mode: [] for mode in args.modes}
                 for rep in range(args.repeats):  # the order rotates between concurrencies and repetitions
                     k = (i + rep) % len(args.modes)
@@ -139,12 +155,19 @@ def bench(args: argparse.Namespace) -> dict:
                         reps[mode].append(run_once(shards[mode], prompts, args, c))
                 runs = {mode: median_run(r) for mode, r in reps.items()}
                 row = summarize(runs, order, greedy=args.temperature <= 0)
-                report["by_concurrency"][str(c)] = {"max_in_flight": min(c, args.requests), **row}
+                report["by_concurrency"][str(c)] = {"max_in_flight": min(c, len(prompts)), "requests": len(prompts), **row}
                 print_row(c, report["by_concurrency"][str(c)])
         finally:
             for shard in shards.values():
                 shard.stop()
     return report
+
+
+def requests_at(pool: list[str], args: argparse.Namespace, c: int) -> list[str]:
+    """The prompts served at concurrency c: max(--requests, waves * c), cycling through the pool. With few
+    requests per slot a run at high concurrency is a few hundred steps, mostly the planner's start-up."""
+    n = max(args.requests, args.waves * c)
+    return [pool[i % len(pool)] for i in range(n)]
 
 
 def median_run(runs: list[dict]) -> dict:

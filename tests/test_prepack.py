@@ -240,6 +240,28 @@ def _gated_speculator(num_seqs: int, drafters: tuple[str, ...] = ("masks", "suff
     return spec
 
 
+def test_rates_of_different_batch_sizes_are_never_compared():
+    """A step's wall time holds per-sequence work the probed surface does not: only a speculative rate and a plain
+    rate measured at one batch size are compared; a size with only one of them takes the verdict (the ratio) of the
+    nearest size that has both."""
+    spec = Speculator(SpacePolicy(latency_curve=None), 4, lambda *a: 1e-3, max_batch=64, max_probe_rows=64)
+    spec.observe_rate(8, 8 / 1000, 8, "plain")
+    spec.observe_rate(8, 0.010, 13, "tree")  # at 8: trees 1.3x plain
+    spec.observe_rate(16, 16 / 1500, 16, "plain")  # plain at 16 beats trees at 8; no tree step at 16 yet
+    assert spec._comparison("16/greedy", ("tree", "masks")) == (pytest.approx(1300), pytest.approx(1000))
+    assert spec._measured_to_pay("16/greedy")
+    spec.observe_rate(12, 12 / 1500, 12, "plain")
+    spec.observe_rate(12, 0.010, 12, "tree")  # at 12: trees 0.8x plain, and 12 is nearer 16 than 8 is
+    assert spec._comparison("16/greedy", ("tree", "masks")) == (pytest.approx(1200), pytest.approx(1500))
+    assert not spec._measured_to_pay("16/greedy")
+    spec.observe_rate(16, 0.010, 17, "tree")  # at 16 itself: 1700 against 1500, whatever the others say
+    assert spec._comparison("16/greedy", ("tree", "masks")) == (pytest.approx(1700), pytest.approx(1500))
+    assert spec._measured_to_pay("16/greedy") or spec._measured_to_pay("16/greedy")  # (unless a plain re-measure)
+    assert spec._comparison("16/sampled", ("tree",)) == (None, None)  # sampled steps never borrow greedy figures
+    spec.observe_rate(64, 0.010, 64, "plain")
+    assert spec._comparison("64/greedy", ("tree",)) == (None, pytest.approx(6400))  # nor sizes far away (16)
+
+
 def test_exploring_a_large_batch_drafts_for_a_share_of_it_that_turns_over():
     spec = _gated_speculator(64)
     planned = [(SimpleNamespace(seq_id=100 + i), None) for i in range(64)]

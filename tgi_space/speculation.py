@@ -95,10 +95,14 @@ class Speculator:
         # A pinned curve (policy.latency_curve) is taken as the truth: no factors, no learnt overhead,
         # so the planner's choices do not depend on timing (reproducible runs, snapshot tests).
         self.adaptive = policy.latency_curve is None
-        # Realised tokens per second of speculative and of plain steps, per batch bucket: when
+        # Realised tokens per second of speculative and of plain steps, per batch size: when
         # speculation is measured to lose, steps stay plain (but for one probe every EXPLORE_EVERY).
         # Kept apart for all-greedy steps and steps with sampled sequences ("1/greedy", "16/sampled", ...):
         # drafts are accepted far less often when sampling hot, and that must not stop greedy speculation.
+        # Only rates of one batch size are compared (`_comparison`): a step's wall time holds per-sequence
+        # work the probed surface does not, so rates of other sizes cannot be rescaled to it (scaled by the
+        # surface, batch 8's speculative rate looked 1.9x at batch 16 against 1.4x measured for plain steps,
+        # and speculation ran at 0.64-0.78x plain through the shard at 16 in flight).
         self.rates: dict[str, dict[str, float]] = defaultdict(dict)
         self._gated: dict[str, int] = defaultdict(int)
         self._since_plain: dict[str, int] = defaultdict(int)  # speculative steps since the key's last plain one
@@ -245,13 +249,12 @@ class Speculator:
         self._exploring[counter] = False
         if not self.adaptive:
             return True
-        rates = self.rates[key]
-        spec = max((rates[k] for k in gate.kinds if k in rates), default=None)
-        if spec is None or "plain" not in rates or spec >= GATE_MARGIN * rates["plain"]:
+        spec, plain = self._comparison(key, gate.kinds)
+        if spec is None or plain is None or spec >= GATE_MARGIN * plain:
             if self._explore_period.pop(counter, None) is not None:
                 self._gated[counter] = 0  # the next losing stretch starts a fresh period
-            return spec is None or not self._plain_due(counter, missing="plain" not in rates)
-        period = max(self._explore_period.get(counter, EXPLORE_EVERY), _loss_period(rates["plain"] / spec, gate.burst))
+            return spec is None or not self._plain_due(counter, missing="plain" not in self.rates[key])
+        period = max(self._explore_period.get(counter, EXPLORE_EVERY), _loss_period(plain / spec, gate.burst))
         self._exploring[counter] = _explore(self._gated, counter, period, gate.burst)
         if self._gated[counter] >= period and _batch_of(key) > 1:  # a whole period, and still losing
             self._gated[counter] = 0
@@ -284,8 +287,8 @@ class Speculator:
         trees only: those are the steps after a good draft, and masks are what drafts them.)"""
         if not self.adaptive:
             return True
-        rates = self.rates[key]
-        if "masks" not in rates or "plain" not in rates or rates["masks"] >= GATE_MARGIN * rates["plain"]:
+        masks, plain = self._comparison(key, ("masks",))
+        if masks is None or plain is None or masks >= GATE_MARGIN * plain:
             return True
         return _explore(self._masks_gated, key, MASKS_EXPLORE_EVERY, EXPLORE_BURST)
 
@@ -293,15 +296,14 @@ class Speculator:
                      outside: float | None = None) -> None:
         """One step's realised tokens per second (wall time of the whole step), by kind ("plain": no
         candidate and no group, "tree": candidates only, "masks": with mask groups; "lead": mask groups and
-        no candidates, rated as "masks" together with the next step, which verifies their drafts), batch bucket, and
+        no candidates, rated as "masks" together with the next step, which verifies their drafts), batch size, and
         `sampling_regime` (a bool: sampled or greedy). `outside`: the step's own time outside the engine (else
-        the running mean of the batch size's). Rates are kept at the bucket's batch size (`_to_bucket`)."""
+        the running mean of the batch size's)."""
         key = _rate_key(num_seqs, sampled)
         rates = self.rates[key]
-        scale = self._to_bucket(num_seqs)
         total = seconds + (self.outside[_bucket(num_seqs)] if outside is None else outside)
         if kind != "plain" and self._step_scale > 1 and "plain" in rates:  # an exploring share: what
-            plain = num_seqs * scale / rates["plain"]  # speculating everybody would give, from its extra tokens and time
+            plain = num_seqs / rates["plain"]  # speculating everybody would give, from its extra tokens and time
             tokens = num_seqs + (tokens - num_seqs) * self._step_scale
             total = plain + (total - plain) * self._step_scale
         if kind == "lead":  # it sent mask groups and had no drafts: judged with the step that verifies theirs
@@ -317,19 +319,27 @@ class Speculator:
             tokens, total = paired
         else:
             self._sdsat_half.pop(key, None)  # a pair is two consecutive SDSAT steps
-        rate = tokens / max(total, 1e-9) * scale
+        rate = tokens / max(total, 1e-9)
         rates[kind] = rate if kind not in rates else 0.8 * rates[kind] + 0.2 * rate
 
-    def _to_bucket(self, num_seqs: int) -> float:
-        """Plain decoding's probed tokens per second at the batch bucket's size over that at `num_seqs`: a
-        step's rate times this is what it would be at the bucket's size. A bucket holds several batch sizes
-        (2, 3 and 4 share one) whose plain rates differ by half; unscaled, a plain rate learnt while two
-        sequences ran would be compared with speculative steps of four, and speculation look like it paid."""
-        size = min(_bucket(num_seqs), self.max_batch)
-        if num_seqs == size or self.curve is None:
-            return 1.0
-        surface = self.curve
-        return (size / surface(size, size)) / (num_seqs / surface(num_seqs, num_seqs))
+    def _comparison(self, key: str, kinds: tuple[str, ...]) -> tuple[float | None, float | None]:
+        """(the best of `kinds`' rates, the plain rate), both measured at one batch size: the key's when it has
+        both, else those of the nearest size within a factor NEAR_SIZES (same regime) that has both, else what
+        the key has. A ratio carries over between nearby batch sizes far better than a rate does."""
+        def pair(rates: dict[str, float]) -> tuple[float | None, float | None]:
+            return max((rates[k] for k in kinds if k in rates), default=None), rates.get("plain")
+
+        own = pair(self.rates[key])
+        if None not in own:
+            return own
+        size, regime = _batch_of(key), key.rsplit("/", 1)[1]
+        near = sorted((abs(math.log(_batch_of(k) / size)), _batch_of(k), k) for k in list(self.rates)
+                      if k.rsplit("/", 1)[1] == regime and k != key and NEAR_SIZES * size >= _batch_of(k) >= size / NEAR_SIZES)
+        for *_, k in near:
+            other = pair(self.rates[k])
+            if None not in other:
+                return other
+        return own
 
     def _pair(self, key: str, tokens: float, total: float) -> tuple[float, float] | None:
         """SDSAT steps are judged two at a time (a draft pass, then the verify pass of its drafts: alone, the
@@ -702,14 +712,14 @@ def _by_regime(factors: dict[tuple[int, bool], float]) -> dict[str, float]:
 
 
 def _rate_key(num_seqs: int, regime: str | bool) -> str:
-    """The governor's key of a step: its batch bucket and its `sampling_regime` (True/False: sampled/greedy)."""
+    """The governor's key of a step: its batch size and its `sampling_regime` (True/False: sampled/greedy)."""
     if isinstance(regime, bool):
         regime = "sampled" if regime else "greedy"
-    return f"{_bucket(num_seqs)}/{regime}"
+    return f"{num_seqs}/{regime}"
 
 
 def _batch_of(key: str) -> int:
-    """The batch bucket of a governor key or counter ("16/greedy" -> 16, "sdsat:4/sampled" -> 4)."""
+    """The batch size of a governor key or counter ("16/greedy" -> 16, "sdsat:4/sampled" -> 4)."""
     return int(key.rsplit(":", 1)[-1].split("/", 1)[0])
 
 
@@ -733,6 +743,7 @@ EXPLORE_BURST_SDSAT = 2  # an SDSAT try: a draft pass, then the verify pass of i
 MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
 MASK_EXTEND_PRIOR = 0.7  # before any is measured: the chance a mask draft extends the accepted path, per depth
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
+NEAR_SIZES = 2  # a batch size with no comparison of its own borrows that of a size at most this factor away
 GATE_MARGIN = 0.95  # speculation is stopped when measured more than 5% slower than plain (a run-to-run noise level here)
 
 PROBE_ROWS_PER_SPECULATOR = 12  # a typical speculating sequence: uncached token, a tree and a group

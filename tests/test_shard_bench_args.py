@@ -1,0 +1,44 @@
+"""benchmarks/shard_bench.py's workload: request counts per concurrency and spread output lengths."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import shard_bench  # noqa: E402
+
+MODEL = str(ROOT / "models" / "tiny-space-py")
+
+
+def test_without_a_spread_every_request_generates_the_same_number_of_tokens():
+    args = shard_bench.parse_args(["--model", MODEL, "--max-new-tokens", "64"])
+    assert {shard_bench.new_tokens(args, i) for i in range(200)} == {64}
+    assert args.longest == 64
+
+
+def test_spread_lengths_cover_the_range_evenly_around_the_mean():
+    args = shard_bench.parse_args(["--model", MODEL, "--max-new-tokens", "64", "--length-spread", "0.5"])
+    lengths = [shard_bench.new_tokens(args, i) for i in range(256)]
+    assert min(lengths) >= 32 and max(lengths) <= args.longest == 96
+    assert abs(sum(lengths) / len(lengths) - 64) < 1  # the same tokens in all, on average, as without a spread
+    quarters = [sum(1 for n in lengths if lo <= n < lo + 16) for lo in (32, 48, 64, 80)]
+    assert min(quarters) > 256 / 4 * 0.8  # evenly spread, not bunched
+    assert len(set(lengths[:8])) == 8  # neighbours (started together) finish apart
+
+
+def test_waves_set_the_requests_per_in_flight_slot():
+    args = shard_bench.parse_args(["--model", MODEL, "--requests", "64", "--waves", "8"])
+    pool = [f"p{i}" for i in range(164)]
+    assert len(shard_bench.requests_at(pool, args, 4)) == 64  # --requests is the floor
+    served = shard_bench.requests_at(pool, args, 32)
+    assert len(served) == 256 and served[164] == "p0"  # the pool cycles
+
+
+@pytest.mark.parametrize("spread", ["-0.1", "1", "1.5"])
+def test_a_spread_outside_0_to_1_is_refused(spread, capsys):
+    with pytest.raises(SystemExit):
+        shard_bench.parse_args(["--model", MODEL, "--length-spread", spread])
+    assert "--length-spread" in capsys.readouterr().err
