@@ -5,8 +5,12 @@ plain (SPECULATE_MODE=none), the paper's fixed layout at k = 3 and 5 (TGI_SPACE_
 --speculate k), the planned step with masks and suffix drafts, masks only and suffix only, and SDSAT
 (TGI_SPACE_SPECULATE_MODE=sdsat: governed like the planned step; sdsat-forced adds TGI_SPACE_FIXED_LAYOUT=1,
 which runs its passes every step). With --temperature > 0 every request samples (nucleus, --top-p). For each
-concurrency c, all serve the same N HumanEval prompts (greedy, EOS ignored, so all generate exactly N * M
-tokens), after an untimed warm-up of c of them. All requests are queued at once, and the router keeps at most c in flight (continuous batching).
+concurrency c, all serve the same max(N, waves * c) HumanEval prompts (greedy, EOS ignored, so all generate the
+same tokens), after an untimed warm-up of c of them. All requests are queued at once, and the router keeps at most
+c in flight (continuous batching). Each request generates M tokens, or, with --length-spread s, M * (1 + s * u)
+for u spread evenly over [-1, 1]: with equal lengths, requests started together finish together, and plain
+decoding's batches stay in step (their replacements are prefilled together, in one large prefill), while any
+speculation lets them drift apart (one small prefill per finished request); real traffic is never in step.
 The settings run back to back, in an order that rotates between concurrencies, so slow drift on a shared
 machine does not favour one. Reported per setting: requests/s, generated tokens/s, tokens per
 Generation, and the ratio to plain; with --repeats, the median repetition of each.
