@@ -161,6 +161,19 @@ def test_a_step_that_only_sends_mask_groups_is_judged_with_the_step_verifying_th
     assert spec.rates["1/greedy"]["tree"] == pytest.approx(3 / 0.003)
 
 
+def test_a_groups_only_step_is_not_paired_across_a_change_of_batch_size():
+    """The step verifying a lead's drafts is the next one; if the batch changed size in between (a request
+    finished), the lead's drafts were verified in another batch: neither step is rated as masks, and the lead
+    must not wait to be paired with some later, unrelated step of its old size."""
+    spec = _speculator()
+    spec.observe_rate(2, 0.004, 2, "lead")
+    spec.observe_rate(1, 0.003, 3, "tree")  # a request left: batch 1 now
+    assert spec.rates["1/greedy"] == {"tree": pytest.approx(3 / 0.003)}
+    spec.observe_rate(2, 0.002, 2, "plain")
+    spec.observe_rate(2, 0.003, 6, "tree")
+    assert spec.rates["2/greedy"] == {"plain": pytest.approx(1000), "tree": pytest.approx(2000)}  # no stale lead
+
+
 def test_mask_groups_measured_to_lose_against_plain_steps_stop_but_trees_go_on():
     spec = _speculator()
     spec.observe_rate(1, 1.0, 100, "masks")

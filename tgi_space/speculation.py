@@ -109,8 +109,10 @@ class Speculator:
         self._explore_period: dict[str, int] = {}  # a key's exploring period while it keeps losing (>= EXPLORE_EVERY)
         self._exploring: dict[str, bool] = defaultdict(bool)  # this step speculates only to re-measure
         self._masks_gated: dict[str, int] = defaultdict(int)
-        self._mask_lead: dict[str, tuple[float, float]] = {}  # a groups-only step's tokens and seconds, by key
-        self._sdsat_half: dict[str, tuple[float, float]] = {}  # an SDSAT step's tokens and seconds, until its pair's
+        # The last rated step's key, tokens and seconds, while it waits to be judged with the next one (of the
+        # same key: a batch that changed size in between breaks the pair): a groups-only step, an SDSAT draft pass.
+        self._mask_lead: tuple[str, float, float] | None = None
+        self._sdsat_half: tuple[str, float, float] | None = None
         self._sdsat_round = 0  # turns over between SDSAT exploring bursts (which share of a batch tries)
         self.mask_factor = 1.0  # measured / probed cost of a step's mask groups, learnt from masked steps
         keys = [(b, sampled) for b in PROBE_BATCHES for sampled in (False, True)]
@@ -306,19 +308,19 @@ class Speculator:
             plain = num_seqs / rates["plain"]  # speculating everybody would give, from its extra tokens and time
             tokens = num_seqs + (tokens - num_seqs) * self._step_scale
             total = plain + (total - plain) * self._step_scale
+        lead, self._mask_lead = self._mask_lead, None
         if kind == "lead":  # it sent mask groups and had no drafts: judged with the step that verifies theirs
-            self._mask_lead[key] = (tokens, total)
+            self._mask_lead = (key, tokens, total)
             return
-        lead = self._mask_lead.pop(key, None)
-        if lead is not None:  # (whatever that step is: when it verifies nothing, the groups were wasted)
-            tokens, total, kind = tokens + lead[0], total + lead[1], "masks"
+        if lead is not None and lead[0] == key:  # (whatever that step is: verifying nothing, the groups were wasted)
+            tokens, total, kind = tokens + lead[1], total + lead[2], "masks"
         if kind == "sdsat":
             paired = self._pair(key, tokens, total)
             if paired is None:
                 return
             tokens, total = paired
         else:
-            self._sdsat_half.pop(key, None)  # a pair is two consecutive SDSAT steps
+            self._sdsat_half = None  # a pair is two consecutive SDSAT steps
         rate = tokens / max(total, 1e-9)
         rates[kind] = rate if kind not in rates else 0.8 * rates[kind] + 0.2 * rate
 
@@ -334,7 +336,8 @@ class Speculator:
             return own
         size, regime = _batch_of(key), key.rsplit("/", 1)[1]
         near = sorted((abs(math.log(_batch_of(k) / size)), _batch_of(k), k) for k in list(self.rates)
-                      if k.rsplit("/", 1)[1] == regime and k != key and NEAR_SIZES * size >= _batch_of(k) >= size / NEAR_SIZES)
+                      if k.rsplit("/", 1)[1] == regime and k != key
+                      and NEAR_SIZES * size >= _batch_of(k) >= size / NEAR_SIZES)
         for *_, k in near:
             other = pair(self.rates[k])
             if None not in other:
@@ -344,11 +347,11 @@ class Speculator:
     def _pair(self, key: str, tokens: float, total: float) -> tuple[float, float] | None:
         """SDSAT steps are judged two at a time (a draft pass, then the verify pass of its drafts: alone, the
         first would look slow and the second fast): None for the first, then the pair's tokens and seconds."""
-        half = self._sdsat_half.pop(key, None)
-        if half is None:
-            self._sdsat_half[key] = (tokens, total)
+        half, self._sdsat_half = self._sdsat_half, None
+        if half is None or half[0] != key:
+            self._sdsat_half = (key, tokens, total)
             return None
-        return half[0] + tokens, half[1] + total
+        return half[1] + tokens, half[2] + total
 
     def _rows_could_pay(self, planned: list[tuple[Sequence, SeqPlan]], num_spec: int, sampled: bool) -> bool:
         num_seqs = len(planned)
