@@ -6,11 +6,15 @@ plain (SPECULATE_MODE=none), the paper's fixed layout at k = 3 and 5 (TGI_SPACE_
 (TGI_SPACE_SPECULATE_MODE=sdsat: governed like the planned step; sdsat-forced adds TGI_SPACE_FIXED_LAYOUT=1,
 which runs its passes every step). With --temperature > 0 every request samples (nucleus, --top-p). For each
 concurrency c, all serve the same max(N, waves * c) HumanEval prompts (greedy, EOS ignored, so all generate the
-same tokens), after an untimed warm-up of c of them. All requests are queued at once, and the router keeps at most
-c in flight (continuous batching). Each request generates M tokens, or, with --length-spread s, M * (1 + s * u)
+same tokens), after an untimed warm-up of c of them. Concurrency c means c clients, each sending its next
+request when its previous one has ended (--arrivals clients, the default), or every request queued at the start
+with at most c in flight (--arrivals backlog). Each request generates M tokens, or, with --length-spread s, M * (1 + s * u)
 for u spread evenly over [-1, 1]: with equal lengths, requests started together finish together, and plain
 decoding's batches stay in step (their replacements are prefilled together, in one large prefill), while any
-speculation lets them drift apart (one small prefill per finished request); real traffic is never in step.
+speculation lets them drift apart; real traffic is never in step. Queued requests join a running batch as TGI's
+router lets them (--admission tgi, the default: when floor(1.2 x running) wait, or 20 steps after the last
+admission, so replacements of requests that finish apart are still prefilled together); --admission eager
+prefills each at the next step, as the emulation did before.
 The settings run back to back, in an order that rotates between concurrencies, so slow drift on a shared
 machine does not favour one. Reported per setting: requests/s, generated tokens/s, tokens per
 Generation, and the ratio to plain; with --repeats, the median repetition of each.
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: tests.router_emulation must import
     sys.path.insert(0, str(ROOT))
 
-from tests.router_emulation import EmuRequest, ShardProcess  # noqa: E402
+from tests.router_emulation import TGI_ADMISSION, EmuRequest, ShardProcess  # noqa: E402
 from tgi_space.bench import humaneval_prompts  # noqa: E402
 
 MODES = {  # name -> (extra environment, extra argv)
@@ -59,6 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--length-spread", type=float, default=0.0,
                    help="0: every request generates --max-new-tokens (they finish together when started together); "
                         "s in (0, 1): request i generates round(M * (1 + s * u_i)), u_i spread evenly over [-1, 1]")
+    p.add_argument("--arrivals", choices=("clients", "backlog"), default="clients",
+                   help="clients: concurrency c is c clients in a closed loop, each sending its next request when "
+                        "its previous one ends; backlog: every request is queued at the start and the router keeps "
+                        "at most c in flight (the router then always has a long queue)")
+    p.add_argument("--admission", choices=("tgi", "eager"), default="tgi",
+                   help="tgi: the router's backpressure at the launcher's defaults (waiting_served_ratio 1.2, "
+                        "max_waiting_tokens 20): queued requests join a running batch when enough wait or after "
+                        "20 steps; eager: each joins at the next step (not what TGI does)")
     p.add_argument("--max-input-tokens", type=int, default=512, help="router truncation of the prompts")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="> 0: nucleus sampling (with --top-p)")
@@ -109,16 +121,17 @@ def start_shards(args: argparse.Namespace, socket_dir: Path) -> dict[str, ShardP
 def run_once(shard: ShardProcess, prompts: list[str], args: argparse.Namespace, concurrency: int) -> dict:
     """Serve every prompt with at most `concurrency` in flight; throughput and steps of this run."""
     limits = dict(max_input_tokens=args.max_input_tokens, max_total_tokens=args.max_input_tokens + args.longest,
-                  max_prefill_tokens=2 * args.max_input_tokens, max_batch_size=concurrency)
+                  max_prefill_tokens=2 * args.max_input_tokens, max_batch_size=concurrency,
+                  **(TGI_ADMISSION if args.admission == "tgi" else {}))
     emu = shard.router(**limits)  # start-up and Warmup are outside the timing
     requests = [EmuRequest(p, max_new_tokens=new_tokens(args, i), ignore_eos=True, parameters=sampling(args, i))
                 for i, p in enumerate(prompts)]
     # Untimed warm-up at this concurrency: oneDNN builds a kernel for each new row count on first use
     # (about 1 ms each), and the planner learns its correction factors; a server pays both once.
-    emu.run([EmuRequest(p, max_new_tokens=new_tokens(args, i), ignore_eos=True, parameters=sampling(args, i))
+    emu.run(clients=concurrency if args.arrivals == "clients" else None, requests=[EmuRequest(p, max_new_tokens=new_tokens(args, i), ignore_eos=True, parameters=sampling(args, i))
              for i, p in enumerate(prompts[:concurrency])])
     start = time.perf_counter()
-    results = emu.run(requests)
+    results = emu.run(requests, clients=concurrency if args.arrivals == "clients" else None)
     seconds = time.perf_counter() - start
     emu.close()
     errors = [r.error for r in results if r.error]
@@ -143,7 +156,7 @@ def bench(args: argparse.Namespace) -> dict:
     """Every concurrency, both modes back to back (order alternating); ratios SPACE / none."""
     pool = humaneval_prompts(min(max(args.requests, args.waves * max(args.concurrency)), 164))
     report = {"model": args.model, "requests": args.requests, "waves": args.waves, "max_new_tokens": args.max_new_tokens,
-              "length_spread": args.length_spread,
+              "length_spread": args.length_spread, "arrivals": args.arrivals, "admission": args.admission,
               "max_input_tokens": args.max_input_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "by_concurrency": {}}
     with tempfile.TemporaryDirectory() as socket_dir:

@@ -7,12 +7,19 @@ continuous batching with its own block allocator (block 0 reserved,
 new batch, Decode([running, new]), FilterBatch / ClearCache when requests end or
 are cancelled. It also checks what would make the real router panic (unknown
 request ids, empty or ragged token lists).
+
+Admission while a batch runs follows `batching_task` (no chunking): queued
+requests join only when at least floor(waiting_served_ratio x running) are
+queued, or when max_waiting_tokens Decode calls have passed since the last
+admission. TGI's launcher defaults are 1.2 and 20 (`TGI_ADMISSION`); the
+emulation's own default (0, 0) admits at once, which the protocol tests use.
 """
 
 from __future__ import annotations
 
 import base64
 import itertools
+import math
 import os
 import signal
 import subprocess
@@ -30,6 +37,7 @@ from tgi_space.server.protogen import load_pb
 pb2, pb2_grpc = load_pb()
 
 HEALTH_ID = 2**64 - 1
+TGI_ADMISSION = {"waiting_served_ratio": 1.2, "max_waiting_tokens": 20}  # the launcher's defaults
 # Stands in for the JPEG the router attaches to the first warm-up request (SOI ... EOI; a text model skips it).
 WARMUP_IMAGE = b"\xff\xd8\xff\xe0" + bytes(64) + b"\xff\xd9"
 
@@ -103,7 +111,8 @@ class RouterEmulation:
     """Connects to `unix://{socket_path}` and behaves like the router towards it."""
 
     def __init__(self, socket_path: str, tokenizer_path: str, max_input_tokens: int = 64,
-                 max_total_tokens: int = 128, max_prefill_tokens: int = 256, max_batch_size: int = 16) -> None:
+                 max_total_tokens: int = 128, max_prefill_tokens: int = 256, max_batch_size: int = 16,
+                 waiting_served_ratio: float = 0.0, max_waiting_tokens: int = 0) -> None:
         self.channel = grpc.insecure_channel(f"unix://{socket_path}")
         self.stub = pb2_grpc.TextGenerationServiceStub(self.channel)
         self.tokenizer = Tokenizer.from_file(tokenizer_path)
@@ -111,6 +120,8 @@ class RouterEmulation:
         self.max_total_tokens = max_total_tokens
         self.max_prefill_tokens = max_prefill_tokens
         self.max_batch_size = max_batch_size
+        self.waiting_served_ratio = waiting_served_ratio
+        self.max_waiting_tokens = max_waiting_tokens
         self.batch_ids = itertools.count()
         self.request_ids = itertools.count()
         self.entries: dict[int, _Entry] = {}
@@ -191,11 +202,16 @@ class RouterEmulation:
             blocks=blocks, slots=slots, cache_len=0,
         )
 
-    def _next_batch(self, queue: list[tuple[EmuRequest, EmuResult]], room: int):
-        """Take queued requests while the batch size and the allocator allow (FIFO)."""
-        requests = []
+    def _next_batch(self, queue: list[tuple[EmuRequest, EmuResult]], room: int, min_size: int = 1):
+        """Take queued requests while the batch size, the prefill token budget (max_prefill_tokens, rounded
+        up to whole blocks) and the allocator allow (FIFO)."""
+        requests, prefill_tokens = [], 0
+        budget = -(-self.max_prefill_tokens // self.info.block_size) * self.info.block_size
         while queue and len(requests) < room:
             req, result = queue[0]
+            prefill_tokens += len(self.prompt_ids(req))
+            if prefill_tokens > budget:
+                break
             tokens = len(self.prompt_ids(req)) + req.max_new_tokens + self.info.speculate - 1
             allocation = self.allocator.allocate(tokens)
             if allocation is None:
@@ -204,38 +220,58 @@ class RouterEmulation:
             rid = next(self.request_ids)
             self.entries[rid] = _Entry(req, result, allocation[0])
             requests.append(self.request_pb(rid, req, *allocation))
-        if not requests:
+        if len(requests) < max(min_size, 1):  # too small: every entry goes back to the queue, in order
+            for request in reversed(requests):
+                entry = self.entries.pop(request.id)
+                self.allocator.free(entry.blocks)
+                queue.insert(0, (entry.request, entry.result))
             return None
         return pb2.Batch(id=next(self.batch_ids), requests=requests, size=len(requests),
                          max_tokens=sum(len(r.slots) for r in requests))
 
-    def run(self, requests: list[EmuRequest], max_ticks: int = 10_000, on_tick=None) -> list[EmuResult]:
-        """Serve every request with continuous batching; results in request order. on_tick(tick) runs first."""
+    def run(self, requests: list[EmuRequest], max_ticks: int = 10_000, on_tick=None,
+            clients: int | None = None) -> list[EmuResult]:
+        """Serve every request with continuous batching; results in request order. on_tick(tick) runs first.
+        clients=c: c clients in a closed loop, each sending its next request (in order, from its arrival
+        tick on) once its previous one has ended, so at most c are queued or running at any time."""
         results = [EmuResult() for _ in requests]
         pending = sorted(zip(requests, results), key=lambda p: p[0].arrival)
         queue: list[tuple[EmuRequest, EmuResult]] = []
-        running = None
+        running, waited = None, 0
         for tick in range(max_ticks):
-            while pending and pending[0][0].arrival <= tick:
+            while pending and pending[0][0].arrival <= tick and (
+                    clients is None or len(queue) + len(self.entries) < clients):
                 queue.append(pending.pop(0))
             if not (pending or queue or running):
                 break
             if on_tick is not None:
                 on_tick(tick)
-            room = self.max_batch_size - (running.size if running else 0)
-            new_batch = self._next_batch(queue, room) if room > 0 else None
             if running is None:
-                running = self._prefill(new_batch) if new_batch else None
+                new_batch = self._next_batch(queue, self.max_batch_size)
+                running, waited = (self._prefill(new_batch) if new_batch else None), 1
                 continue
             batches = [running]
+            new_batch = self._admit(queue, running.size, waited)
             if new_batch is not None:
+                waited = 1
                 new_cached = self._prefill(new_batch)
                 if new_cached is not None:
                     batches.append(new_cached)
             running = self._decode(batches)
+            waited += 1
         else:
             raise RouterPanic("the loop did not finish")
         return results
+
+    def _admit(self, queue: list, running_size: int, waited: int):
+        """A new batch beside a running one, if TGI's backpressure lets the queue in (see the module doc)."""
+        room = self.max_batch_size - running_size
+        if room <= 0 or not queue:
+            return None
+        min_size = 1 if waited >= self.max_waiting_tokens else math.floor(running_size * self.waiting_served_ratio)
+        if len(queue) < min_size:
+            return None
+        return self._next_batch(queue, room, min_size)
 
     def _prefill(self, batch):
         try:

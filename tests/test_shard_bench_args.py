@@ -42,3 +42,9 @@ def test_a_spread_outside_0_to_1_is_refused(spread, capsys):
     with pytest.raises(SystemExit):
         shard_bench.parse_args(["--model", MODEL, "--length-spread", spread])
     assert "--length-spread" in capsys.readouterr().err
+
+
+def test_admission_defaults_to_tgis_backpressure():
+    assert shard_bench.parse_args(["--model", MODEL]).admission == "tgi"
+    assert shard_bench.TGI_ADMISSION == {"waiting_served_ratio": 1.2, "max_waiting_tokens": 20}  # launcher defaults
+    assert shard_bench.parse_args(["--model", MODEL, "--admission", "eager"]).admission == "eager"

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from tests.router_emulation import EmuRequest, InProcessShard, RouterPanic, pb2
+from tests.router_emulation import TGI_ADMISSION, EmuRequest, InProcessShard, RouterPanic, pb2
 from tgi_space.config import SpacePolicy, default_attention_backend
 from tgi_space.engine import Engine
 from tgi_space.llm import LLM
@@ -160,6 +160,63 @@ def run_with_oracle(shard, llm, monkeypatch):
         else:
             assert res.token_ids == ref.token_ids, i
     return results
+
+
+def admissions(calls: list[str]) -> list[int]:
+    """For each Prefill, how many Decode calls came before it."""
+    decodes, out = 0, []
+    for name in calls:
+        decodes += name == "Decode"
+        if name == "Prefill":
+            out.append(decodes)
+    return out
+
+
+@pytest.mark.parametrize(("late", "expected"), [
+    (1, [0, 19]),  # 1 queued < floor(1.2 * 4) = 4: it waits until 20 steps since the last admission
+    (5, [0, 1]),   # 5 queued >= 4: they join at the first step after they arrive (tick 2)
+])
+def test_admission_follows_tgi_backpressure(plain_shard, late, expected):
+    """TGI's batching_task with the launcher's defaults (waiting_served_ratio 1.2, max_waiting_tokens 20):
+    four running requests; `late` more arrive at tick 2."""
+    emu = plain_shard.router(**TGI_ADMISSION)
+    requests = [EmuRequest(words(3 * i, 5), max_new_tokens=40, ignore_eos=True) for i in range(4)]
+    requests += [EmuRequest(words(50 + i, 4), max_new_tokens=4, ignore_eos=True, arrival=2) for i in range(late)]
+    results = emu.run(requests)
+    emu.close()
+    assert admissions(emu.calls[4:]) == expected, " ".join(emu.calls[4:])
+    assert [len(r.token_ids) for r in results] == [r.max_new_tokens for r in requests]
+
+
+def test_closed_loop_clients_keep_at_most_that_many_in_flight(plain_shard):
+    emu = plain_shard.router()
+    requests = [EmuRequest(words(7 * i, 3 + i), max_new_tokens=3 + 2 * i, ignore_eos=True) for i in range(6)]
+    in_flight = []
+    results = emu.run(requests, on_tick=lambda tick: in_flight.append(len(emu.entries)), clients=2)
+    emu.close()
+    assert max(in_flight) == 2  # never 3, though all six could be queued at tick 0
+    assert [len(r.token_ids) for r in results] == [r.max_new_tokens for r in requests]
+
+
+def test_prefill_batches_keep_to_the_prefill_token_budget(plain_shard):
+    """TGI's queue adds requests to a prefill while their prompt tokens fit max_prefill_tokens (in whole blocks)."""
+    emu = plain_shard.router()
+    requests = [EmuRequest(words(5 * i, 9), max_new_tokens=3, ignore_eos=True) for i in range(5)]
+    lengths = {len(emu.prompt_ids(r)) for r in requests}
+    assert len(lengths) == 1 and lengths.pop() % 4 == 1  # block size 4: the budget below rounds up to 2 prompts
+    emu.max_prefill_tokens = 2 * len(emu.prompt_ids(requests[0])) + 1
+    sizes, call = [], emu._call
+
+    def counting(name, request):
+        if name == "Prefill":
+            sizes.append(len(request.batch.requests))
+        return call(name, request)
+
+    emu._call = counting
+    results = emu.run(requests)
+    emu.close()
+    assert sizes == [2, 2, 1]
+    assert [len(r.token_ids) for r in results] == [3] * 5
 
 
 def test_filter_and_concatenate_carry_candidates(shard, llm, monkeypatch):
