@@ -19,7 +19,7 @@ from tgi_space.planner import LatencyCurve, Proposal, plan
 from tgi_space.sampling import SamplingParams
 from tgi_space.speculation import (
     EXPLORE_BURST, EXPLORE_EVERY, EXPLORE_FRACTION, MASKS_EXPLORE_EVERY, MAX_EXPLORE_EVERY, MAX_LOSS_EXPLORE_EVERY, PLAIN_EVERY,
-    PLAIN_MISSING_EVERY, Speculator,
+    PLAIN_MISSING_EVERY, RATE_WINDOW, Speculator,
     _loss_period, explore_share,
 )
 
@@ -468,6 +468,34 @@ def test_a_step_is_judged_with_its_own_time_outside_the_engine():
     spec._observe_gap(1)
     rate = spec.rates["1/greedy"]["tree"]
     assert 4 / 0.06 < rate < 4 / 0.04  # 4 tokens in 10 ms + >= 30 ms outside, not 10 ms + the mean (~3 ms)
+
+
+def test_a_call_that_arrives_ends_the_gap_of_the_step_before():
+    """A Prefill tokenizes and checks its batch before its step is planned: that is the new requests' cost.
+    The gap of the decode step before it ends when the call arrives (`close_gap`), not when it is planned."""
+    import time as _time
+
+    spec = _speculator()
+    spec.defer_rate(1, 0.010, 4, "tree")
+    spec.step_done()
+    spec.close_gap()  # the call arrived at once
+    _time.sleep(0.03)  # ... and spent 30 ms before planning its step
+    spec._observe_gap(1)
+    assert spec.rates["1/greedy"]["tree"] > 4 / 0.02  # 4 tokens in 10 ms + ~0 outside, not + 30 ms
+
+
+def test_a_rate_is_the_median_of_the_kinds_recent_steps():
+    """A step now and then is slow for reasons of its own (another process on a shared core): one in five
+    does not move the rate; a lasting change (three in five) does."""
+    spec = _speculator()
+    for _ in range(4):
+        spec.observe_rate(1, 0.010, 10, "plain", outside=0.0)  # 1000 tok/s
+    spec.observe_rate(1, 0.040, 10, "plain", outside=0.0)  # one slow step: 250 tok/s
+    assert spec.rates["1/greedy"]["plain"] == pytest.approx(1000)  # (a running mean 0.8/0.2 gave 850)
+    spec.observe_rate(1, 0.040, 10, "plain", outside=0.0)
+    spec.observe_rate(1, 0.040, 10, "plain", outside=0.0)
+    assert spec.rates["1/greedy"]["plain"] == pytest.approx(250)  # three of the last five: it has changed
+    assert RATE_WINDOW == 5
 
 
 def test_speculation_judged_to_pay_still_re_measures_plain_steps():

@@ -112,8 +112,15 @@ def test_governed_sdsat_measured_to_lose_is_plain_decoding_and_lossless(llama_di
     params = SamplingParams(max_new_tokens=3 * EXPLORE_EVERY)
     ref = [o.token_ids for o in llm.generate(PROMPTS[:1], params, speculate="none")]
     spec = llm.engine.speculator
-    spec.rates["1/greedy"]["sdsat"] = 1e-6  # tokens per second: SDSAT loses against any plain step, so
-    spec.rates["1/greedy"]["plain"] = 1e6  # (however much: the cap on the period is patched)
+    observe = spec.observe_rate
+
+    def measured_to_lose(*args, **kwargs):  # whatever this machine measures, SDSAT stays measured to lose
+        observe(*args, **kwargs)
+        spec.rates["1/greedy"]["sdsat"] = 1e-6  # tokens per second: SDSAT loses against any plain step, so
+        spec.rates["1/greedy"]["plain"] = 1e6  # (however much: the cap on the period is patched)
+
+    monkeypatch.setattr(spec, "observe_rate", measured_to_lose)
+    spec.rates["1/greedy"]["sdsat"], spec.rates["1/greedy"]["plain"] = 1e-6, 1e6
     out = llm.generate(PROMPTS[:1], params, speculate="sdsat")
     assert [o.token_ids for o in out] == ref
     info = llm.engine.sdsat.info()

@@ -11,7 +11,7 @@ or draw-then-match sampling), and `draft_next` builds the next tree.
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+from collections import defaultdict, deque
 import math
 import statistics
 import time
@@ -103,7 +103,11 @@ class Speculator:
         # work the probed surface does not, so rates of other sizes cannot be rescaled to it (scaled by the
         # surface, batch 8's speculative rate looked 1.9x at batch 16 against 1.4x measured for plain steps,
         # and speculation ran at 0.64-0.78x plain through the shard at 16 in flight).
+        # A rate is the median of the kind's last RATE_WINDOW steps: on two shared cores a step now and then
+        # takes 10-50 ms longer (another process runs), and plain steps are measured rarely while speculation
+        # pays, so one slow plain step in a running mean kept speculation on where it lost.
         self.rates: dict[str, dict[str, float]] = defaultdict(dict)
+        self._recent: dict[str, dict[str, deque]] = defaultdict(dict)
         self._gated: dict[str, int] = defaultdict(int)
         self._since_plain: dict[str, int] = defaultdict(int)  # speculative steps since the key's last plain one
         self._explore_period: dict[str, int] = {}  # a key's exploring period while it keeps losing (>= EXPLORE_EVERY)
@@ -322,7 +326,11 @@ class Speculator:
         else:
             self._sdsat_half = None  # a pair is two consecutive SDSAT steps
         rate = tokens / max(total, 1e-9)
-        rates[kind] = rate if kind not in rates else 0.8 * rates[kind] + 0.2 * rate
+        recent = self._recent[key].get(kind)
+        if recent is None or kind not in rates:  # nothing yet or forgotten: a fresh window (from a rate set as is)
+            recent = self._recent[key][kind] = deque([rates[kind]] if kind in rates else [], maxlen=RATE_WINDOW)
+        recent.append(rate)
+        rates[kind] = statistics.median(recent)
 
     def _comparison(self, key: str, kinds: tuple[str, ...]) -> tuple[float | None, float | None]:
         """(the best of `kinds`' rates, the plain rate), both measured at one batch size: the key's when it has
@@ -406,16 +414,26 @@ class Speculator:
         if extra > 0:
             self.marginal_factor[b] = self._marginal_ratio[b].observe(seconds - self.plain_factor[b] * plain, extra)
 
-    def _observe_gap(self, num_seqs: int) -> None:
+    def close_gap(self) -> None:
+        """The server's next call has arrived: the time outside the engine since the last step ends here.
+        What the call does before its step (a new batch's tokenizing and checks, a concatenation) is the
+        new requests' cost, not the cost of the step before; charged to it, a step followed by a Prefill
+        looked 10-50 ms slower (through the shard, mostly plain steps, as the batch shrank towards one)."""
+        self._observe_gap(None)
+
+    def _observe_gap(self, num_seqs: int | None) -> None:
         """Learn `outside` from the time since the last step ended (not across idle pauses), and record
         the last step's rate with that gap, its own: a step that emitted more tokens costs the server and
-        the router more outside the engine too (`defer_rate`)."""
+        the router more outside the engine too (`defer_rate`). num_seqs: the batch size to learn it for
+        (None: the last step's)."""
         pending, self._pending_rate = self._pending_rate, None
         if self._step_end is None or not self.adaptive:
             return
         gap = time.perf_counter() - self._step_end
         self._step_end = None
-        if gap < MAX_GAP:
+        if num_seqs is None:
+            num_seqs = pending[0] if pending is not None else None
+        if gap < MAX_GAP and num_seqs is not None:
             b = _bucket(num_seqs)
             self.outside[b] = 0.9 * self.outside[b] + 0.1 * gap
         if pending is not None:
@@ -746,6 +764,7 @@ EXPLORE_BURST_SDSAT = 2  # an SDSAT try: a draft pass, then the verify pass of i
 MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
 MASK_EXTEND_PRIOR = 0.7  # before any is measured: the chance a mask draft extends the accepted path, per depth
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
+RATE_WINDOW = 5  # steps of a kind whose median is its rate (robust to two slow steps in five)
 NEAR_SIZES = 2  # a batch size with no comparison of its own borrows that of a size at most this factor away
 GATE_MARGIN = 0.95  # speculation is stopped when measured more than 5% slower than plain (a run-to-run noise level here)
 

@@ -199,10 +199,17 @@ class Shard:
     def prefill(self, pb_batch) -> StepResult:
         """First step of a new batch: KV of the prompts, the first token, the first candidates."""
         start = time.perf_counter_ns()
+        self._close_gap()
         batch = SpaceBatch.from_pb(pb_batch, self.ctx)  # tokenizing and request checks: outside the lock
         with self.lock:
             self._check_bookkeeping(batch)  # the router's ids and slots, before anything changes
             return self._run(batch, start, None)
+
+    def _close_gap(self) -> None:
+        """The planner's time outside the engine ends when a call arrives, not when its step is planned."""
+        if self.engine.planned:
+            with self.lock:
+                self.engine.speculator.close_gap()
 
     def _check_bookkeeping(self, batch: SpaceBatch) -> None:
         """A new batch must not reuse a live batch id, a live request id, or a slot a live request owns."""
@@ -236,6 +243,7 @@ class Shard:
         if not batch_ids:
             raise InvalidRequest("batches: Decode needs at least one cached batch")
         start = time.perf_counter_ns()
+        self._close_gap()
         with self.lock:
             batches = self._pop(batch_ids)
             batch = SpaceBatch.concatenate(batches) if len(batches) > 1 else batches[0]
