@@ -14,7 +14,9 @@ decoding's batches stay in step (their replacements are prefilled together, in o
 speculation lets them drift apart; real traffic is never in step. Queued requests join a running batch as TGI's
 router lets them (--admission tgi, the default: when floor(1.2 x running) wait, or 20 steps after the last
 admission, so replacements of requests that finish apart are still prefilled together); --admission eager
-prefills each at the next step, as the emulation did before.
+prefills each at the next step, as the emulation did before. With --chunking on (the shard's default,
+PREFILL_CHUNKING=1) the shard reports support_chunking and the router ignores that backpressure: queued requests
+join the running batch's next step in the same forward (Prefill with cached_batch), every step, as TGI 3 does.
 The settings run back to back, in an order that rotates between concurrencies, so slow drift on a shared
 machine does not favour one. Reported per setting: requests/s, generated tokens/s, tokens per
 Generation, and the ratio to plain; with --repeats, the median repetition of each.
@@ -71,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tgi: the router's backpressure at the launcher's defaults (waiting_served_ratio 1.2, "
                         "max_waiting_tokens 20): queued requests join a running batch when enough wait or after "
                         "20 steps; eager: each joins at the next step (not what TGI does)")
+    p.add_argument("--chunking", choices=("on", "off"), default="on",
+                   help="the shards' PREFILL_CHUNKING: on, new requests join the running batch's next step (TGI 3's "
+                        "router with Info.support_chunking; --admission then only matters without it)")
     p.add_argument("--max-input-tokens", type=int, default=512, help="router truncation of the prompts")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="> 0: nucleus sampling (with --top-p)")
@@ -110,7 +115,8 @@ def start_shards(args: argparse.Namespace, socket_dir: Path) -> dict[str, ShardP
     model = Path(args.model)
     per_request = args.max_input_tokens + args.longest + 8 + 2 * args.block_size
     env = {"TGI_SPACE_KV_CACHE_BYTES": str(kv_cache_bytes(model, per_request * (max(args.concurrency) + 2))),
-           "TGI_SPACE_BLOCK_SIZE": str(args.block_size), "MAX_BATCH_SIZE": str(max(args.concurrency))}
+           "TGI_SPACE_BLOCK_SIZE": str(args.block_size), "MAX_BATCH_SIZE": str(max(args.concurrency)),
+           "PREFILL_CHUNKING": "1" if args.chunking == "on" else "0"}
     shards = {mode: ShardProcess(model, socket_dir / mode, MODES[mode][1], {**env, **MODES[mode][0]})
               for mode in args.modes}
     for shard in shards.values():
@@ -157,6 +163,7 @@ def bench(args: argparse.Namespace) -> dict:
     pool = humaneval_prompts(min(max(args.requests, args.waves * max(args.concurrency)), 164))
     report = {"model": args.model, "requests": args.requests, "waves": args.waves, "max_new_tokens": args.max_new_tokens,
               "length_spread": args.length_spread, "arrivals": args.arrivals, "admission": args.admission,
+              "chunking": args.chunking,
               "max_input_tokens": args.max_input_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "by_concurrency": {}}
     with tempfile.TemporaryDirectory() as socket_dir:

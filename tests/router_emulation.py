@@ -8,11 +8,16 @@ new batch, Decode([running, new]), FilterBatch / ClearCache when requests end or
 are cancelled. It also checks what would make the real router panic (unknown
 request ids, empty or ragged token lists).
 
-Admission while a batch runs follows `batching_task` (no chunking): queued
-requests join only when at least floor(waiting_served_ratio x running) are
-queued, or when max_waiting_tokens Decode calls have passed since the last
-admission. TGI's launcher defaults are 1.2 and 20 (`TGI_ADMISSION`); the
-emulation's own default (0, 0) admits at once, which the protocol tests use.
+Admission while a batch runs follows `batching_task`. Without chunking (the
+shard's Info.support_chunking false): queued requests join only when at least
+floor(waiting_served_ratio x running) are queued, or when max_waiting_tokens
+Decode calls have passed since the last admission. TGI's launcher defaults are
+1.2 and 20 (`TGI_ADMISSION`); the emulation's own default (0, 0) admits at
+once, which the protocol tests use. With chunking, whatever is queued joins at
+every step within what max_prefill_tokens leaves after the running batch's
+current_tokens: Prefill(new batch, cached_batch=running) runs the new prompts
+and the running batch's step in one call (then Decode, as every loop), and a
+prompt over the budget is cut (chunk_len).
 """
 
 from __future__ import annotations
@@ -202,17 +207,25 @@ class RouterEmulation:
             blocks=blocks, slots=slots, cache_len=0,
         )
 
-    def _next_batch(self, queue: list[tuple[EmuRequest, EmuResult]], room: int, min_size: int = 1):
-        """Take queued requests while the batch size, the prefill token budget (max_prefill_tokens, rounded
-        up to whole blocks) and the allocator allow (FIFO)."""
+    def _next_batch(self, queue: list[tuple[EmuRequest, EmuResult]], room: int, min_size: int = 1,
+                    budget: int | None = None):
+        """Take queued requests while the batch size, the prefill token budget (max_prefill_tokens unless
+        given, rounded up to whole blocks) and the allocator allow (FIFO). With chunking, the request that
+        does not fit is cut to what is left of the budget (chunk_len) and ends the batch."""
         requests, prefill_tokens = [], 0
-        budget = -(-self.max_prefill_tokens // self.info.block_size) * self.info.block_size
+        budget = self.max_prefill_tokens if budget is None else budget
+        if budget <= 0:
+            return None
+        budget = -(-budget // self.info.block_size) * self.info.block_size
         while queue and len(requests) < room:
             req, result = queue[0]
-            prefill_tokens += len(self.prompt_ids(req))
-            if prefill_tokens > budget:
-                break
-            tokens = len(self.prompt_ids(req)) + req.max_new_tokens + self.info.speculate - 1
+            num_prompt = len(self.prompt_ids(req))
+            chunk = None
+            if prefill_tokens + num_prompt > budget:
+                chunk = budget - prefill_tokens if self.info.support_chunking else 0
+                if chunk <= 0:
+                    break
+            tokens = num_prompt + req.max_new_tokens + self.info.speculate - 1
             allocation = self.allocator.allocate(tokens)
             if allocation is None:
                 break
@@ -220,6 +233,10 @@ class RouterEmulation:
             rid = next(self.request_ids)
             self.entries[rid] = _Entry(req, result, allocation[0])
             requests.append(self.request_pb(rid, req, *allocation))
+            if chunk is not None:
+                requests[-1].chunk_len = chunk
+                break
+            prefill_tokens += num_prompt
         if len(requests) < max(min_size, 1):  # too small: every entry goes back to the queue, in order
             for request in reversed(requests):
                 entry = self.entries.pop(request.id)
@@ -250,8 +267,12 @@ class RouterEmulation:
                 new_batch = self._next_batch(queue, self.max_batch_size)
                 running, waited = (self._prefill(new_batch) if new_batch else None), 1
                 continue
+            if self.info.support_chunking:
+                running = self._join(queue, running)
+                if running is None:
+                    continue
             batches = [running]
-            new_batch = self._admit(queue, running.size, waited)
+            new_batch = None if self.info.support_chunking else self._admit(queue, running.size, waited)
             if new_batch is not None:
                 waited = 1
                 new_cached = self._prefill(new_batch)
@@ -273,11 +294,20 @@ class RouterEmulation:
             return None
         return self._next_batch(queue, room, min_size)
 
-    def _prefill(self, batch):
+    def _join(self, queue: list, running):
+        """Chunking: queued requests join the running batch's next step (Prefill with cached_batch), within
+        max_prefill_tokens less the running batch's current_tokens, whatever the batch size."""
+        new_batch = self._next_batch(queue, sys.maxsize, budget=self.max_prefill_tokens - running.current_tokens)
+        return running if new_batch is None else self._prefill(new_batch, running)
+
+    def _prefill(self, batch, cached=None):
+        request = pb2.PrefillRequest(batch=batch)
+        if cached is not None:
+            request.cached_batch.CopyFrom(cached)
         try:
-            response = self._call("Prefill", pb2.PrefillRequest(batch=batch))
-        except grpc.RpcError as err:  # the router fails this batch's requests and clears it
-            self._fail([r.id for r in batch.requests], err)
+            response = self._call("Prefill", request)
+        except grpc.RpcError as err:  # the router fails every request of the call and clears the new batch
+            self._fail([r.id for r in batch.requests] + (list(cached.request_ids) if cached else []), err)
             self._call("ClearCache", pb2.ClearCacheRequest(id=batch.id))
             return None
         return self._after_step(response)

@@ -28,10 +28,11 @@ def words(start: int, n: int) -> str:
     return " ".join(f"w{4 + (start + j) % 90}" for j in range(n))
 
 
-def options(model_dir, socket_base, mode: str = "space") -> ServeOptions:
-    """The paper's fixed layout (oracle candidates below); the planned step is tested in integration-tests."""
+def options(model_dir, socket_base, mode: str = "space", chunking: bool = False) -> ServeOptions:
+    """The paper's fixed layout (oracle candidates below); the planned step is tested in integration-tests.
+    Without chunking (TGI's protocol before prefill chunking) unless asked: test_shard_chunking.py has it."""
     return ServeOptions(model_dir=str(model_dir), uds_path=str(socket_base), block_size=4, kv_cache_bytes=2**20,
-                        dtype="float32", k=K, speculate_mode=mode, planner=False)
+                        dtype="float32", k=K, speculate_mode=mode, planner=False, prefill_chunking=chunking)
 
 
 @pytest.fixture(scope="module")

@@ -302,8 +302,13 @@ class Engine:
         self.num_steps += 1
         results, self._moves = [], []
         offsets = layout.logit_offsets
-        stats = logit_stats(logits, self.model.ctx.kernels)  # every row's best tokens and logsumexp, at once
+        # every row's best tokens and logsumexp, at once (no rows: every sequence sent a prefill chunk)
+        stats = logit_stats(logits, self.model.ctx.kernels) if len(logits) else None
         for i, (seq, plan) in enumerate(planned):
+            if plan.partial:  # a prefill chunk: its K/V are written, the rest of the prompt comes next step
+                seq.num_cached += len(plan.chain)
+                results.append((seq, []))
+                continue
             seq_logits = logits[offsets[i] : offsets[i + 1]]
             results.append((seq, self._advance_alone(seq, plan, seq_logits, slots, stats.of(offsets[i]))))
         self._move_accepted_kv()
@@ -317,7 +322,7 @@ class Engine:
         time says nothing about speculation), and, from SPACE steps, the rows' cost and the drafts' worth."""
         plans = [p for _, p in planned]
         sampled, regime = any_sampled(planned), sampling_regime(planned)
-        decode = sum(p.num_uncached for p in plans) == len(plans)
+        decode = sum(p.num_uncached for p in plans) == len(plans) and not any(p.partial for p in plans)
         tokens = sum(len(e) for _, e in results)
         if any(seq.sdsat for seq, _ in planned):
             kind = _sdsat_kind(planned)
@@ -375,18 +380,23 @@ class Engine:
             seq.candidates, seq.draft_probs = [], None
             return []
 
-    @torch.inference_mode()
     def prompt_logprobs(self, index: int, prompt_ids: list[int]) -> list[float]:
         """After `execute(..., keep_hidden=True)` prefilled sequence `index`: each prompt token's
-        log-probability given the ones before it (the first: NaN), in chunks of the vocabulary's logits."""
+        log-probability given the ones before it (the first: NaN)."""
+        return [float("nan")] + self.chain_logprobs(index, prompt_ids[1:])
+
+    @torch.inference_mode()
+    def chain_logprobs(self, index: int, targets: list[int]) -> list[float]:
+        """After `execute(..., keep_hidden=True)`: the log-probability of targets[i] given sequence `index`'s
+        chain up to its row i (a prompt, or a chunk of one), in chunks of the vocabulary's logits."""
         layout, hidden = self.last_step
         first_row = layout.cu_seqlens[index]  # chain rows come first; a prefill's chain starts with the prompt
-        out = [float("nan")]
-        targets = torch.tensor(prompt_ids[1:], device=hidden.device)
-        for lo in range(0, len(prompt_ids) - 1, LOGIT_CHUNK):
-            hi = min(lo + LOGIT_CHUNK, len(prompt_ids) - 1)
+        out: list[float] = []
+        ids = torch.tensor(targets, dtype=torch.long, device=hidden.device)
+        for lo in range(0, len(targets), LOGIT_CHUNK):
+            hi = min(lo + LOGIT_CHUNK, len(targets))
             logits = self.model.compute_logits(hidden[first_row + lo : first_row + hi]).float()
-            out += logits.log_softmax(-1).gather(-1, targets[lo:hi, None]).squeeze(-1).tolist()
+            out += logits.log_softmax(-1).gather(-1, ids[lo:hi, None]).squeeze(-1).tolist()
         return out
 
     @staticmethod

@@ -30,6 +30,7 @@ class SeqPlan:
     parents: tuple[int, ...] | None = None  # candidate tree: parent of each candidate (-1: the last
     # uncached token); None: the candidates form a chain and their K/V go straight to the sequence's slots
     tree: DraftTree | None = None  # the candidates' drafters and scores, when planned as a tree
+    partial: bool = False  # a prefill chunk (TGI's chunk_len): K/V of part of the prompt, no logits, nothing emitted
 
     @property
     def num_rows(self) -> int:
@@ -118,7 +119,8 @@ def build_layout(plans: list[SeqPlan], mask_token_id: int) -> StepLayout:
     for plan in plans:
         seq_ids, seq_pos, vis = seq_layout(plan, mask_token_id)
         base = cu[-1]
-        verify = range(plan.first_verify_row, len(plan.chain))  # n + 1 rows: the root, then each candidate
+        # n + 1 rows: the root, then each candidate; none for a prefill chunk
+        verify = range(0) if plan.partial else range(plan.first_verify_row, len(plan.chain))
         logit_rows.extend(base + r for r in verify)
         logit_rows.extend(range(base + len(plan.chain), base + plan.num_rows))
         mask_rows.extend(range(base + len(plan.chain), base + plan.num_rows))

@@ -39,6 +39,7 @@ class BatchContext:
     watermark: Watermark
     seq_ids: Iterator[int] = field(default_factory=itertools.count)  # engine ids; router ids may repeat
     method: str = "space"  # how speculating requests speculate: "space" or "sdsat" (SPECULATE_MODE)
+    chunking: bool = False  # Info.support_chunking: Prefill may join a cached batch and cut prompts (chunk_len)
 
     @property
     def mode(self) -> str:
@@ -90,8 +91,6 @@ def reject_unsupported(pb) -> None:
         raise InvalidRequest("parameters.grammar: grammar-constrained decoding is not supported by this shard")
     if pb.HasField("adapter_id") and pb.adapter_id:
         raise InvalidRequest(f"adapter_id: LoRA adapters are not supported (got {pb.adapter_id!r})")
-    if pb.HasField("chunk_len"):
-        raise InvalidRequest("chunk_len: prefill chunking is not supported (Info.support_chunking = false)")
     if pb.cache_len:
         raise InvalidRequest("cache_len: prefix caching is not supported (Info.use_prefix_caching = false)")
 
@@ -125,6 +124,8 @@ class ShardRequest:
     prefill_logprobs: bool
     seed: int | None  # reported in GeneratedText when sampling
     detokenizer: Detokenizer
+    chunk_len: int | None = None  # prompt tokens the router lets the first step compute (None: all of them)
+    prompt_logprobs: list[float] = field(default_factory=lambda: [float("nan")])  # gathered chunk by chunk
 
     @classmethod
     def from_pb(cls, pb, ctx: BatchContext, own_slots: torch.Tensor | None = None) -> "ShardRequest":
@@ -141,7 +142,8 @@ class ShardRequest:
         generator = None if params.is_greedy else torch.Generator().manual_seed(params.seed)
         seq = Sequence(next(ctx.seq_ids), ids, params, ctx.speculate, generator, sdsat=ctx.mode == "sdsat")
         seed = None if params.is_greedy else params.seed
-        return cls(pb.id, seq, slots, pb.prefill_logprobs, seed, Detokenizer(engine.tokenizer, len(ids)))
+        return cls(pb.id, seq, slots, pb.prefill_logprobs, seed, Detokenizer(engine.tokenizer, len(ids)),
+                   _chunk_len(pb, len(ids), ctx.chunking))
 
     def generation(self, emitted: list[TokenInfo], prefill_tokens: Tokens | None) -> Generation:
         """This step's Generation: every emitted token, top tokens, and the text when finished."""
@@ -173,6 +175,17 @@ class ShardRequest:
         context = seq.tokens[seq.num_prompt - 1 :]
         text = decode(context)[len(decode(context[:1])) :]
         return GeneratedText(text, len(seq.output_ids), seq.finish_reason, self.seed)
+
+
+def _chunk_len(pb, num_prompt: int, chunking: bool) -> int | None:
+    """The router's chunk_len, checked: only with chunking, 1..prompt length; None when the whole prompt runs."""
+    if not pb.HasField("chunk_len"):
+        return None
+    if not chunking:
+        raise InvalidRequest("chunk_len: prefill chunking is off (Info.support_chunking = false; PREFILL_CHUNKING=0)")
+    if not 1 <= pb.chunk_len <= num_prompt:
+        raise InvalidRequest(f"request {pb.id}: chunk_len: {pb.chunk_len} is not within 1..{num_prompt} (the prompt's tokens)")
+    return pb.chunk_len if pb.chunk_len < num_prompt else None
 
 
 def _router_slots(pb, num_prompt: int, params: SamplingParams, num_slots: int) -> torch.Tensor:

@@ -50,6 +50,9 @@ class ServeOptions:
     suffix_shared_tokens: int = 0  # TGI_SPACE_SUFFIX_SHARED_TOKENS: suffix drafts from all requests' recent outputs
     adapter: str | None = None  # TGI_SPACE_ADAPTER: gated SPACE adapter folder; None: config.json space_adapter
     sdsat_tree_sizes: tuple[int, ...] = SDSAT_TREE_SIZES  # TGI_SPACE_SDSAT_TREE_SIZES=4,8,8,5,3 (SDSAT sampling)
+    # PREFILL_CHUNKING (TGI's variable, default on): Info.support_chunking, so the router joins new requests to
+    # the running batch's next step (Prefill with cached_batch) and may cut long prompts (chunk_len)
+    prefill_chunking: bool = True
 
     def __post_init__(self) -> None:
         if self.speculate_mode not in SPECULATE_MODES:
@@ -160,8 +163,19 @@ def from_launcher(
         max_batch_size=int(env.get("MAX_BATCH_SIZE") or 64),
         max_step_query_tokens=int(env.get("TGI_SPACE_MAX_STEP_QUERY_TOKENS", 128)),
         watermark=Watermark.from_env(env),
+        prefill_chunking=_flag(env, "PREFILL_CHUNKING", True),
         max_input_tokens=max_input_tokens,
     )
+
+
+def _flag(env: dict[str, str], name: str, default: bool) -> bool:
+    """A boolean environment variable: 1/true or 0/false (any case), the default when unset."""
+    text = env.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text not in ("1", "true", "0", "false"):
+        raise UnsupportedOption(f"{name}={env[name]}: must be one of 1, true, 0, false")
+    return text in ("1", "true")
 
 
 def _count(env: dict[str, str], name: str) -> int:

@@ -13,7 +13,6 @@ from typing import Any, Callable
 import grpc
 
 from tgi_space.engine import Engine
-from tgi_space.server.batch import InvalidRequest
 from tgi_space.server.interceptor import ExceptionInterceptor
 from tgi_space.server.options import ServeOptions
 from tgi_space.server.protogen import load_pb
@@ -122,6 +121,7 @@ class TextGenerationService:
             request.batch,
             request.max_input_tokens if request.HasField("max_input_tokens") else None,
             request.max_total_tokens if request.HasField("max_total_tokens") else None,
+            request.max_prefill_tokens,
         )
         return self.pb2.WarmupResponse(
             max_supported_total_tokens=result.max_supported_total_tokens,
@@ -130,9 +130,8 @@ class TextGenerationService:
         )
 
     def Prefill(self, request, context):
-        if request.HasField("cached_batch"):
-            raise InvalidRequest("cached_batch: prefill chunking is not supported (Info.support_chunking = false)")
-        return self._step_response(self.pb2.PrefillResponse, self.runner.call(self.shard.prefill, request.batch))
+        cached = request.cached_batch.id if request.HasField("cached_batch") else None
+        return self._step_response(self.pb2.PrefillResponse, self.runner.call(self.shard.prefill, request.batch, cached))
 
     def Decode(self, request, context):
         result = self.runner.call(self.shard.decode, [b.id for b in request.batches])
@@ -156,7 +155,8 @@ def build_shard(options: ServeOptions) -> Shard:
     """Load the model and allocate the KV cache."""
     engine = Engine(options.engine_config())
     speculate = options.speculate_mode != "none"
-    return Shard(engine, speculate, options.watermark, method=options.speculate_mode if speculate else "space")
+    return Shard(engine, speculate, options.watermark, method=options.speculate_mode if speculate else "space",
+                 chunking=options.prefill_chunking)
 
 
 def create_server(

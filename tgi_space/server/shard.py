@@ -16,6 +16,7 @@ import torch
 
 from tgi_space.engine import Engine
 from tgi_space.scheduler import plan_sequence
+from tgi_space.space import SeqPlan
 from tgi_space.server.batch import BatchContext, CapacityError, InvalidRequest, ShardRequest, SlotTable, SpaceBatch
 from tgi_space.server.generation import Generation, Tokens
 from tgi_space.watermark import Watermark
@@ -78,12 +79,14 @@ class StepResult:
 class Shard:
     """Runs router batches on the engine; the router owns the KV blocks, masks need none."""
 
-    def __init__(self, engine: Engine, speculate: bool, watermark: Watermark, method: str = "space") -> None:
+    def __init__(self, engine: Engine, speculate: bool, watermark: Watermark, method: str = "space",
+                 chunking: bool = False) -> None:
         self.engine = engine
         if speculate and method == "sdsat":
             engine.check_sdsat()  # at start-up: a checkpoint SDSAT cannot decode is refused, naming the field
         can = engine.k_max > 0 if method == "sdsat" else engine.planned or engine.k_max > 0
-        self.ctx = BatchContext(engine, speculate and can, watermark, method=method)
+        self.ctx = BatchContext(engine, speculate and can, watermark, method=method, chunking=chunking)
+        self.max_prefill_tokens: int | None = None  # Warmup's: bounds the prompt tokens of one step when chunking
         self.cache: dict[int, SpaceBatch] = {}  # batch id -> batch; emptied by ClearCache
         self.lock = threading.Lock()
 
@@ -105,6 +108,7 @@ class Shard:
             speculate=self.speculate,
             block_size=cfg.block_size,
             attention_impl=cfg.attention_backend,
+            support_chunking=self.ctx.chunking,
         )
 
     # ---- batch cache --------------------------------------------------------------------
@@ -148,12 +152,14 @@ class Shard:
 
     # ---- RPC bodies ---------------------------------------------------------------------
 
-    def warmup(self, pb_batch, max_input: int | None, max_total: int | None) -> WarmupResult:
+    def warmup(self, pb_batch, max_input: int | None, max_total: int | None,
+               max_prefill: int | None = None) -> WarmupResult:
         """A worst-case prefill of the router's warm-up batch on our own slots; nothing is kept."""
         if not pb_batch.requests:
             raise InvalidRequest("batch.requests: Warmup needs a batch with at least one request")
         with self.lock:
             self.cache.clear()
+            self.max_prefill_tokens = max_prefill or None
             if self.engine.planned and self.ctx.speculate:  # probe t(rows, batch) before any traffic
                 self._log_latency(self.engine.speculator)
             batch = SpaceBatch.from_pb_self_allocated(pb_batch, self.ctx)
@@ -196,14 +202,25 @@ class Shard:
         text = "; ".join(f"batch {b}: " + ", ".join(f"t({n})={ms:.1f}" for n, ms in c.items()) for b, c in curve.items())
         log.info("planner latency probe (ms): %s; mask group step cost %.2f ms", text, 1000 * speculator.mask_step_cost)
 
-    def prefill(self, pb_batch) -> StepResult:
-        """First step of a new batch: KV of the prompts, the first token, the first candidates."""
+    def prefill(self, pb_batch, cached_id: int | None = None) -> StepResult:
+        """First step of a new batch: KV of the prompts, the first token, the first candidates. With chunking,
+        `cached_id` names the running batch: it joins (under its own id) and takes its decode step in the same
+        forward. If such a Prefill fails, the cached batch is dropped too: the router fails all its requests."""
+        if cached_id is not None and not self.ctx.chunking:
+            raise InvalidRequest("cached_batch: prefill chunking is off (Info.support_chunking = false; PREFILL_CHUNKING=0)")
         start = time.perf_counter_ns()
         self._close_gap()
-        batch = SpaceBatch.from_pb(pb_batch, self.ctx)  # tokenizing and request checks: outside the lock
-        with self.lock:
-            self._check_bookkeeping(batch)  # the router's ids and slots, before anything changes
-            return self._run(batch, start, None)
+        try:
+            batch = SpaceBatch.from_pb(pb_batch, self.ctx)  # tokenizing and request checks: outside the lock
+            with self.lock:
+                self._check_bookkeeping(batch)  # the router's ids and slots, before anything changes
+                if cached_id is not None:
+                    batch = SpaceBatch.concatenate([*self._pop([cached_id]), batch])
+                return self._run(batch, start, None)
+        except Exception:
+            if cached_id is not None:
+                self.clear(cached_id)
+            raise
 
     def _close_gap(self) -> None:
         """The planner's time outside the engine ends when a call arrives, not when its step is planned."""
@@ -263,29 +280,72 @@ class Shard:
     # ---- the step -----------------------------------------------------------------------
 
     def _step(self, batch: SpaceBatch) -> tuple[list[Generation], int]:
-        """Verify, emit and draft for every request; finished requests leave the batch."""
+        """Verify, emit and draft for every request; finished requests leave the batch. A request whose
+        prompt is cut into chunks sends only a chunk, emits nothing and gets no Generation until its last."""
         live = batch.requests
-        if self.engine.planned:  # uncached tokens, then what the planner finds worth sending
-            planned = [(r.seq, plan_sequence(r.seq, 0)) for r in live]
-        else:  # the paper's fixed layout
-            k = self.engine.config.space.choose_k(sum(r.seq.speculate for r in live), 0, self.engine.k_max)
-            planned = [(r.seq, plan_sequence(r.seq, k if r.seq.speculate else 0)) for r in live]
-        planned = self.engine.speculate(planned)  # planned rows; SDSAT requests: their draft or verify pass
-        wants_prompt = [r.prefill_logprobs and r.seq.num_cached == 0 for r in live]
+        chunks = self._chunks(live)
+        full = [(r.seq, self._plan(r.seq, live)) for r, c in zip(live, chunks) if c is None]
+        speculated = iter(self.engine.speculate(full))  # planned rows; SDSAT requests: their draft or verify pass
+        planned = [next(speculated) if c is None else (r.seq, _chunk_plan(r.seq, c)) for r, c in zip(live, chunks)]
+        starts = [r.seq.num_cached if r.prefill_logprobs and r.seq.num_cached < r.seq.num_prompt else None
+                  for r in live]
         start = time.perf_counter_ns()
-        results = self.engine.execute(planned, SlotTable(live), keep_hidden=any(wants_prompt))
+        results = self.engine.execute(planned, SlotTable(live), keep_hidden=any(s is not None for s in starts))
         forward_ns = time.perf_counter_ns() - start
         generations = []
         for i, (request, (_, emitted)) in enumerate(zip(live, results)):
-            prefill = self._prompt_tokens(i, request) if wants_prompt[i] else None
-            generations.append(request.generation(emitted, prefill))
+            if starts[i] is not None:
+                self._gather_prompt_logprobs(i, request, starts[i], chunks[i])
+            if chunks[i] is None:
+                prefill = self._prompt_tokens(request) if starts[i] is not None else None
+                generations.append(request.generation(emitted, prefill))
         self.engine.last_step = None
         batch.requests = [r for r in live if not r.seq.is_finished]
         return generations, forward_ns
 
-    def _prompt_tokens(self, index: int, request: ShardRequest) -> Tokens:
+    def _plan(self, seq, live: list[ShardRequest]) -> SeqPlan:
+        """A sequence's base plan: its uncached tokens (the planner adds what is worth sending), or, with the
+        paper's fixed layout, k candidates and groups."""
+        if self.engine.planned:
+            return plan_sequence(seq, 0)
+        k = self.engine.config.space.choose_k(sum(r.seq.speculate for r in live), 0, self.engine.k_max)
+        return plan_sequence(seq, k if seq.speculate else 0)
+
+    def _chunks(self, live: list[ShardRequest]) -> list[int | None]:
+        """Prompt tokens each request computes this step when that is not the rest of its prompt (else None):
+        on a request's first step the router's chunk_len; on the next ones what is left of max_prefill_tokens
+        after one token per other request, oldest request first (as TGI's server)."""
+        budget = (self.max_prefill_tokens or 0) - (len(live) - 1)
+        out: list[int | None] = []
+        for r in live:
+            seq = r.seq
+            left = seq.num_prompt - seq.num_cached
+            if seq.num_cached == 0:  # the router's choice: a chunk, or the whole prompt
+                n = r.chunk_len or left
+            elif left > 0 and self.max_prefill_tokens:
+                n = max(1, min(left, budget))
+                budget -= n
+            else:
+                n = left
+            out.append(n if 0 < n < left else None)
+        return out
+
+    def _gather_prompt_logprobs(self, index: int, request: ShardRequest, start: int, chunk: int | None) -> None:
+        """Log-probabilities of the prompt tokens that follow this step's rows of it (rows start..start+n-1)."""
+        seq = request.seq
+        end = seq.num_prompt if chunk is None else start + chunk + 1  # a chunk's last row predicts the next chunk
+        request.prompt_logprobs += self.engine.chain_logprobs(index, seq.tokens[start + 1 : min(end, seq.num_prompt)])
+
+    @staticmethod
+    def _prompt_tokens(request: ShardRequest) -> Tokens:
         """Prompt ids with the log-probability of each given the previous ones (first: NaN)."""
         seq, tokenizer = request.seq, request.seq_tokenizer
         ids = seq.tokens[: seq.num_prompt]
-        logprobs = self.engine.prompt_logprobs(index, ids)
-        return Tokens(ids, logprobs, [tokenizer.token_text(i) for i in ids], [tokenizer.is_special(i) for i in ids])
+        return Tokens(ids, list(request.prompt_logprobs), [tokenizer.token_text(i) for i in ids],
+                      [tokenizer.is_special(i) for i in ids])
+
+
+def _chunk_plan(seq, n: int) -> SeqPlan:
+    """The next n prompt tokens of seq, nothing else: K/V written, no logits, nothing emitted or drafted."""
+    chain = seq.tokens[seq.num_cached : seq.num_cached + n]
+    return SeqPlan(chain=chain, num_candidates=0, anchors=[], group_size=0, num_cached=seq.num_cached, partial=True)
