@@ -49,6 +49,10 @@ MODES = {  # name -> (extra environment, extra argv)
     "planned-suffix": ({"TGI_SPACE_DRAFTERS": "suffix"}, ()),
     "sdsat": ({"TGI_SPACE_SPECULATE_MODE": "sdsat"}, ()),  # governed: plain steps while its passes lose
     "sdsat-forced": ({"TGI_SPACE_SPECULATE_MODE": "sdsat", "TGI_SPACE_FIXED_LAYOUT": "1"}, ()),  # every step
+    # without prefill chunking whatever --chunking says: the router's backpressure (--admission) decides when
+    # new requests join; side by side with the chunked settings, their ratio to plain is what chunking is worth
+    "none-unchunked": ({"SPECULATE_MODE": "none", "PREFILL_CHUNKING": "0"}, ()),
+    "planned-hybrid-unchunked": ({"PREFILL_CHUNKING": "0"}, ()),
 }
 
 

@@ -85,6 +85,7 @@ def test_launcher_argv_and_env_are_accepted(llama_dir, captured, monkeypatch):
         ([], {"SPECULATE_MODE": "medusa"}, "SPECULATE_MODE"),
         (["--dtype", "float8"], {}, "--dtype"),
         ([], {"TGI_SPACE_SUFFIX_SHARED_TOKENS": "many"}, "TGI_SPACE_SUFFIX_SHARED_TOKENS"),
+        ([], {"PREFILL_CHUNKING": "maybe"}, "PREFILL_CHUNKING"),
     ],
 )
 def test_unsupported_options_are_refused_clearly(llama_dir, captured, monkeypatch, extra, env, message):
@@ -94,6 +95,15 @@ def test_unsupported_options_are_refused_clearly(llama_dir, captured, monkeypatc
     assert result.exit_code == 1 and not captured
     errors = [line for line in json_lines(result.stdout) if line["record"]["level"]["name"] == "ERROR"]
     assert errors and message in errors[0]["text"]
+
+
+def test_prefill_chunking_is_on_unless_its_variable_turns_it_off(llama_dir):
+    from tgi_space.server.options import from_launcher
+
+    assert from_launcher(str(llama_dir), env={}).prefill_chunking is True  # TGI's own default
+    for off in ("0", "false", "FALSE"):
+        assert from_launcher(str(llama_dir), env={"PREFILL_CHUNKING": off}).prefill_chunking is False
+    assert from_launcher(str(llama_dir), env={"PREFILL_CHUNKING": "true"}).prefill_chunking is True
 
 
 def test_the_shared_suffix_cache_is_off_unless_its_variable_sets_a_budget(llama_dir):
