@@ -766,7 +766,7 @@ MASK_EXTEND_PRIOR = 0.7  # before any is measured: the chance a mask draft exten
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
 RATE_WINDOW = 5  # steps of a kind whose median is its rate (robust to two slow steps in five)
 NEAR_SIZES = 2  # a batch size with no comparison of its own borrows that of a size at most this factor away
-GATE_MARGIN = 0.95  # speculation is stopped when measured more than 5% slower than plain (a run-to-run noise level here)
+GATE_MARGIN = 1.0  # speculation goes on while measured at least as fast as plain (the median of each kind's last steps)
 
 PROBE_ROWS_PER_SPECULATOR = 12  # a typical speculating sequence: uncached token, a tree and a group
 
