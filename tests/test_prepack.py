@@ -303,6 +303,23 @@ def test_a_batch_that_keeps_losing_explores_less_often_until_speculation_pays():
     assert sum(tries) == EXPLORE_BURST
 
 
+def test_neighbouring_batch_sizes_share_one_exploring_period():
+    """Under steady load the batch size wanders (33, 34, ... 40 sequences): one losing period backs off for all
+    of them together, so wandering does not explore more often than one size would."""
+    spec = _gated_speculator(32)
+    for size in range(33, 41):  # every size measured to lose like 32
+        spec.rates[f"{size}/greedy"] = dict(spec.rates["32/greedy"])
+    sizes = [33 + (i * 5) % 8 for i in range(500)]
+    wandering = sum(spec._measured_to_pay(f"{n}/greedy") for n in sizes)
+    alone = _gated_speculator(32)
+    steady = sum(alone._measured_to_pay("32/greedy") for _ in sizes)
+    assert wandering == steady < 500 // 8
+    far = _gated_speculator(16)  # a size in another class keeps its own period
+    far.rates["32/greedy"] = dict(spec.rates["32/greedy"])
+    tries = [far._measured_to_pay("16/greedy") for _ in range(EXPLORE_EVERY)]
+    assert sum(tries) == EXPLORE_BURST and not far._explore_period.get("32/greedy")
+
+
 def test_one_sequence_keeps_exploring_every_period():
     """At batch 1 a try costs a few rows of one sequence; a regime that mixes temperatures must not back off."""
     spec = _gated_speculator(1)

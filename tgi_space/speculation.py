@@ -249,22 +249,24 @@ class Speculator:
         and, in batches of more than one sequence, doubles (up to MAX_EXPLORE_EVERY) after each one
         that ends still measured to lose: there re-measuring costs a share of the batch every time.
         While speculation is judged to pay, one step in PLAIN_EVERY stays plain (`_plain_due`).
-        The gate's counters are its own (gate.prefix + key); the rates are the key's."""
+        The gate's counters are its own (gate.prefix + key); the rates are the key's. The exploring period
+        and its count are shared by a size class (`_size_class`): under steady load the batch size wanders
+        over a few neighbouring sizes, and a period of its own for each would explore that many times as often."""
         gate = gate or SPACE_GATE
-        counter = gate.prefix + key
+        counter, period_key = gate.prefix + key, gate.prefix + _size_class(key)
         self._exploring[counter] = False
         if not self.adaptive:
             return True
         spec, plain = self._comparison(key, gate.kinds)
         if spec is None or plain is None or spec >= GATE_MARGIN * plain:
-            if self._explore_period.pop(counter, None) is not None:
-                self._gated[counter] = 0  # the next losing stretch starts a fresh period
+            if self._explore_period.pop(period_key, None) is not None:
+                self._gated[period_key] = 0  # the next losing stretch starts a fresh period
             return spec is None or not self._plain_due(counter, missing="plain" not in self.rates[key])
-        period = max(self._explore_period.get(counter, EXPLORE_EVERY), _loss_period(plain / spec, gate.burst))
-        self._exploring[counter] = _explore(self._gated, counter, period, gate.burst)
-        if self._gated[counter] >= period and _batch_of(key) > 1:  # a whole period, and still losing
-            self._gated[counter] = 0
-            self._explore_period[counter] = min(MAX_EXPLORE_EVERY, 2 * period)
+        period = max(self._explore_period.get(period_key, EXPLORE_EVERY), _loss_period(plain / spec, gate.burst))
+        self._exploring[counter] = _explore(self._gated, period_key, period, gate.burst)
+        if self._gated[period_key] >= period and _batch_of(key) > 1:  # a whole period, and still losing
+            self._gated[period_key] = 0
+            self._explore_period[period_key] = min(MAX_EXPLORE_EVERY, 2 * period)
         return self._exploring[counter]
 
     def _plain_due(self, key: str, missing: bool) -> bool:
@@ -296,7 +298,7 @@ class Speculator:
         masks, plain = self._comparison(key, ("masks",))
         if masks is None or plain is None or masks >= GATE_MARGIN * plain:
             return True
-        return _explore(self._masks_gated, key, MASKS_EXPLORE_EVERY, EXPLORE_BURST)
+        return _explore(self._masks_gated, _size_class(key), MASKS_EXPLORE_EVERY, EXPLORE_BURST)
 
     def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: str | bool = False,
                      outside: float | None = None) -> None:
@@ -737,6 +739,15 @@ def _rate_key(num_seqs: int, regime: str | bool) -> str:
     if isinstance(regime, bool):
         regime = "sampled" if regime else "greedy"
     return f"{num_seqs}/{regime}"
+
+
+def _size_class(key: str) -> str:
+    """The key of a governor key's size class: batch sizes 1, 2, 3, 4-5, 6-7, 8-11, 12-15, 16-23, ... (two
+    classes per power of two) share exploring periods ("37/greedy" -> "32/greedy")."""
+    size, regime = _batch_of(key), key.rsplit("/", 1)[1]
+    top = 1 << (size.bit_length() - 1)
+    half = top >> 1
+    return f"{top + half if half and size >= top + half else top}/{regime}"
 
 
 def _batch_of(key: str) -> int:
