@@ -86,8 +86,13 @@ class Sdsat:
             if seq.sdsat:
                 uncached = base.chain[: base.num_uncached]
                 passes = active is None or i in active
-                plan = self._verify_plan(seq, uncached, base.num_cached, budget) if seq.draft_tree and passes \
-                    else self._draft_plan(seq, uncached, base.num_cached, budget if passes else 0)
+                if not passes:  # decodes plainly, as a plain plan: a tree of no nodes costs Python every step
+                    plan = SeqPlan(chain=list(uncached), num_candidates=0, anchors=[], group_size=0,
+                                   num_cached=base.num_cached)
+                elif seq.draft_tree:
+                    plan = self._verify_plan(seq, uncached, base.num_cached, budget)
+                else:
+                    plan = self._draft_plan(seq, uncached, base.num_cached, budget)
                 budget -= plan.num_rows - len(uncached)
                 self._record(plan)
                 base = plan
