@@ -121,7 +121,18 @@ def test_governed_sdsat_measured_to_lose_is_plain_decoding_and_lossless(llama_di
 
     monkeypatch.setattr(spec, "observe_rate", measured_to_lose)
     spec.rates["1/greedy"]["sdsat"], spec.rates["1/greedy"]["plain"] = 1e-6, 1e6
+    shapes = []
+    sdsat_plan = llm.engine.sdsat.plan
+
+    def recording(planned, active=None):
+        out = sdsat_plan(planned, active)
+        shapes.extend((p.is_tree, p.num_rows - p.num_uncached) for _, p in out)
+        return out
+
+    monkeypatch.setattr(llm.engine.sdsat, "plan", recording)
     out = llm.generate(PROMPTS[:1], params, speculate="sdsat")
     assert [o.token_ids for o in out] == ref
     info = llm.engine.sdsat.info()
     assert 1 <= info["verify_passes"] <= 4  # explored (a burst every EXPLORE_EVERY steps), not run
+    plain = [s for s in shapes if s[1] == 0]  # steps without a pass: plain plans, not trees of no nodes
+    assert len(plain) >= len(shapes) - 8 and not any(is_tree for is_tree, _ in plain)
