@@ -284,7 +284,8 @@ class Shard:
         prompt is cut into chunks sends only a chunk, emits nothing and gets no Generation until its last."""
         live = batch.requests
         chunks = self._chunks(live)
-        full = [(r.seq, self._plan(r.seq, live)) for r, c in zip(live, chunks) if c is None]
+        k = self._fixed_k(live)
+        full = [(r.seq, plan_sequence(r.seq, k if r.seq.speculate else 0)) for r, c in zip(live, chunks) if c is None]
         speculated = iter(self.engine.speculate(full))  # planned rows; SDSAT requests: their draft or verify pass
         planned = [next(speculated) if c is None else (r.seq, _chunk_plan(r.seq, c)) for r, c in zip(live, chunks)]
         starts = [r.seq.num_cached if r.prefill_logprobs and r.seq.num_cached < r.seq.num_prompt else None
@@ -303,13 +304,12 @@ class Shard:
         batch.requests = [r for r in live if not r.seq.is_finished]
         return generations, forward_ns
 
-    def _plan(self, seq, live: list[ShardRequest]) -> SeqPlan:
-        """A sequence's base plan: its uncached tokens (the planner adds what is worth sending), or, with the
-        paper's fixed layout, k candidates and groups."""
+    def _fixed_k(self, live: list[ShardRequest]) -> int:
+        """Candidates per speculating sequence in a base plan: 0 when planned (the planner adds what is worth
+        sending to the uncached tokens), else the paper's fixed layout's k for this batch."""
         if self.engine.planned:
-            return plan_sequence(seq, 0)
-        k = self.engine.config.space.choose_k(sum(r.seq.speculate for r in live), 0, self.engine.k_max)
-        return plan_sequence(seq, k if seq.speculate else 0)
+            return 0
+        return self.engine.config.space.choose_k(sum(r.seq.speculate for r in live), 0, self.engine.k_max)
 
     def _chunks(self, live: list[ShardRequest]) -> list[int | None]:
         """Prompt tokens each request computes this step when that is not the rest of its prompt (else None):
