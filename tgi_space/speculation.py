@@ -244,7 +244,7 @@ class Speculator:
 
     def _measured_to_pay(self, key: str, gate: Gate | None = None) -> bool:
         """False while speculative steps (gate.kinds) of this batch size have been measured slower (tokens
-        per second, whole step) than plain ones by more than the noise; gate.burst steps in a period
+        per second, whole step) than plain ones (GATE_MARGIN); gate.burst steps in a period
         speculate anyway, to re-measure (those steps are `_exploring`). The period is EXPLORE_EVERY
         and, in batches of more than one sequence, doubles (up to MAX_EXPLORE_EVERY) after each one
         that ends still measured to lose: there re-measuring costs a share of the batch every time.
