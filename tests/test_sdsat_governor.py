@@ -55,6 +55,25 @@ def test_sdsat_steps_are_judged_in_pairs():
     assert spec.rates["1/greedy"]["sdsat"] == pytest.approx(2.0)
 
 
+def test_sdsat_pairs_are_judged_by_their_tokens_over_their_seconds_not_by_the_median_pair():
+    """Pairs are unlike each other (a long accepted chain, a draft pass whose verify pass fell into a joined
+    prefill): at 8 sequences in the shard the median pair said 1.36x plain where all of them said 1.07x and
+    SDSAT ran at 0.93x. Three quick pairs and two slow ones: the median pair pays, the pairs together do not."""
+    spec = _speculator()
+    for _ in range(5):
+        spec.observe_rate(8, 0.010, 8, "plain", outside=0.0)  # 800 tok/s
+    for tokens, seconds in [(30, 0.020), (16, 0.060), (30, 0.020), (16, 0.060), (30, 0.020)]:
+        spec.observe_rate(8, seconds / 2, 8, "sdsat", outside=0.0)  # the draft pass: one token each
+        spec.observe_rate(8, seconds / 2, tokens - 8, "sdsat", outside=0.0)  # its verify pass
+    # the slowest pair left out: 106 tokens in 0.12 s, 883 tok/s, where the median pair makes 1500
+    assert spec.rates["8/greedy"]["sdsat"] == pytest.approx(106 / 0.12)
+    spec.observe_rate(8, 0.020, 8, "sdsat", outside=0.0)
+    spec.observe_rate(8, 0.040, 8, "sdsat", outside=0.0)  # 16 tokens in 60 ms again
+    assert spec.rates["8/greedy"]["sdsat"] == pytest.approx(122 / 0.18)  # 678 tok/s against 800
+    steps = [spec.sdsat_passes(_seqs(8)) for _ in range(EXPLORE_EVERY)]
+    assert sum(bool(s) for s in steps) == EXPLORE_BURST_SDSAT  # measured to lose: explores only
+
+
 def test_sdsat_measured_to_lose_decodes_plainly_but_for_bursts_of_a_pair():
     spec = _speculator()
     spec.observe_rate(1, 1.0, 100, "plain")

@@ -108,7 +108,7 @@ class Speculator:
         # pays, so one slow plain step in a running mean kept speculation on where it lost.
         self.rates: dict[str, dict[str, float]] = defaultdict(dict)
         self._recent: dict[str, dict[str, deque]] = defaultdict(dict)
-        self._spec_steps: dict[str, deque] = defaultdict(lambda: deque(maxlen=SPEC_WINDOW))  # `_observe_spec`
+        self._spec_steps: dict[tuple[str, str], deque] = defaultdict(lambda: deque(maxlen=SPEC_WINDOW))  # `_observe_summed`
         self._gated: dict[str, int] = defaultdict(int)
         self._since_plain: dict[str, int] = defaultdict(int)  # speculative steps since the key's last plain one
         self._explore_period: dict[str, int] = {}  # a key's exploring period while it keeps losing (>= EXPLORE_EVERY)
@@ -323,13 +323,12 @@ class Speculator:
             tokens, total, kind = tokens + lead[1], total + lead[2], "masks"
         if kind == "sdsat":
             paired = self._pair(key, tokens, total)
-            if paired is None:
-                return
-            tokens, total = paired
-        else:
-            self._sdsat_half = None  # a pair is two consecutive SDSAT steps
+            if paired is not None:
+                self._observe_summed(key, "sdsat", *paired)
+            return
+        self._sdsat_half = None  # a pair is two consecutive SDSAT steps
         if kind in SPACE_KINDS:
-            self._observe_spec(key, tokens, total)
+            self._observe_summed(key, "spec", tokens, total)
         rate = tokens / max(total, 1e-9)
         recent = self._recent[key].get(kind)
         if recent is None or kind not in rates:  # nothing yet or forgotten: a fresh window (from a rate set as is)
@@ -337,15 +336,17 @@ class Speculator:
         recent.append(rate)
         rates[kind] = statistics.median(recent)
 
-    def _observe_spec(self, key: str, tokens: float, total: float) -> None:
-        """The "spec" rate: tokens over seconds of the key's last SPEC_WINDOW speculative steps of every kind
-        together, the slowest left out once there are four. Not the best kind's median: where the masks draft,
-        tree steps verify what masked steps paid for (as fast as 1.6x plain at 8 sequences, while masked
-        steps ran at 0.7x and the two together at 0.9x), so no kind alone says what speculating is worth."""
-        window = self._spec_steps[key]
+    def _observe_summed(self, key: str, name: str, tokens: float, total: float) -> None:
+        """A rate of speculative steps, "spec" (the planned step's, every kind together) or "sdsat" (pairs of
+        SDSAT steps): tokens over seconds of the key's last SPEC_WINDOW, the slowest left out once there are
+        four. Not the median of each step's rate: speculative steps are unlike each other (tree steps verify
+        what masked steps paid for: 1.6x plain at 8 sequences while masked steps ran at 0.7x, 0.9x together;
+        SDSAT pairs' median said 1.36x plain where their tokens over their seconds said 1.07x), and a
+        throughput is a ratio of sums. Plain steps are alike: theirs stays the median (RATE_WINDOW)."""
+        window = self._spec_steps[key, name]
         window.append((tokens, total))
         kept = sorted(window, key=lambda s: s[0] / max(s[1], 1e-9))[1 if len(window) >= 4 else 0 :]
-        self.rates[key]["spec"] = sum(t for t, _ in kept) / max(sum(s for _, s in kept), 1e-9)
+        self.rates[key][name] = sum(t for t, _ in kept) / max(sum(s for _, s in kept), 1e-9)
 
     def _comparison(self, key: str, kinds: tuple[str, ...]) -> tuple[float | None, float | None]:
         """(the best of `kinds`' rates, the plain rate), both measured at one batch size: the key's when it has
@@ -789,7 +790,7 @@ MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work que
 MASK_EXTEND_PRIOR = 0.7  # before any is measured: the chance a mask draft extends the accepted path, per depth
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
 RATE_WINDOW = 5  # steps of a kind whose median is its rate (robust to two slow steps in five)
-SPEC_WINDOW = 9  # speculative steps of every kind whose tokens over seconds is the "spec" rate (the slowest left out)
+SPEC_WINDOW = 9  # speculative steps (SDSAT: pairs) whose tokens over seconds is their rate (the slowest left out)
 NEAR_SIZES = 2  # a batch size with no comparison of its own borrows that of a size at most this factor away
 GATE_MARGIN = 1.0  # speculation goes on while measured at least as fast as plain (the median of each kind's last steps)
 
@@ -835,5 +836,5 @@ class Gate:
 
 
 SPACE_KINDS = ("tree", "masks")  # the planned SPACE step's speculative steps (observe_rate kinds)
-SPACE_GATE = Gate(("spec",), "", EXPLORE_BURST)  # ... judged all together (`_observe_spec`)
+SPACE_GATE = Gate(("spec",), "", EXPLORE_BURST)  # ... judged all together (`_observe_summed`)
 SDSAT_GATE = Gate(("sdsat",), "sdsat:", EXPLORE_BURST_SDSAT)  # SDSAT's passes
