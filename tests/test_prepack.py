@@ -19,7 +19,7 @@ from tgi_space.planner import LatencyCurve, Proposal, plan
 from tgi_space.sampling import SamplingParams
 from tgi_space.speculation import (
     EXPLORE_BURST, EXPLORE_EVERY, EXPLORE_FRACTION, MASKS_EXPLORE_EVERY, MAX_EXPLORE_EVERY, MAX_LOSS_EXPLORE_EVERY, PLAIN_EVERY,
-    PLAIN_MISSING_EVERY, RATE_WINDOW, Speculator,
+    PLAIN_BURST, PLAIN_MISSING_EVERY, RATE_WINDOW, Speculator, gate_margin,
     _loss_period, explore_share,
 )
 
@@ -170,6 +170,7 @@ def test_a_groups_only_step_is_not_paired_across_a_change_of_batch_size():
     spec.observe_rate(2, 0.004, 2, "lead")
     spec.observe_rate(1, 0.003, 3, "tree")  # a request left: batch 1 now
     assert spec.rates["1/greedy"] == {"tree": pytest.approx(3 / 0.003), "spec": pytest.approx(3 / 0.003)}
+    spec.observe_rate(2, 0.002, 2, "plain")  # (the first plain step after speculative ones is not rated)
     spec.observe_rate(2, 0.002, 2, "plain")
     spec.observe_rate(2, 0.003, 6, "tree")
     assert spec.rates["2/greedy"] == {"plain": pytest.approx(1000), "tree": pytest.approx(2000),
@@ -194,8 +195,8 @@ def test_speculation_is_judged_by_all_its_steps_together_not_by_its_best_kind():
 
 def test_mask_groups_measured_to_lose_against_plain_steps_stop_but_trees_go_on():
     spec = _speculator()
-    spec.observe_rate(1, 1.0, 100, "masks")
     spec.observe_rate(1, 1.0, 200, "plain")
+    spec.observe_rate(1, 1.0, 100, "masks")
     spec.observe_rate(1, 1.0, 600, "tree")
     assert spec._measured_to_pay("1/greedy")  # trees pay: speculation goes on
     sent = [spec._masks_measured_to_pay("1/greedy") for _ in range(4 * MASKS_EXPLORE_EVERY)]
@@ -216,8 +217,8 @@ def test_mask_groups_are_not_judged_against_tree_only_steps():
 def test_sampled_steps_measured_to_lose_do_not_stop_greedy_speculation():
     spec = _speculator()
     spec.observe_rate(1, 1.0, 200, "plain")
-    spec.observe_rate(1, 1.0, 600, "tree")
     spec.observe_rate(1, 1.0, 250, "plain", sampled=True)
+    spec.observe_rate(1, 1.0, 600, "tree")
     spec.observe_rate(1, 1.0, 90, "tree", sampled=True)
     spec.observe_rate(1, 1.0, 80, "masks", sampled=True)
     assert all(spec._measured_to_pay("1/greedy") for _ in range(16))
@@ -278,6 +279,7 @@ def test_rates_of_different_batch_sizes_are_never_compared():
     spec = Speculator(SpacePolicy(latency_curve=None), 4, lambda *a: 1e-3, max_batch=64, max_probe_rows=64)
     spec.observe_rate(8, 8 / 1000, 8, "plain")
     spec.observe_rate(8, 0.010, 13, "tree")  # at 8: trees 1.3x plain
+    spec.observe_rate(16, 16 / 1500, 16, "plain")  # (not rated: the first plain step after a speculative one)
     spec.observe_rate(16, 16 / 1500, 16, "plain")  # plain at 16 beats trees at 8; no tree step at 16 yet
     assert spec._comparison("16/greedy", ("tree", "masks")) == (pytest.approx(1300), pytest.approx(1000))
     assert spec._measured_to_pay("16/greedy")
@@ -285,10 +287,11 @@ def test_rates_of_different_batch_sizes_are_never_compared():
     spec.observe_rate(12, 0.010, 12, "tree")  # at 12: trees 0.8x plain, and 12 is nearer 16 than 8 is
     assert spec._comparison("16/greedy", ("tree", "masks")) == (pytest.approx(1200), pytest.approx(1500))
     assert not spec._measured_to_pay("16/greedy")
-    spec.observe_rate(16, 0.010, 17, "tree")  # at 16 itself: 1700 against 1500, whatever the others say
-    assert spec._comparison("16/greedy", ("tree", "masks")) == (pytest.approx(1700), pytest.approx(1500))
+    spec.observe_rate(16, 0.010, 19, "tree")  # at 16 itself: 1900 against 1500, whatever the others say
+    assert spec._comparison("16/greedy", ("tree", "masks")) == (pytest.approx(1900), pytest.approx(1500))
     assert spec._measured_to_pay("16/greedy") or spec._measured_to_pay("16/greedy")  # (unless a plain re-measure)
     assert spec._comparison("16/sampled", ("tree",)) == (None, None)  # sampled steps never borrow greedy figures
+    spec.observe_rate(64, 0.010, 64, "plain")  # (passed over: right after a speculative step)
     spec.observe_rate(64, 0.010, 64, "plain")
     assert spec._comparison("64/greedy", ("tree",)) == (None, pytest.approx(6400))  # nor sizes far away (16)
 
@@ -534,13 +537,41 @@ def test_a_rate_is_the_median_of_the_kinds_recent_steps():
 
 
 def test_speculation_judged_to_pay_still_re_measures_plain_steps():
-    """A plain rate measured once (say, while the server warmed up) goes stale: one step in PLAIN_EVERY stays plain."""
+    """A plain rate measured once (say, while the server warmed up) goes stale: PLAIN_BURST steps in a row stay
+    plain after every PLAIN_EVERY - 1 speculative ones."""
     spec = _speculator()
     spec.observe_rate(1, 1.0, 100, "plain")
     spec.observe_rate(1, 1.0, 300, "tree")
     steps = [spec._measured_to_pay("1/greedy") for _ in range(4 * PLAIN_EVERY)]
     plain = [i for i, speculates in enumerate(steps) if not speculates]
-    assert plain == [PLAIN_EVERY - 1 + j * PLAIN_EVERY for j in range(4)]
+    starts = [PLAIN_EVERY - 1 + j * (PLAIN_EVERY + PLAIN_BURST - 1) for j in range(4)]
+    assert plain == [i + b for i in starts for b in range(PLAIN_BURST) if i + b < 4 * PLAIN_EVERY]
+
+
+def test_a_larger_batch_speculates_only_when_measured_clearly_faster():
+    """What step rates miss (replacements prefilled one by one once requests finish apart, plain steps slower
+    among speculative ones) grows with the batch: at 8 sequences SDSAT rated 1.02x plain ran at 0.83x."""
+    assert gate_margin("1/greedy") == 1.0
+    assert gate_margin("8/greedy") == pytest.approx(1.15) and gate_margin("4/sampled") == pytest.approx(1.1)
+    assert gate_margin("64/greedy") == gate_margin("4096/greedy") == pytest.approx(1.2)
+    for batch, ratio, pays in [(1, 1.02, True), (8, 1.02, False), (8, 1.2, True), (64, 1.15, False)]:
+        spec = _speculator()
+        spec.observe_rate(batch, 0.010, batch, "plain", outside=0.0)
+        spec.observe_rate(batch, 0.010, batch * ratio, "tree", outside=0.0)
+        tries = [spec._measured_to_pay(f"{batch}/greedy") for _ in range(EXPLORE_EVERY)]
+        assert (sum(tries) > EXPLORE_BURST) == pays, (batch, ratio)
+
+
+def test_the_first_plain_step_after_speculative_ones_is_not_rated():
+    """Through the shard at 16 sequences a plain step among speculative ones took 7-10 ms where plain steps in a
+    row took 5.5: rated, three such steps made plain decoding look half as fast as it was."""
+    spec = _speculator()
+    spec.observe_rate(1, 0.010, 10, "plain", outside=0.0)  # 1000 tok/s
+    spec.observe_rate(1, 0.010, 20, "tree", outside=0.0)
+    spec.observe_rate(1, 0.020, 10, "plain", outside=0.0)  # right after a speculative step: passed over
+    assert spec.rates["1/greedy"]["plain"] == pytest.approx(1000)
+    spec.observe_rate(1, 0.020, 10, "plain", outside=0.0)  # the second in a row counts
+    assert spec.rates["1/greedy"]["plain"] == pytest.approx(750)  # the median of 1000 and 500
 
 
 def test_a_fresh_plain_rate_that_beats_speculation_stops_it():
@@ -561,7 +592,8 @@ def test_a_fresh_plain_rate_that_beats_speculation_stops_it():
 def test_a_missing_plain_rate_is_measured_soon():
     spec = _speculator()
     spec.observe_rate(1, 1.0, 300, "tree")
-    steps = [spec._measured_to_pay("1/greedy") for _ in range(PLAIN_MISSING_EVERY)]
-    assert steps == [True] * (PLAIN_MISSING_EVERY - 1) + [False]
+    steps = [spec._measured_to_pay("1/greedy") for _ in range(PLAIN_MISSING_EVERY + PLAIN_BURST - 1)]
+    assert steps == [True] * (PLAIN_MISSING_EVERY - 1) + [False] * PLAIN_BURST
+    spec.observe_rate(1, 1.0, 100, "plain")  # (passed over: right after a speculative step)
     spec.observe_rate(1, 1.0, 100, "plain")
     assert all(spec._measured_to_pay("1/greedy") for _ in range(PLAIN_EVERY - 1))

@@ -118,6 +118,7 @@ class Speculator:
         # same key: a batch that changed size in between breaks the pair): a groups-only step, an SDSAT draft pass.
         self._mask_lead: tuple[str, float, float] | None = None
         self._sdsat_half: tuple[str, float, float] | None = None
+        self._last_kind: str | None = None  # the kind of the last step rated or passed over (`observe_rate`)
         self._sdsat_round = 0  # turns over between SDSAT exploring bursts (which share of a batch tries)
         self.mask_factor = 1.0  # measured / probed cost of a step's mask groups, learnt from masked steps
         keys = [(b, sampled) for b in PROBE_BATCHES for sampled in (False, True)]
@@ -245,11 +246,11 @@ class Speculator:
 
     def _measured_to_pay(self, key: str, gate: Gate | None = None) -> bool:
         """False while speculative steps (gate.kinds) of this batch size have been measured slower (tokens
-        per second, whole step) than plain ones (GATE_MARGIN); gate.burst steps in a period
+        per second, whole step) than plain ones (by `gate_margin`); gate.burst steps in a period
         speculate anyway, to re-measure (those steps are `_exploring`). The period is EXPLORE_EVERY
         and, in batches of more than one sequence, doubles (up to MAX_EXPLORE_EVERY) after each one
         that ends still measured to lose: there re-measuring costs a share of the batch every time.
-        While speculation is judged to pay, one step in PLAIN_EVERY stays plain (`_plain_due`).
+        While speculation is judged to pay, PLAIN_BURST steps in about PLAIN_EVERY stay plain (`_plain_due`).
         The gate's counters are its own (gate.prefix + key); the rates are the key's. The exploring period
         and its count are shared by a size class (`_size_class`): under steady load the batch size wanders
         over a few neighbouring sizes, and a period of its own for each would explore that many times as often."""
@@ -259,7 +260,7 @@ class Speculator:
         if not self.adaptive:
             return True
         spec, plain = self._comparison(key, gate.kinds)
-        if spec is None or plain is None or spec >= GATE_MARGIN * plain:
+        if spec is None or plain is None or spec >= gate_margin(key) * plain:
             if self._explore_period.pop(period_key, None) is not None:
                 self._gated[period_key] = 0  # the next losing stretch starts a fresh period
             return spec is None or not self._plain_due(counter, missing="plain" not in self.rates[key])
@@ -271,14 +272,19 @@ class Speculator:
         return self._exploring[counter]
 
     def _plain_due(self, key: str, missing: bool) -> bool:
-        """Whether this step, which would speculate, stays plain to re-measure plain decoding: one step in
-        PLAIN_EVERY while speculation is judged to pay (one in PLAIN_MISSING_EVERY while plain has never
-        been measured at this key). Without it the comparison goes stale: a batch size that started out
-        speculating would keep speculating on a plain rate measured under other conditions, or on none."""
+        """Whether this step, which would speculate, stays plain to re-measure plain decoding: PLAIN_BURST
+        consecutive steps after every PLAIN_EVERY - 1 while speculation is judged to pay (PLAIN_MISSING_EVERY
+        while plain has never been measured at this key). Without them the comparison goes stale: a batch size
+        that started out speculating would keep speculating on a plain rate measured under other conditions,
+        or on none. A burst, because the first plain step after speculative ones is not rated (`observe_rate`):
+        through the shard at 16 sequences such steps took 7-10 ms where plain steps in a row took 5.5, and
+        three of them made the plain rate half of what it was, so speculation ran at 0.85x judged to pay 2x."""
         self._since_plain[key] += 1
-        if self._since_plain[key] < (PLAIN_MISSING_EVERY if missing else PLAIN_EVERY):
+        period = PLAIN_MISSING_EVERY if missing else PLAIN_EVERY
+        if self._since_plain[key] < period:
             return False
-        self._since_plain[key] = 0
+        if self._since_plain[key] >= period + PLAIN_BURST - 1:
+            self._since_plain[key] = 0
         return True
 
     def _sends_masks(self, key: str) -> bool:
@@ -297,7 +303,7 @@ class Speculator:
         if not self.adaptive:
             return True
         masks, plain = self._comparison(key, ("masks",))
-        if masks is None or plain is None or masks >= GATE_MARGIN * plain:
+        if masks is None or plain is None or masks >= gate_margin(key) * plain:
             return True
         return _explore(self._masks_gated, _size_class(key), MASKS_EXPLORE_EVERY, EXPLORE_BURST)
 
@@ -321,6 +327,10 @@ class Speculator:
             return
         if lead is not None and lead[0] == key:  # (whatever that step is: verifying nothing, the groups were wasted)
             tokens, total, kind = tokens + lead[1], total + lead[2], "masks"
+        after, self._last_kind = self._last_kind, kind
+        if kind == "plain" and after not in (None, "plain"):  # the first plain step after speculative ones is
+            self._sdsat_half = None  # not what plain decoding costs: not rated (plain re-measures: PLAIN_BURST)
+            return
         if kind == "sdsat":
             paired = self._pair(key, tokens, total)
             if paired is not None:
@@ -748,6 +758,17 @@ def _by_regime(factors: dict[tuple[int, bool], float]) -> dict[str, float]:
     return {f"{b}/{'sampled' if sampled else 'greedy'}": f for (b, sampled), f in factors.items()}
 
 
+def gate_margin(key: str) -> float:
+    """How much faster than plain steps speculative steps must be measured to go on at a governor key's batch
+    size: 1 for one sequence, GATE_MARGIN_PER_DOUBLING more per doubling, at most MAX_GATE_MARGIN. What the
+    step rates miss grows with the batch: speculation lets requests finish apart, so their replacements are
+    prefilled one by one (each joined step costs a few ms more than the decode step it replaces, and is not
+    rated), and plain steps measured among speculative ones run slower than plain steps in a row. Through
+    the shard at 8 sequences SDSAT was rated 1.02x plain and ran at 0.83x; the planned step with suffix
+    drafts was rated 1.29x and ran at 1.01-1.09x."""
+    return min(MAX_GATE_MARGIN, 1.0 + GATE_MARGIN_PER_DOUBLING * math.log2(_batch_of(key)))
+
+
 def _rate_key(num_seqs: int, regime: str | bool) -> str:
     """The governor's key of a step: its batch size and its `sampling_regime` (True/False: sampled/greedy)."""
     if isinstance(regime, bool):
@@ -785,6 +806,7 @@ EXPLORE_FRACTION = 4  # ... and for about a quarter of a larger one
 EXPLORE_BURST = 3  # consecutive steps per try: the first sends mask groups, the next ones verify their drafts
 PLAIN_EVERY = 32  # while speculation is judged to pay, one step in this many stays plain (a fresh comparison)
 PLAIN_MISSING_EVERY = 4  # the same while plain steps were never measured at a batch size
+PLAIN_BURST = 2  # ... for this many steps in a row: the first plain step after speculative ones is not rated
 EXPLORE_BURST_SDSAT = 2  # an SDSAT try: a draft pass, then the verify pass of its drafts
 MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
 MASK_EXTEND_PRIOR = 0.7  # before any is measured: the chance a mask draft extends the accepted path, per depth
@@ -792,7 +814,8 @@ MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, 
 RATE_WINDOW = 5  # steps of a kind whose median is its rate (robust to two slow steps in five)
 SPEC_WINDOW = 9  # speculative steps (SDSAT: pairs) whose tokens over seconds is their rate (the slowest left out)
 NEAR_SIZES = 2  # a batch size with no comparison of its own borrows that of a size at most this factor away
-GATE_MARGIN = 1.0  # speculation goes on while measured at least as fast as plain (the median of each kind's last steps)
+GATE_MARGIN_PER_DOUBLING = 0.05  # `gate_margin`: what speculation must beat plain steps by, per doubling of the batch
+MAX_GATE_MARGIN = 1.2  # ... at most
 
 PROBE_ROWS_PER_SPECULATOR = 12  # a typical speculating sequence: uncached token, a tree and a group
 
