@@ -179,7 +179,7 @@ def test_a_groups_only_step_is_not_paired_across_a_change_of_batch_size():
 
 def test_speculation_is_judged_by_all_its_steps_together_not_by_its_best_kind():
     """With the masks as the only drafter, tree steps verify what masked steps drafted: at 8 sequences (shard,
-    equal lengths) tree steps ran at 1.6x plain and masked steps at 0.7x, and speculating lost 15% while the
+    equal lengths) tree steps were rated 1.5x plain and masked steps 0.85x, and speculating lost 15% while the
     best kind said it paid. Speculation is worth its steps' tokens over their seconds, all kinds together."""
     spec = _speculator()
     for _ in range(3):

@@ -350,7 +350,7 @@ class Speculator:
         """A rate of speculative steps, "spec" (the planned step's, every kind together) or "sdsat" (pairs of
         SDSAT steps): tokens over seconds of the key's last SPEC_WINDOW, the slowest left out once there are
         four. Not the median of each step's rate: speculative steps are unlike each other (tree steps verify
-        what masked steps paid for: 1.6x plain at 8 sequences while masked steps ran at 0.7x, 0.9x together;
+        what masked steps paid for: 1.5x plain at 8 sequences while masked steps ran at 0.85x, 0.9x together;
         SDSAT pairs' median said 1.36x plain where their tokens over their seconds said 1.07x), and a
         throughput is a ratio of sums. Plain steps are alike: theirs stays the median (RATE_WINDOW)."""
         window = self._spec_steps[key, name]
