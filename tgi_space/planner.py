@@ -121,8 +121,9 @@ def plan(
     value = num_seqs + sum(proposals[s].tree.scores[i] for s, i in nodes)
     best_rate, groups, size = value / curve(base + len(nodes)), [], 0
     sizes = sorted({g for p in proposals for g in p.group_values()})
+    ends = _group_ends(proposals, chosen) if sizes else []
     for g in sizes:  # one group size for the step: the one whose best groups give the best rate (ties: smaller)
-        found, rate = _best_prefix(_group_items(proposals, chosen, g), value, base + len(nodes), curve, max_rows,
+        found, rate = _best_prefix(_group_items(proposals, ends, g), value, base + len(nodes), curve, max_rows,
                                    group_cost)
         if found and rate > best_rate:
             best_rate, groups, size = rate, found, g
@@ -132,23 +133,33 @@ def plan(
 def _node_items(proposals: list[Proposal]) -> list[tuple[float, int, int, int]]:
     """(value, cost, sequence, node), best first; a node's score never exceeds its parent's, and
     ties go to the shallower node, so every prefix of this order is closed under parents."""
-    items = [(p.tree.scores[i], 1, s, i) for s, p in enumerate(proposals) for i in range(len(p.tree))]
-    return sorted(items, key=lambda it: (-it[0], proposals[it[2]].tree.depth(it[3])))
+    keyed = sorted((-score, tree.depth(i), s, i) for s, p in enumerate(proposals)
+                   for tree in (p.tree,) for i, score in enumerate(tree.scores))
+    return [(-neg, 1, s, i) for neg, _, s, i in keyed]  # ties beyond depth: (sequence, node) order, as listed
 
 
-def _group_items(proposals: list[Proposal], chosen: list[list[int]], size: int) -> list[tuple[float, int, int, int]]:
-    """(value, cost, sequence, anchor) of groups of `size` rows: P(anchor is the last accepted node) * the
-    mask value of such a group, best per row first (sequences that may not send `size` rows have none)."""
-    items = []
+def _group_ends(proposals: list[Proposal], chosen: list[list[int]]) -> list[tuple[int, int, float]]:
+    """(sequence, anchor, P(anchor is the last accepted node)) for every possible anchor (the root and each
+    chosen node) of the sequences that may send a group: its reach less its chosen children's."""
+    out = []
     for s, p in enumerate(proposals):
-        mask_value = p.group_values().get(size)
-        if mask_value is None:
+        if not p.group_size:
             continue
-        kept = set(chosen[s])
+        kept, scores = set(chosen[s]), p.tree.scores
         for anchor in [ROOT] + chosen[s]:
-            reach = 1.0 if anchor == ROOT else p.tree.scores[anchor]
-            onward = sum(p.tree.scores[c] for c in p.tree.children(anchor) if c in kept)
-            items.append((max(0.0, reach - onward) * mask_value, size, s, anchor))
+            reach = 1.0 if anchor == ROOT else scores[anchor]
+            onward = sum(scores[c] for c in p.tree.children(anchor) if c in kept)
+            out.append((s, anchor, max(0.0, reach - onward)))
+    return out
+
+
+def _group_items(proposals: list[Proposal], ends: list[tuple[int, int, float]],
+                 size: int) -> list[tuple[float, int, int, int]]:
+    """(value, cost, sequence, anchor) of groups of `size` rows: P(anchor is the last accepted node) * the
+    mask value of such a group (`_group_ends`), best per row first (sequences that may not send `size` rows
+    have none)."""
+    values = [p.group_values().get(size) for p in proposals]
+    items = [(end * values[s], size, s, anchor) for s, anchor, end in ends if values[s] is not None]
     return sorted(items, key=lambda it: -it[0] / it[1])
 
 
