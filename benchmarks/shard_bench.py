@@ -19,7 +19,9 @@ PREFILL_CHUNKING=1) the shard reports support_chunking and the router ignores th
 join the running batch's next step in the same forward (Prefill with cached_batch), every step, as TGI 3 does.
 The settings run back to back, in an order that rotates between concurrencies, so slow drift on a shared
 machine does not favour one. Reported per setting: requests/s, generated tokens/s, tokens per
-Generation, and the ratio to plain; with --repeats, the median repetition of each.
+Generation, and the ratio to plain; with --repeats, the median repetition of each, and the median of each
+repetition's ratio to plain's run of the same repetition (`ratio_paired`). The setting none-control is a second
+plain shard: its ratio is the noise floor of the run.
 
     python benchmarks/shard_bench.py --model models/tiny-space-py --requests 64 --max-new-tokens 128
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +45,9 @@ from tgi_space.bench import humaneval_prompts  # noqa: E402
 
 MODES = {  # name -> (extra environment, extra argv)
     "none": ({"SPECULATE_MODE": "none"}, ()),
+    # a second plain shard, run like every other setting: its ratio to "none" is the run's noise floor (what
+    # the same code measures against itself on this machine), so a ratio inside that band says nothing
+    "none-control": ({"SPECULATE_MODE": "none"}, ()),
     "fixed-k3": ({"TGI_SPACE_FIXED_LAYOUT": "1"}, ("--speculate", "3")),
     "fixed-k5": ({"TGI_SPACE_FIXED_LAYOUT": "1"}, ("--speculate", "5")),
     "planned-hybrid": ({}, ()),
@@ -181,7 +187,7 @@ def bench(args: argparse.Namespace) -> dict:
                     order = args.modes[k:] + args.modes[:k]
                     for mode in order:
                         reps[mode].append(run_once(shards[mode], prompts, args, c))
-                runs = {mode: median_run(r) for mode, r in reps.items()}
+                runs = {mode: {**median_run(r), **paired_ratios(r, reps["none"])} for mode, r in reps.items()}
                 row = summarize(runs, order, greedy=args.temperature <= 0)
                 report["by_concurrency"][str(c)] = {"max_in_flight": min(c, len(prompts)), "requests": len(prompts), **row}
                 print_row(c, report["by_concurrency"][str(c)])
@@ -204,6 +210,13 @@ def median_run(runs: list[dict]) -> dict:
     return {**ranked[(len(ranked) - 1) // 2], "tokens_per_s_all": [r["tokens_per_s"] for r in runs]}
 
 
+def paired_ratios(runs: list[dict], plain: list[dict]) -> dict:
+    """Each repetition's tokens/s over plain decoding's in the same repetition (run minutes apart at most,
+    so slow drift of a shared machine cancels), and their median: `ratio_paired`."""
+    ratios = [r["tokens_per_s"] / p["tokens_per_s"] for r, p in zip(runs, plain)]
+    return {"ratios_by_repeat": ratios, "ratio_paired": statistics.median(ratios)}
+
+
 def summarize(runs: dict[str, dict], order: list[str], greedy: bool = True) -> dict:
     """Drop the outputs, keep whether each setting agreed with plain token for token (greedy is lossless;
     sampled outputs are equal in distribution only, so they are not compared)."""
@@ -216,7 +229,8 @@ def summarize(runs: dict[str, dict], order: list[str], greedy: bool = True) -> d
 
 
 def print_row(c: int, row: dict) -> None:
-    cells = [f"{m} {r['tokens_per_s']:7.1f} tok/s {r['ratio_tokens_per_s']:.2f}x {r['tokens_per_generation']:.2f}/gen"
+    cells = [f"{m} {r['tokens_per_s']:7.1f} tok/s {r['ratio_tokens_per_s']:.2f}x (paired {r['ratio_paired']:.2f}x) "
+             f"{r['tokens_per_generation']:.2f}/gen"
              + ("" if r["identical_to_none"] is not False else " OUTPUTS DIFFER")
              for m, r in row.items() if isinstance(r, dict)]
     print(f"c={c:>3}  " + " | ".join(cells), flush=True)

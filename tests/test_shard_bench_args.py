@@ -48,3 +48,18 @@ def test_admission_defaults_to_tgis_backpressure():
     assert shard_bench.parse_args(["--model", MODEL]).admission == "tgi"
     assert shard_bench.TGI_ADMISSION == {"waiting_served_ratio": 1.2, "max_waiting_tokens": 20}  # launcher defaults
     assert shard_bench.parse_args(["--model", MODEL, "--admission", "eager"]).admission == "eager"
+
+
+def test_paired_ratios_compare_each_repetition_with_plain_decodings_run_of_the_same_repetition():
+    plain = [{"tokens_per_s": 100.0}, {"tokens_per_s": 50.0}, {"tokens_per_s": 80.0}]  # the machine slowed in rep 1
+    spec = [{"tokens_per_s": 110.0}, {"tokens_per_s": 55.0}, {"tokens_per_s": 96.0}]
+    out = shard_bench.paired_ratios(spec, plain)
+    assert out["ratios_by_repeat"] == pytest.approx([1.1, 1.1, 1.2])
+    assert out["ratio_paired"] == pytest.approx(1.1)
+    # the ratio of medians mixes repetitions: 96 / 80 = 1.2 here, where every pair says 1.1 or more
+    assert shard_bench.median_run(spec)["tokens_per_s"] / shard_bench.median_run(plain)["tokens_per_s"] == pytest.approx(1.2)
+
+
+def test_the_control_setting_is_plain_decoding_on_a_shard_of_its_own():
+    assert shard_bench.MODES["none-control"] == shard_bench.MODES["none"]
+    assert "none-control" in shard_bench.parse_args(["--model", MODEL]).modes  # run by default
