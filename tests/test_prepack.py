@@ -597,3 +597,30 @@ def test_a_missing_plain_rate_is_measured_soon():
     spec.observe_rate(1, 1.0, 100, "plain")  # (passed over: right after a speculative step)
     spec.observe_rate(1, 1.0, 100, "plain")
     assert all(spec._measured_to_pay("1/greedy") for _ in range(PLAIN_EVERY - 1))
+
+
+def test_an_exploring_share_measured_faster_than_plain_steps_costs_at_least_its_rows():
+    """Scaling a share's extra time over plain steps' median scales its noise too: a step that ran 4 ms faster than
+    that median (64 tokens in 64 ms) would say that drafting for everybody costs -16 ms. The extra time is never
+    taken for less than the rows' predicted cost (`floor`): 64 + 128 tokens in 64 + 4 x 2 ms."""
+    spec = _gated_speculator(64)
+    planned = [(SimpleNamespace(seq_id=i), None) for i in range(64)]
+    while not spec._speculating(planned, list(range(64)), "64/greedy", False):
+        pass
+    assert spec._step_scale == 4.0
+    spec.rates["64/greedy"].pop("tree")
+    spec.observe_rate(64, 0.060, 96, "tree", floor=0.002)
+    assert spec.rates["64/greedy"]["tree"] == pytest.approx(192 / 0.072)
+    spec.rates["64/greedy"].pop("tree")
+    spec.observe_rate(64, 0.068, 96, "tree", floor=0.002)  # measured above its floor: as measured
+    assert spec.rates["64/greedy"]["tree"] == pytest.approx(192 / 0.080)
+
+
+def test_the_floor_of_a_step_is_what_its_extra_rows_and_groups_are_predicted_to_cost():
+    spec = Speculator(SpacePolicy(latency_curve={1: 0.002, 8: 0.003, 16: 0.005, 64: 0.010}), 4, lambda *a: 1e-3,
+                      max_batch=8, max_probe_rows=64)
+    spec.mask_step_cost, spec.mask_factor = 0.0005, 2.0
+    assert spec.rows_cost(8, 8) == 0.0  # plain decoding: no extra row
+    assert spec.rows_cost(8, 16) == pytest.approx(0.002)  # t(16) - t(8) on the pinned curve
+    assert spec.rows_cost(8, 12) == pytest.approx(0.001)  # (interpolated)
+    assert spec.rows_cost(8, 16, masks=True) == pytest.approx(0.003)  # + the groups' fixed cost, as learnt

@@ -324,22 +324,23 @@ class Engine:
         sampled, regime = any_sampled(planned), sampling_regime(planned)
         decode = sum(p.num_uncached for p in plans) == len(plans) and not any(p.partial for p in plans)
         tokens = sum(len(e) for _, e in results)
+        rows = sum(p.num_rows for p in plans)
+        masks = any(p.anchors for p in plans)
+        floor = self.speculator.rows_cost(len(plans), rows, masks, sampled) if decode else 0.0
         if any(seq.sdsat for seq, _ in planned):
             kind = _sdsat_kind(planned)
             if decode and kind is not None:
-                self.speculator.defer_rate(len(plans), seconds, tokens, kind, regime)
+                self.speculator.defer_rate(len(plans), seconds, tokens, kind, regime, floor)
             self.speculator.step_done()
             return
         trees = [p.tree for p in plans if p.is_tree]
         accepted = sum(len(e) - 1 for p, (_, e) in zip(plans, results) if p.is_tree and e)
         self.speculator.end_step(len(trees), sum(len(t) for t in trees), accepted, sampled)
-        masks = any(p.anchors for p in plans)
         candidates = any(p.num_candidates for p in plans)
         if decode:  # a step sending groups with no drafts to verify yet leads the step that verifies them
             kind = ("masks" if candidates else "lead") if masks else "tree" if candidates else "plain"
-            self.speculator.defer_rate(len(plans), seconds, tokens, kind, regime)
+            self.speculator.defer_rate(len(plans), seconds, tokens, kind, regime, floor)
         if self.speculator.curve is not None and decode:  # decode steps: wall time vs surface
-            rows = sum(p.num_rows for p in plans)
             self.speculator.observe_step(len(plans), rows, len(plans), seconds, masks, sampled)
         self.speculator.step_done()
 

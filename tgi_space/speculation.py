@@ -142,6 +142,7 @@ class Speculator:
         self._step_end: float | None = None
         self.step_start: float | None = None  # set by plan(), read once by the engine's execute
         self._pending_rate: tuple | None = None  # the last step's observe_rate arguments, until its gap is known
+        self._pending_floor = 0.0  # ... and the predicted cost of its speculative rows
         self.stats = SpeculationStats()
 
     # ---- planning ------------------------------------------------------------------------
@@ -308,19 +309,24 @@ class Speculator:
         return _explore(self._masks_gated, _size_class(key), MASKS_EXPLORE_EVERY, EXPLORE_BURST)
 
     def observe_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: str | bool = False,
-                     outside: float | None = None) -> None:
+                     outside: float | None = None, floor: float = 0.0) -> None:
         """One step's realised tokens per second (wall time of the whole step), by kind ("plain": no
         candidate and no group, "tree": candidates only, "masks": with mask groups; "lead": mask groups and
         no candidates, rated as "masks" together with the next step, which verifies their drafts), batch size, and
         `sampling_regime` (a bool: sampled or greedy). `outside`: the step's own time outside the engine (else
-        the running mean of the batch size's)."""
+        the running mean of the batch size's). `floor`: the predicted cost of the step's speculative rows (`rows_cost`),
+        the least extra time an exploring share's step is taken to have cost."""
         key = _rate_key(num_seqs, sampled)
         rates = self.rates[key]
         total = seconds + (self.outside[_bucket(num_seqs)] if outside is None else outside)
         if kind != "plain" and self._step_scale > 1 and "plain" in rates:  # an exploring share: what
-            plain = num_seqs / rates["plain"]  # speculating everybody would give, from its extra tokens and time
+            plain = num_seqs / rates["plain"]  # speculating everybody would give, from its extra tokens and time.
+            # Its extra time over plain steps' median is a difference of noisy times, multiplied by the scale: a step
+            # that ran faster than that median made it negative (measured through the shard at 64 sequences: a
+            # share's step rated at 74,000 and -133,000 tok/s against plain's 2,000, which opened the gate to
+            # full-batch speculation at 0.81x). It is never taken for less than its rows are predicted to cost.
             tokens = num_seqs + (tokens - num_seqs) * self._step_scale
-            total = plain + (total - plain) * self._step_scale
+            total = plain + max(total - plain, floor) * self._step_scale
         lead, self._mask_lead = self._mask_lead, None
         if kind == "lead":  # it sent mask groups and had no drafts: judged with the step that verifies theirs
             self._mask_lead = (key, tokens, total)
@@ -463,15 +469,25 @@ class Speculator:
             b = _bucket(num_seqs)
             self.outside[b] = 0.9 * self.outside[b] + 0.1 * gap
         if pending is not None:
-            self.observe_rate(*pending, outside=gap if gap < MAX_GAP else None)
+            self.observe_rate(*pending, outside=gap if gap < MAX_GAP else None, floor=self._pending_floor)
 
-    def defer_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: str | bool = False) -> None:
+    def defer_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: str | bool = False,
+                   floor: float = 0.0) -> None:
         """`observe_rate` of the step that just ran, once the time until the next step is known (with a pinned
         curve, now: nothing is learnt from timing then)."""
         if self.adaptive:
             self._pending_rate = (num_seqs, seconds, tokens, kind, sampled)
+            self._pending_floor = floor
         else:
-            self.observe_rate(num_seqs, seconds, tokens, kind, sampled)
+            self.observe_rate(num_seqs, seconds, tokens, kind, sampled, floor=floor)
+
+    def rows_cost(self, num_seqs: int, rows: int, masks: bool = False, sampled: bool = False) -> float:
+        """Predicted seconds a decode step of `num_seqs` sequences pays for `rows` rows beyond one each, and for
+        mask groups when `masks` (0 before the latency surface is measured)."""
+        if self.curve is None or rows <= num_seqs:
+            return 0.0
+        extra = self.step_cost(num_seqs, rows, num_seqs, sampled) - self.step_cost(num_seqs, num_seqs, num_seqs, sampled)
+        return max(0.0, extra) + (self.mask_factor * self.mask_step_cost if masks else 0.0)
 
     def take_step_start(self) -> float:
         """When this step's planning began (now, if it was not planned); cleared for the next step."""
