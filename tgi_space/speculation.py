@@ -142,7 +142,6 @@ class Speculator:
         self._step_end: float | None = None
         self.step_start: float | None = None  # set by plan(), read once by the engine's execute
         self._pending_rate: tuple | None = None  # the last step's observe_rate arguments, until its gap is known
-        self._pending_floor = 0.0  # ... and the predicted cost of its speculative rows
         self.stats = SpeculationStats()
 
     # ---- planning ------------------------------------------------------------------------
@@ -469,15 +468,15 @@ class Speculator:
             b = _bucket(num_seqs)
             self.outside[b] = 0.9 * self.outside[b] + 0.1 * gap
         if pending is not None:
-            self.observe_rate(*pending, outside=gap if gap < MAX_GAP else None, floor=self._pending_floor)
+            *args, floor = pending
+            self.observe_rate(*args, outside=gap if gap < MAX_GAP else None, floor=floor)
 
     def defer_rate(self, num_seqs: int, seconds: float, tokens: int, kind: str, sampled: str | bool = False,
                    floor: float = 0.0) -> None:
         """`observe_rate` of the step that just ran, once the time until the next step is known (with a pinned
         curve, now: nothing is learnt from timing then)."""
         if self.adaptive:
-            self._pending_rate = (num_seqs, seconds, tokens, kind, sampled)
-            self._pending_floor = floor
+            self._pending_rate = (num_seqs, seconds, tokens, kind, sampled, floor)
         else:
             self.observe_rate(num_seqs, seconds, tokens, kind, sampled, floor=floor)
 
