@@ -323,7 +323,8 @@ class Speculator:
             # Its extra time over plain steps' median is a difference of noisy times, multiplied by the scale: a step
             # that ran faster than that median made it negative (measured through the shard at 64 sequences: a
             # share's step rated at 74,000 and -133,000 tok/s against plain's 2,000, which opened the gate to
-            # full-batch speculation at 0.81x). It is never taken for less than its rows are predicted to cost.
+            # full-batch speculation: such runs served 0.81-0.88x plain). It is never taken for less than its rows
+            # are predicted to cost.
             tokens = num_seqs + (tokens - num_seqs) * self._step_scale
             total = plain + max(total - plain, floor) * self._step_scale
         lead, self._mask_lead = self._mask_lead, None
