@@ -486,7 +486,8 @@ class Speculator:
         mask groups when `masks` (0 before the latency surface is measured)."""
         if self.curve is None or rows <= num_seqs:
             return 0.0
-        extra = self.step_cost(num_seqs, rows, num_seqs, sampled) - self.step_cost(num_seqs, num_seqs, num_seqs, sampled)
+        plain = self.step_cost(num_seqs, num_seqs, num_seqs, sampled)
+        extra = self.step_cost(num_seqs, rows, num_seqs, sampled) - plain
         return max(0.0, extra) + (self.mask_factor * self.mask_step_cost if masks else 0.0)
 
     def take_step_start(self) -> float:
