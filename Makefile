@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL ?= models/tiny-space-py
 EXTRAS ?= dev,train,bench,server,otel
 
-.PHONY: setup serve run test bench tiny-model clean gpu-check
+.PHONY: setup serve run test bench tiny-model datastore clean gpu-check
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,12 @@ bench: setup
 tiny-model: setup
 	$(PY) scripts/build_tiny_model.py --work build/tiny-model --until base
 	$(PY) scripts/build_space_models.py --base build/tiny-model/base/final --work build/space-models --out $(MODEL)
+	$(MAKE) datastore
+
+## The bundled model's self-drafted datastore (~1.5 min): its own greedy continuations of the function heads
+## of this interpreter's standard library, where suffix drafts are also looked up (docs/speculation.md).
+datastore: setup
+	$(VENV)/bin/tgi-space datastore --model $(MODEL) --tokens 200000
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

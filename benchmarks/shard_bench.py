@@ -51,6 +51,7 @@ MODES = {  # name -> (extra environment, extra argv)
     "fixed-k3": ({"TGI_SPACE_FIXED_LAYOUT": "1"}, ("--speculate", "3")),
     "fixed-k5": ({"TGI_SPACE_FIXED_LAYOUT": "1"}, ("--speculate", "5")),
     "planned-hybrid": ({}, ()),
+    "planned-hybrid-no-datastore": ({"TGI_SPACE_DATASTORE": "none"}, ()),  # without the model's datastore
     "planned-masks": ({"TGI_SPACE_DRAFTERS": "masks"}, ()),
     "planned-suffix": ({"TGI_SPACE_DRAFTERS": "suffix"}, ()),
     "sdsat": ({"TGI_SPACE_SPECULATE_MODE": "sdsat"}, ()),  # governed: plain steps while its passes lose

@@ -215,6 +215,7 @@ def bench(
     policies.update({f"fixed-space-k{k}": SpacePolicy(k_max=k, planner=False) for k in k_values})
     policies.update({
         "planned-hybrid": SpacePolicy(),
+        "planned-hybrid-no-datastore": SpacePolicy(),  # without the model's self-drafted datastore (if it has one)
         "planned-masks": SpacePolicy(drafters=("masks",)),
         "planned-suffix": SpacePolicy(drafters=("suffix",)),
         # + suffix drafts from the earlier prompts' outputs (never the same prompt's: `fresh_cache_runner`)
@@ -222,7 +223,8 @@ def bench(
         "sdsat": SpacePolicy(speculate_mode="sdsat"),  # governed: plain steps when its passes lose
         "sdsat-forced": SpacePolicy(speculate_mode="sdsat", planner=False),  # its passes every step
     })
-    llms = {name: LLM(model, dtype=dtype, space=policy) for name, policy in policies.items()}
+    llms = {name: LLM(model, dtype=dtype, space=policy, **({"datastore": "none"} if "no-datastore" in name else {}))
+            for name, policy in policies.items()}
     tok = llms["engine-ar"].tokenizer
     prompts = [tok.encode(p) for p in humaneval_prompts(num_prompts)]
     methods = {name: engine_runner(llm, _mode(name), max_new_tokens) for name, llm in llms.items()}

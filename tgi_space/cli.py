@@ -14,6 +14,7 @@ def _register_subcommands() -> None:
     from tgi_space.generate_cli import register as register_generate
     from tgi_space.invariance import register as register_invariance
     from tgi_space.train.cli import register as register_train
+    from tgi_space.datastore import register_command as register_datastore
     from tgi_space.train.distill import register as register_distill
 
     register_bench(app)
@@ -22,6 +23,7 @@ def _register_subcommands() -> None:
     register_invariance(app)
     register_train(app)
     register_distill(app)
+    register_datastore(app)
     from tgi_space.http.cli import register as register_serve
 
     register_serve(app)

@@ -85,6 +85,7 @@ class ModelConfig:
     space_method: str | None = None  # recipe that trained the mask token ("space", "sdsat"); None: SPACE
     adaptive_token_ids: tuple[int, ...] = ()  # config.json sdsat_adaptive_token_ids: one id per offset, if any
     space_adapter: str | None = None  # config.json space_adapter: gated SPACE adapter folder, relative to the model
+    space_datastore: str | None = None  # config.json space_datastore: self-drafted datastore (.npy), relative to the model
 
     @property
     def max_model_len(self) -> int:
@@ -134,6 +135,7 @@ class ModelConfig:
             space_method=raw.get("space_method"),
             adaptive_token_ids=_as_id_tuple(raw.get("sdsat_adaptive_token_ids")),
             space_adapter=raw.get("space_adapter"),
+            space_datastore=raw.get("space_datastore"),
         )
 
     @classmethod
@@ -241,6 +243,9 @@ class EngineConfig:
     gemm_row_block: int | None = None
     # Gated SPACE adapter folder (docs/adapters.md); None: config.json's space_adapter, if any.
     adapter: str | None = None
+    # Self-drafted datastore (datastore.py: the model's own greedy outputs, where suffix drafts are also looked
+    # up); None: config.json's space_datastore, if any; "none": off.
+    datastore: str | None = None
     # Pack every projection's weight once (model/prepack.py: oneDNN for native bf16, else the panel GEMM):
     # None = on where it applies (CPU, bf16 or float32); True where it does not is refused. Batch-invariant.
     prepack_weights: bool | None = None

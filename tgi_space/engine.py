@@ -12,6 +12,11 @@ import torch
 from tgi_space.attention.backend import make_backend
 from tgi_space.attention.metadata import AttentionMetadata
 from tgi_space.config import SPECULATE_MODES, EngineConfig, ModelConfig
+from tgi_space.datastore import END as DATASTORE_END
+from tgi_space.datastore import datastore_path
+from tgi_space.datastore import index_of as datastore_index
+from tgi_space.datastore import load as load_datastore
+from tgi_space.drafters import SuffixIndex
 from tgi_space.kv_cache import BlockManager, allocate_kv_cache, available_memory, kv_bytes_per_token
 from tgi_space.model.adapter import adapter_dir, load_adapter
 from tgi_space.model.llama import ForwardContext
@@ -87,7 +92,8 @@ class Engine:
             sdsat_reserve=self.sdsat.max_depth,
         )
         probe_rows = self.model_config.max_model_len - self._probe_context
-        self.speculator = Speculator(config.space, self.k_max, self._measure_rows, config.max_num_seqs, probe_rows)
+        self.speculator = Speculator(config.space, self.k_max, self._measure_rows, config.max_num_seqs, probe_rows,
+                                     self._datastore())
         self.eos_ids = set(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
@@ -106,6 +112,15 @@ class Engine:
         self.model.adapter = load_adapter(folder, self.model)
         log.info("gated SPACE adapter %s loaded (%s)", folder, ", ".join(self.model.adapter.config.target_modules))
         return self.model.adapter.config.apply_to(self.model_config)
+
+    def _datastore(self) -> SuffixIndex | None:
+        """The self-drafted datastore's index (datastore.py), when there is one and suffix drafts are on."""
+        path = datastore_path(self.config.model_dir, self.config.datastore, self.model_config.space_datastore)
+        if path is None or "suffix" not in self.config.space.drafters:
+            return None
+        tokens = load_datastore(path, self.model_config.vocab_size)
+        log.info("datastore %s: %d tokens", path, int((tokens != DATASTORE_END).sum()))
+        return datastore_index(tokens, self.config.space.suffix_max_match)
 
     def _warm_gemms(self) -> None:
         """oneDNN's packed-GEMM kernels for every row count a decode step can send (`warm_gemm_rows`)."""

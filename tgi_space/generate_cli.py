@@ -14,6 +14,8 @@ def generate(
     prompts: list[str] = typer.Argument(..., help="Prompts; '\\n' and '\\t' escapes are expanded."),
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder (config.json, safetensors, tokenizer.json)."),
     adapter: str = typer.Option(None, "--adapter", help="Gated SPACE adapter folder (default: config.json space_adapter)."),
+    datastore: str = typer.Option(None, "--datastore", help="Self-drafted datastore .npy (default: config.json "
+                                  "space_datastore; 'none': off)."),
     speculate: str = typer.Option("space", help="space | sdsat | none"),
     k: int = typer.Option(None, "--k", help="Candidates per step (default: the checkpoint's space_k)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
@@ -38,7 +40,7 @@ def generate(
         )
         policy = SpacePolicy(k_max=k, planner=not fixed_layout, drafters=tuple(d for d in drafters.split(",") if d),
                              sdsat_tree_sizes=parse_tree_sizes(sdsat_tree_sizes))
-        llm = LLM(model, dtype=dtype, space=policy, adapter=adapter)
+        llm = LLM(model, dtype=dtype, space=policy, adapter=adapter, datastore=datastore)
         texts = [p.encode().decode("unicode_escape") for p in prompts]
         outputs = llm.generate(texts, params, speculate=speculate)
     except ValueError as err:

@@ -53,6 +53,7 @@ class Speculator:
     def __init__(
         self, policy: SpacePolicy, mask_group_size: int, measure: Callable[[int, int], float], max_batch: int,
         max_probe_rows: int,
+        datastore: SuffixIndex | None = None,
     ) -> None:
         self.policy = policy
         self.max_batch = max_batch  # the largest batch the surface is probed at
@@ -69,6 +70,8 @@ class Speculator:
         self.calibrations: dict[str, Calibration] = defaultdict(Calibration)
         shared = policy.suffix_shared_tokens if "suffix" in policy.drafters else 0
         self.shared = SharedSuffixCache(policy.suffix_max_match, shared) if shared else None
+        # The self-drafted datastore (datastore.py), read-only: looked up like the shared cache.
+        self.datastore = datastore if "suffix" in policy.drafters else None
         self.mask_gain = 1.0  # running mean of tokens the mask drafts got accepted per step (reported)
         self._step_mask_values: dict[str, tuple[float, ...]] = {}  # this step's mask_values(), by regime
         # The share of their predicted value that mask drafts really added next to a suffix match: accepted
@@ -647,13 +650,17 @@ class Speculator:
 
     def _continuations(self, seq: Sequence) -> tuple[list[list[int]], str]:
         """What followed the longest match of the sequence's suffix, and its drafter: in its own text, or in
-        the shared cache's outputs when it matches longer there."""
+        the shared cache's outputs or the datastore when one of them matches longer (ties: the own text, then
+        the shared cache)."""
         min_n, depth = self.policy.suffix_min_match, self.policy.max_tree_depth
         n, conts = seq.suffix_index.continuations(min_n, depth, SUFFIX_MATCHES)
-        if self.shared is None:
-            return conts, "suffix"
-        shared_n, shared_conts = self.shared.index.lookup(seq.tokens, min_n, depth, SUFFIX_MATCHES)
-        return (shared_conts, "shared") if shared_n > n else (conts, "suffix")
+        best = (n, conts, "suffix")
+        for source, index in (("shared", self.shared and self.shared.index), ("datastore", self.datastore)):
+            if index is not None:
+                found, found_conts = index.lookup(seq.tokens, min_n, depth, SUFFIX_MATCHES)
+                if found > best[0]:
+                    best = (found, found_conts, source)
+        return best[1], best[2]
 
     def finished(self, seq: Sequence) -> None:
         """A request ended: its output joins the shared suffix cache, when there is one (not a failed one's)."""

@@ -50,6 +50,10 @@ def serve(
     adapter: Optional[str] = typer.Option(
         None, "--adapter", envvar="SPACE_ADAPTER", help="Gated SPACE adapter folder (default: config.json space_adapter)."
     ),
+    datastore: Optional[str] = typer.Option(
+        None, "--datastore", envvar="SPACE_DATASTORE",
+        help="Self-drafted datastore .npy for suffix drafts (default: config.json space_datastore; 'none': off).",
+    ),
     hostname: str = typer.Option("127.0.0.1", envvar="HOSTNAME", help="Address to listen on (TGI: 0.0.0.0)."),
     port: int = typer.Option(3000, envvar="PORT"),
     max_concurrent_requests: int = typer.Option(128, envvar="MAX_CONCURRENT_REQUESTS"),
@@ -113,7 +117,7 @@ def serve(
     log_config = configure_logging(log_level, json_output)
     try:
         settings = ServeSettings(
-            model_id=model, adapter=adapter, hostname=hostname, port=port, max_concurrent_requests=max_concurrent_requests,
+            model_id=model, adapter=adapter, datastore=datastore, hostname=hostname, port=port, max_concurrent_requests=max_concurrent_requests,
             max_best_of=max_best_of, max_stop_sequences=max_stop_sequences, max_top_n_tokens=max_top_n_tokens,
             max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
             max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_size=max_batch_size,

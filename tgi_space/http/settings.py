@@ -15,6 +15,7 @@ class ServeSettings:
 
     model_id: str
     adapter: str | None = None  # gated SPACE adapter folder (docs/adapters.md); None: config.json's space_adapter
+    datastore: str | None = None  # self-drafted datastore .npy (datastore.py); None: config.json's; "none": off
     hostname: str = "127.0.0.1"
     port: int = 3000
     # router limits (TGI's names and defaults)

@@ -49,6 +49,7 @@ class ServeOptions:
     drafters: tuple[str, ...] = ("masks", "suffix")  # TGI_SPACE_DRAFTERS=masks,suffix
     suffix_shared_tokens: int = 0  # TGI_SPACE_SUFFIX_SHARED_TOKENS: suffix drafts from all requests' recent outputs
     adapter: str | None = None  # TGI_SPACE_ADAPTER: gated SPACE adapter folder; None: config.json space_adapter
+    datastore: str | None = None  # TGI_SPACE_DATASTORE: self-drafted datastore (.npy); None: config.json's; "none": off
     sdsat_tree_sizes: tuple[int, ...] = SDSAT_TREE_SIZES  # TGI_SPACE_SDSAT_TREE_SIZES=4,8,8,5,3 (SDSAT sampling)
     # PREFILL_CHUNKING (TGI's variable, default on): Info.support_chunking, so the router joins new requests to
     # the running batch's next step (Prefill with cached_batch) and may cut long prompts (chunk_len)
@@ -80,6 +81,7 @@ class ServeOptions:
         return EngineConfig(
             model_dir=self.model_dir,
             adapter=self.adapter,
+            datastore=self.datastore,
             dtype=self.dtype,
             device=self.device,
             block_size=self.block_size,
@@ -145,6 +147,7 @@ def from_launcher(
     return ServeOptions(
         model_dir=model_dir,
         adapter=env.get("TGI_SPACE_ADAPTER") or None,
+        datastore=env.get("TGI_SPACE_DATASTORE") or None,
         uds_path=uds_path,
         rank=rank,
         world_size=world_size,
