@@ -125,6 +125,7 @@ def test_the_bundled_datastore_drafts_accepted_tokens_and_outputs_stay_plain_dec
         got = [o.token_ids for i in range(0, 8, batch) for o in bundled.generate(prompts[i : i + batch], params)]
         assert got == plain, batch
     stats = bundled.engine.speculator.stats
+    assert bundled.engine.speculator.info()["datastore_tokens"] == len(np.load(MODEL / "datastore.npy"))
     assert stats.accepted_by_drafter.get("datastore", 0) > 0 < stats.drafted_by_drafter["datastore"]
 
 

@@ -472,8 +472,8 @@ def test_shared_cache_holds_at_most_its_budget_dropping_the_oldest_outputs():
 def test_shared_cache_drafts_from_other_requests_outputs_and_changes_no_token():
     """A second request for the same prompt finds the first one's output in the shared cache: its drafts
     come from there ("shared") and are accepted, and every token is still plain decoding's."""
-    llm = LLM(str(BUNDLED), space=SpacePolicy(drafters=("suffix",), suffix_shared_tokens=4096,
-                                                        latency_curve={1: 1.0, 512: 1.0}))
+    llm = LLM(str(BUNDLED), datastore="none",  # (the model's datastore would draft the first request well too)
+              space=SpacePolicy(drafters=("suffix",), suffix_shared_tokens=4096, latency_curve={1: 1.0, 512: 1.0}))
     prompt = llm.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     plain = llm.generate([prompt], params, speculate="none")[0].token_ids
@@ -483,7 +483,7 @@ def test_shared_cache_drafts_from_other_requests_outputs_and_changes_no_token():
     stats = llm.engine.speculator.stats
     assert stats.accepted_by_drafter.get("shared", 0) > 0  # the second request's drafts: the first's output
     assert second.stats.num_steps < first.stats.num_steps
-    unshared = LLM(str(BUNDLED), space=SpacePolicy(drafters=("suffix",), latency_curve={1: 1.0, 512: 1.0}))
+    unshared = LLM(str(BUNDLED), space=SpacePolicy(drafters=("suffix",), latency_curve={1: 1.0, 512: 1.0}))  # datastore on
     for _ in range(2):
         unshared.generate([prompt], params, speculate="space")
     assert "shared" not in unshared.engine.speculator.stats.accepted_by_drafter  # off by default

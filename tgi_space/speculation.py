@@ -682,6 +682,7 @@ class Speculator:
             "mask_gain": self.mask_gain, "mask_values_by_group_rows": list(self.mask_values()),
             "mask_worth": {regime: w.value for regime, w in self.mask_worth.items()},
             "shared_suffix_tokens": len(self.shared.index.tokens) if self.shared else None,
+            "datastore_tokens": len(self.datastore.tokens) if self.datastore else None,  # separators included
             "steps": s.steps, "plain_fallback_rate": s.plain_steps / max(1, s.steps),
             "rows_per_step": s.rows / max(1, s.steps),
             "predicted_tokens_per_step": s.predicted_tokens / max(1, s.steps),
