@@ -624,3 +624,29 @@ def test_the_floor_of_a_step_is_what_its_extra_rows_and_groups_are_predicted_to_
     assert spec.rows_cost(8, 16) == pytest.approx(0.002)  # t(16) - t(8) on the pinned curve
     assert spec.rows_cost(8, 12) == pytest.approx(0.001)  # (interpolated)
     assert spec.rows_cost(8, 16, masks=True) == pytest.approx(0.003)  # + the groups' fixed cost, as learnt
+
+
+def test_an_exploring_share_drafts_within_its_share_of_the_row_budget():
+    """A share stands for the whole batch, which would share the step's extra rows (max_step_query_tokens, 128):
+    16 of 64 sequences may send 64 / 4 = 16 extra rows, not 64, or their tokens scaled by 4 promise what
+    everybody drafting never gets."""
+    from tgi_space.sampling import SamplingParams
+    from tgi_space.sequence import Sequence
+    from tgi_space.space import SeqPlan
+
+    spec = _gated_speculator(64, drafters=("suffix",))
+    text = [5, 6, 7, 8, 9, 10, 11, 12] * 6  # repeats itself: the suffix drafter has long continuations
+    planned = []
+    for i in range(64):
+        seq = Sequence(i, text, SamplingParams(max_new_tokens=64), True, None)
+        seq.num_cached = len(text) - 1
+        planned.append((seq, SeqPlan(chain=[text[-1]], num_candidates=0, anchors=[], group_size=0,
+                                     num_cached=len(text) - 1)))
+    steps = [spec.plan(list(planned)) for _ in range(EXPLORE_EVERY)]
+    explored = [sum(p.num_rows for _, p in out) for out in steps if any(p.num_candidates for _, p in out)]
+    assert len(explored) == EXPLORE_BURST
+    assert all(64 < rows <= 64 + 64 // 4 for rows in explored), explored
+    spec._step_scale = 4.0
+    assert spec._row_budget(64) == 80
+    spec._step_scale = 1.0  # everybody drafting: the whole budget
+    assert spec._row_budget(64) == 128 and spec._row_budget(200) == 200  # (a joined prefill: no extra row)

@@ -186,7 +186,7 @@ class Speculator:
         if not self._sends_masks(key):
             proposals = [dataclasses.replace(p, group_size=0) for p in proposals]
         choices = plan(proposals, self._cost_of_rows(base_rows, len(planned), overhead, sampled),
-                       self.policy.max_step_query_tokens,
+                       self._row_budget(base_rows),
                        other_rows=sum(p.num_rows for p in others), other_seqs=len(others),
                        group_cost=self.mask_factor * self.mask_step_cost)
         self._busy += time.perf_counter() - start
@@ -196,6 +196,15 @@ class Speculator:
             out[i] = (seq, _tree_plan(base, proposal, choice))
         self._record_plan(out, proposals, choices)
         return out
+
+    def _row_budget(self, base_rows: int) -> int:
+        """Rows this step may send: max_step_query_tokens, or for an exploring share, which stands for the whole
+        batch (`_step_scale`), its share of the extra rows: everybody drafting would share them. With the whole
+        budget, a quarter of 64 sequences drafted 4 nodes each where all 64 would get 1, and its tokens scaled
+        to the batch promised what full-batch speculation never gave (equal lengths through the shard with the
+        datastore's drafts: c = 64 at 0.81x plain)."""
+        budget = self.policy.max_step_query_tokens
+        return base_rows + int(max(0, budget - base_rows) / self._step_scale)
 
     def _speculating(self, planned: list[tuple[Sequence, SeqPlan]], spec: list[int], key: str, sampled: bool) -> list[int]:
         """Which of the speculating sequences draft this step: all when speculation is judged to pay;
