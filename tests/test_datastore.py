@@ -15,7 +15,7 @@ from tgi_space.cli import app
 from tgi_space.config import SpacePolicy
 from tgi_space.datastore import (
     END, DatastoreError, corpus_prompts, datastore_path, function_heads, index_of, load, register_in_config,
-    source_files,
+    source_files, windows,
 )
 from tgi_space.drafters import SEPARATOR, SuffixIndex
 from tgi_space.sampling import SamplingParams
@@ -171,3 +171,12 @@ def test_the_shard_takes_its_datastore_from_the_environment():
     options = from_launcher(str(MODEL), env={"TGI_SPACE_DATASTORE": "none"})
     assert options.datastore == "none" and options.engine_config().datastore == "none"
     assert from_launcher(str(MODEL), env={}).engine_config().datastore is None  # config.json's
+
+
+def test_windows_start_at_a_line_and_skip_short_files():
+    import random
+
+    text = "a\nbb\nccc\ndddd\n"
+    cuts = {w for _ in range(20) for w in windows(text, 5, random.Random(_))}
+    assert cuts <= {text[s : s + 5] for s in (0, 2, 5, 9)} and len(cuts) > 1
+    assert windows("abc", 5, random.Random(0)) == []

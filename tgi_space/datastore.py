@@ -66,10 +66,9 @@ def function_heads(text: str, context_chars: int) -> list[str]:
 
 def windows(text: str, length: int, rng: random.Random) -> list[str]:
     """One window of `length` characters cut at a random line start of `text` (none if it is shorter)."""
-    starts = [0] + [m.end() for m in re.finditer("\n", text[: max(0, len(text) - length)])]
     if len(text) <= length:
         return []
-    start = rng.choice(starts)
+    start = rng.choice([0] + [m.end() for m in re.finditer("\n", text[: len(text) - length])])
     return [text[start : start + length]]
 
 

@@ -664,7 +664,7 @@ class Speculator:
         min_n, depth = self.policy.suffix_min_match, self.policy.max_tree_depth
         n, conts = seq.suffix_index.continuations(min_n, depth, SUFFIX_MATCHES)
         best = (n, conts, "suffix")
-        for source, index in (("shared", self.shared and self.shared.index), ("datastore", self.datastore)):
+        for source, index in (("shared", self.shared.index if self.shared else None), ("datastore", self.datastore)):
             if index is not None:
                 found, found_conts = index.lookup(seq.tokens, min_n, depth, SUFFIX_MATCHES)
                 if found > best[0]:

@@ -117,7 +117,8 @@ def serve(
     log_config = configure_logging(log_level, json_output)
     try:
         settings = ServeSettings(
-            model_id=model, adapter=adapter, datastore=datastore, hostname=hostname, port=port, max_concurrent_requests=max_concurrent_requests,
+            model_id=model, adapter=adapter, datastore=datastore, hostname=hostname, port=port,
+            max_concurrent_requests=max_concurrent_requests,
             max_best_of=max_best_of, max_stop_sequences=max_stop_sequences, max_top_n_tokens=max_top_n_tokens,
             max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
             max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_size=max_batch_size,
