@@ -650,3 +650,16 @@ def test_an_exploring_share_drafts_within_its_share_of_the_row_budget():
     assert spec._row_budget(64) == 80
     spec._step_scale = 1.0  # everybody drafting: the whole budget
     assert spec._row_budget(64) == 128 and spec._row_budget(200) == 200  # (a joined prefill: no extra row)
+
+
+def test_the_latency_probe_leaves_the_live_cache_alone():
+    """The planner probes t(rows, batch) on first use, which in `LLM.generate` is mid-generation: the probes'
+    K/V must land in a cache of their own (they once wrapped around the live one, and the garbage they left
+    in live slots changed the outputs of the requests decoding then)."""
+    engine = LLM(str(MODEL), kv_cache_bytes=2**24).engine
+    for cache in engine.kv_caches:
+        cache.normal_()  # every slot stands for a live request's K/V
+    before = [cache.clone() for cache in engine.kv_caches]
+    engine._measure_rows(4, 16)
+    engine._measure_rows(1, 9, 4)  # with a mask group
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.kv_caches))

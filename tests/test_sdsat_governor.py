@@ -143,8 +143,8 @@ def test_governed_sdsat_measured_to_lose_is_plain_decoding_and_lossless(llama_di
     shapes = []
     sdsat_plan = llm.engine.sdsat.plan
 
-    def recording(planned, active=None):
-        out = sdsat_plan(planned, active)
+    def recording(planned, active=None, depth=None):
+        out = sdsat_plan(planned, active, depth)
         shapes.extend((p.is_tree, p.num_rows - p.num_uncached) for _, p in out)
         return out
 
@@ -155,3 +155,36 @@ def test_governed_sdsat_measured_to_lose_is_plain_decoding_and_lossless(llama_di
     assert 1 <= info["verify_passes"] <= 4  # explored (a burst every EXPLORE_EVERY steps), not run
     plain = [s for s in shapes if s[1] == 0]  # steps without a pass: plain plans, not trees of no nodes
     assert len(plain) >= len(shapes) - 8 and not any(is_tree for is_tree, _ in plain)
+
+
+def _depth_case(step_ms, extend: float, batch: int = 1) -> int:
+    """The chosen draft depth (of at most 5) for `batch` greedy SDSAT sequences, with t(rows) = step_ms(rows)
+    and every depth's drafts extending the accepted path with probability `extend` (1,000 trials each)."""
+    spec = Speculator(SpacePolicy(), 4, lambda seqs, rows, *group: step_ms(rows) / 1000, max_batch=64,
+                      max_probe_rows=64)
+    calibration = spec.calibrations["greedy"]
+    for depth in range(1, 6):
+        calibration.extend_trials["sdsat", depth] = 1000
+        calibration.extend_hits["sdsat", depth] = 1000 * extend
+    planned = [(SimpleNamespace(sdsat=True, params=SamplingParams()), SimpleNamespace(num_uncached=1, num_rows=1))
+               for _ in range(batch)]
+    return spec.sdsat_depth(planned, None, 5)
+
+
+def test_sdsat_drafts_the_whole_chain_where_rows_are_free():
+    assert _depth_case(lambda rows: 3.0, 0.5) == 5  # every draft is worth something and costs nothing
+    assert _depth_case(lambda rows: 3.0, 0.5, batch=8) == 5
+
+
+def test_sdsat_drafts_a_short_chain_where_each_row_costs_a_plain_step():
+    """Each row as dear as a whole plain step, drafts accepted half the time: every depth past the first adds a
+    row to both passes for a quarter token or less (whether even one pays is the gate's business). Rows at a
+    fifth of a step and drafts accepted 9 times in 10: neither the shortest chain nor the longest."""
+    assert _depth_case(lambda rows: 3.0 * rows, 0.5) == 1
+    assert 1 < _depth_case(lambda rows: 3.0 + 0.6 * rows, 0.9) < 5
+
+
+def test_a_pinned_curve_keeps_the_sdsat_depth():
+    spec = _speculator(latency_curve={1: 0.01, 64: 0.64})
+    planned = [(SimpleNamespace(sdsat=True, params=SamplingParams()), SimpleNamespace(num_uncached=1, num_rows=1))]
+    assert spec.sdsat_depth(planned, None, 5) == 5

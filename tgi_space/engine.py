@@ -43,6 +43,7 @@ from tgi_space.speculation import Speculator, any_sampled, measure_forward, prob
 from tgi_space.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+PROBE_CACHE_BYTES = 64 << 20  # the latency probes' own K/V cache at most (`Engine._probe_caches`)
 LOGIT_CHUNK = 256  # prompt rows per logits chunk when prompt log-probabilities are asked for
 FINISH_ERROR = "error"  # the request failed alone inside a step; Sequence.error says why
 
@@ -159,9 +160,11 @@ class Engine:
     @torch.inference_mode()
     def _measure_rows(self, num_seqs: int, rows: int, group: int = 0) -> float:
         """Seconds of one forward of `rows` query rows over `num_seqs` sequences, laid out as a planned
-        step would (`probe_row_counts`), each after `_probe_context` cached tokens (slots wrap around
-        the cache: timing only). `group` > 0: the first sequence's last `group` rows are one mask
-        group (what a gated adapter's deltas cost)."""
+        step would (`probe_row_counts`), each after `_probe_context` cached tokens. `group` > 0: the first
+        sequence's last `group` rows are one mask group (what a gated adapter's deltas cost).
+        The probe runs on a throwaway cache (`_probe_caches`), never the live one: the planner probes on first
+        use, which in `LLM.generate` is mid-generation, and garbage K/V written into live slots changed the
+        outputs of requests decoding at the time."""
         context = self._probe_context
         counts = probe_row_counts(num_seqs, rows)
         plans = [SeqPlan(chain=[0] * n, num_candidates=n - 1, anchors=[], group_size=0, num_cached=context)
@@ -173,13 +176,26 @@ class Engine:
             counts[0] = chain
         layout = build_layout(plans, self.mask_token_id or 0)
         span = context + max(counts)
-        slots = [torch.arange(i * span, i * span + context + n) % self.num_slots for i, n in enumerate(counts)]
+        caches = self._probe_caches(num_seqs * span)
+        size = caches[0].shape[1]  # slots wrap around the throwaway cache: timing only
+        slots = [torch.arange(i * span, i * span + context + n) % size for i, n in enumerate(counts)]
         write, write_rows = torch.cat([s[context:] for s in slots]), self._chain_rows(layout, plans)
 
         def run() -> None:
             self._forward(layout, [s[:context] for s in slots], write, write_rows)
 
-        return measure_forward(run)
+        live, self.model.ctx.kv_caches = self.model.ctx.kv_caches, caches
+        try:
+            return measure_forward(run)
+        finally:
+            self.model.ctx.kv_caches = live
+
+    def _probe_caches(self, slots: int) -> list[torch.Tensor]:
+        """A cache for the latency probes alone: `slots` slots, at most PROBE_CACHE_BYTES (then fewer slots,
+        which the probe's sequences share: their K/V are never read for their values)."""
+        per_slot = kv_bytes_per_token(self.model_config, self.dtype)
+        slots = max(1, min(slots, PROBE_CACHE_BYTES // per_slot))
+        return allocate_kv_cache(self.model_config, 1, slots, self.dtype, self.config.device)
 
     @property
     def _probe_context(self) -> int:
@@ -292,11 +308,12 @@ class Engine:
     def speculate(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:
         """A scheduled step's plans with what speculation sends: the planner's tree nodes and mask groups (when
         planned), and SDSAT's draft or verify passes (those the governor lets run; all, when not planned)."""
-        active = None
+        active, depth = None, self.sdsat.max_depth
         if self.planned:
             planned = self.speculator.plan(planned)
             active = self.speculator.sdsat_passes(planned)
-        return self.sdsat.plan(planned, active)
+            depth = self.speculator.sdsat_depth(planned, active, depth)
+        return self.sdsat.plan(planned, active, depth)
 
     @torch.inference_mode()
     def execute(

@@ -61,6 +61,7 @@ class SdsatStats:
     verify_passes: int = 0  # sequence-steps that sent a tree
     rows: int = 0  # query rows those passes sent (uncached tokens included)
     drafted_nodes: int = 0  # tree nodes sent by verify passes
+    adaptive_tokens: int = 0  # adaptive tokens sent by draft passes (`Speculator.sdsat_depth` chooses how many)
 
 
 class Sdsat:
@@ -73,11 +74,13 @@ class Sdsat:
         self.max_depth = min(k, policy.max_tree_depth, policy.max_tree_nodes)
         self.stats = SdsatStats()
 
-    def plan(self, planned: list[tuple[Sequence, SeqPlan]], active: set[int] | None = None
-             ) -> list[tuple[Sequence, SeqPlan]]:
+    def plan(self, planned: list[tuple[Sequence, SeqPlan]], active: set[int] | None = None,
+             depth: int | None = None) -> list[tuple[Sequence, SeqPlan]]:
         """SDSAT sequences get their pass's rows, within what the step's row budget leaves; others unchanged.
         `active`: the indices of the SDSAT sequences that run their pass (the governor's choice,
-        `Speculator.sdsat_passes`); the others decode plainly. None: all of them (SDSAT forced)."""
+        `Speculator.sdsat_passes`); the others decode plainly. None: all of them (SDSAT forced).
+        `depth`: adaptive tokens per greedy draft pass (`Speculator.sdsat_depth`; None: max_depth). Sampled
+        draft passes always send max_depth: their trees' sizes per depth are the policy's."""
         if not any(seq.sdsat for seq, _ in planned):
             return planned
         budget = self.policy.max_step_query_tokens - sum(_base_rows(seq, p) for seq, p in planned)
@@ -92,7 +95,8 @@ class Sdsat:
                 elif seq.draft_tree:
                     plan = self._verify_plan(seq, uncached, base.num_cached, budget)
                 else:
-                    plan = self._draft_plan(seq, uncached, base.num_cached, budget)
+                    g = depth if depth is not None and seq.params.is_greedy else self.max_depth
+                    plan = self._draft_plan(seq, uncached, base.num_cached, min(budget, g))
                 budget -= plan.num_rows - len(uncached)
                 self._record(plan)
                 base = plan
@@ -121,6 +125,7 @@ class Sdsat:
         s.rows += plan.num_rows
         if plan.anchors:
             s.draft_passes += 1
+            s.adaptive_tokens += plan.group_size
         elif plan.num_candidates:
             s.verify_passes += 1
             s.drafted_nodes += plan.num_candidates
@@ -148,6 +153,7 @@ class Sdsat:
             "draft_passes": s.draft_passes, "verify_passes": s.verify_passes,
             "rows_per_pass": s.rows / max(1, passes),
             "nodes_per_verify_pass": s.drafted_nodes / max(1, s.verify_passes),
+            "adaptive_tokens_per_draft_pass": s.adaptive_tokens / max(1, s.draft_passes),
         }
 
 

@@ -26,6 +26,7 @@ from tgi_space.drafters import (SUFFIX_MATCHES, Calibration, SharedSuffixCache, 
 from tgi_space.logit_stats import MAX_TOP, LogitStats, reads_stats
 from tgi_space.planner import LatencyCurve, LatencySurface, Proposal, RealisedShare, RobustRatio, plan
 from tgi_space.sampling import process
+from tgi_space.sdsat import SOURCE as SDSAT_SOURCE
 from tgi_space.sequence import Sequence
 from tgi_space.space import SeqPlan
 from tgi_space.tree import ROOT, DraftTree, verify_tree_greedy, verify_tree_rejection, verify_tree_sampled
@@ -255,6 +256,28 @@ class Speculator:
             planned[i][0].draft_tree = None
         self._step_scale = len(sd) / len(active)
         return active
+
+    def sdsat_depth(self, planned: list[tuple[Sequence, SeqPlan]], active: set[int] | None, max_depth: int) -> int:
+        """Adaptive tokens per greedy draft pass this step: the g in 1..max_depth that maximises the tokens per
+        second of a pair of passes, (2B + n R(g)) / t(base + n g), where B sequences emit one token each per
+        step, n run SDSAT passes, R(g) is the expected accepted drafts of a chain of g (the calibrated chance of
+        each depth extending the path, multiplied along it; unmeasured depths at their prior, so they get tried)
+        and t is the step's predicted cost with n g more rows (a draft pass sends g adaptive tokens, the verify
+        pass g drafts). Where rows are dear (an AVX2 CPU: t(6) ~1.6x t(1)) short chains pay and long ones lose;
+        where they are nearly free (AMX) it stays max_depth. max_depth with a pinned curve (reproducible)."""
+        sd = [i for i, (seq, _) in enumerate(planned) if seq.sdsat and (active is None or i in active)]
+        if not self.adaptive or not sd or max_depth <= 1:
+            return max_depth
+        calibration = self.calibrations["greedy"]
+        base = sum(p.num_uncached if seq.sdsat else p.num_rows for seq, p in planned)
+        cost = self._cost_of_rows(base, len(planned), sampled=any_sampled(planned))
+        reach, gained, best = 1.0, 0.0, (0.0, max_depth)
+        for g in range(1, max_depth + 1):
+            reach *= calibration.extension(SDSAT_SOURCE, g, SDSAT_EXTEND_PRIOR)
+            gained += reach
+            rate = (2 * len(planned) + len(sd) * gained) / cost(base + len(sd) * g)
+            best = max(best, (rate, -g))
+        return -best[1]
 
     def _measured_to_pay(self, key: str, gate: Gate | None = None) -> bool:
         """False while speculative steps (gate.kinds) of this batch size have been measured slower (tokens
@@ -844,6 +867,7 @@ PLAIN_BURST = 2  # ... for this many steps in a row: the first plain step after 
 EXPLORE_BURST_SDSAT = 2  # an SDSAT try: a draft pass, then the verify pass of its drafts
 MAX_GAP = 0.25  # seconds: a longer pause between steps is idleness (no work queued), not serving cost
 MASK_EXTEND_PRIOR = 0.7  # before any is measured: the chance a mask draft extends the accepted path, per depth
+SDSAT_EXTEND_PRIOR = 0.7  # ... and an SDSAT draft (`sdsat_depth`; what a depth never sent is taken to be worth)
 MIN_MASK_COST = 2e-4  # seconds: below this the mask groups' own cost is noise, not learnt
 RATE_WINDOW = 5  # steps of a kind whose median is its rate (robust to two slow steps in five)
 SPEC_WINDOW = 9  # speculative steps (SDSAT: pairs) whose tokens over seconds is their rate (the slowest left out)
