@@ -60,6 +60,10 @@ MODES = {  # name -> (extra environment, extra argv)
     # new requests join; side by side with the chunked settings, their ratio to plain is what chunking is worth
     "none-unchunked": ({"SPECULATE_MODE": "none", "PREFILL_CHUNKING": "0"}, ()),
     "planned-hybrid-unchunked": ({"PREFILL_CHUNKING": "0"}, ()),
+    # prefix caching on whatever --prefix-caching says: beside plain decoding without it (the default), what
+    # reusing ended prompts' blocks is worth to plain decoding and to the planned step
+    "none-prefix-cached": ({"SPECULATE_MODE": "none", "TGI_SPACE_PREFIX_CACHING": "1"}, ()),
+    "planned-hybrid-prefix-cached": ({"TGI_SPACE_PREFIX_CACHING": "1"}, ()),
 }
 
 
@@ -87,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunking", choices=("on", "off"), default="on",
                    help="the shards' PREFILL_CHUNKING: on, new requests join the running batch's next step (TGI 3's "
                         "router with Info.support_chunking; --admission then only matters without it)")
+    p.add_argument("--prefix-caching", choices=("on", "off"), default="off",
+                   help="the shards' TGI_SPACE_PREFIX_CACHING: on, the router keeps ended prompts' full blocks and "
+                        "a request whose prompt starts alike reads them (cache_len) instead of computing them")
     p.add_argument("--max-input-tokens", type=int, default=512, help="router truncation of the prompts")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="> 0: nucleus sampling (with --top-p)")
@@ -127,7 +134,8 @@ def start_shards(args: argparse.Namespace, socket_dir: Path) -> dict[str, ShardP
     per_request = args.max_input_tokens + args.longest + 8 + 2 * args.block_size
     env = {"TGI_SPACE_KV_CACHE_BYTES": str(kv_cache_bytes(model, per_request * (max(args.concurrency) + 2))),
            "TGI_SPACE_BLOCK_SIZE": str(args.block_size), "MAX_BATCH_SIZE": str(max(args.concurrency)),
-           "PREFILL_CHUNKING": "1" if args.chunking == "on" else "0"}
+           "PREFILL_CHUNKING": "1" if args.chunking == "on" else "0",
+           "TGI_SPACE_PREFIX_CACHING": "1" if args.prefix_caching == "on" else "0"}
     shards = {mode: ShardProcess(model, socket_dir / mode, MODES[mode][1], {**env, **MODES[mode][0]})
               for mode in args.modes}
     for shard in shards.values():
@@ -174,7 +182,7 @@ def bench(args: argparse.Namespace) -> dict:
     pool = humaneval_prompts(min(max(args.requests, args.waves * max(args.concurrency)), 164))
     report = {"model": args.model, "requests": args.requests, "waves": args.waves, "max_new_tokens": args.max_new_tokens,
               "length_spread": args.length_spread, "arrivals": args.arrivals, "admission": args.admission,
-              "chunking": args.chunking,
+              "chunking": args.chunking, "prefix_caching": args.prefix_caching,
               "max_input_tokens": args.max_input_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "by_concurrency": {}}
     with tempfile.TemporaryDirectory() as socket_dir:

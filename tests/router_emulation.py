@@ -89,6 +89,8 @@ class _Entry:
     request: EmuRequest
     result: EmuResult
     blocks: list[int]
+    prompt_ids: list[int] | None = None  # prefix caching: the prompt whose full blocks may be kept when it ends
+    shared: int = 0  # prefix caching: how many of `blocks` (the first) were read from the cache
 
 
 class BlockAllocator:
@@ -110,6 +112,91 @@ class BlockAllocator:
 
     def free(self, blocks: list[int]) -> None:
         self.free_blocks.extend(blocks)
+
+
+@dataclass
+class _Prefix:
+    """A cached full block of some prompt: its block id, the live requests reading it, when it was last used."""
+
+    block: int
+    readers: int = 0
+    children: int = 0  # cached blocks that extend this prefix (a node is evicted only once it has none)
+    used: int = 0
+
+
+class PrefixAllocator(BlockAllocator):
+    """The router's allocator with prefix caching (Info.use_prefix_caching, `radix.rs`): the full blocks of ended
+    prompts stay cached, keyed by the token prefix they end; a new request reads the longest run of them that its
+    prompt starts with (cache_len = its tokens, less one when that is the whole prompt, so that one token is
+    computed) and gets fresh blocks for the rest. Unread cached blocks are evicted, least recently used first,
+    when the free list runs short. Requests with prefill_logprobs neither match nor are kept (as upstream)."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        super().__init__(num_blocks, block_size)
+        self.cached: dict[tuple[int, ...], _Prefix] = {}
+        self.clock = itertools.count(1)
+
+    def allocate_prompt(self, tokens: int, prompt_ids: list[int] | None
+                        ) -> tuple[list[int], list[int], int, int] | None:
+        """(blocks, slots, cache_len, blocks read from the cache) for `tokens` positions; None when the cache is
+        full even after evicting."""
+        matched = self._match(prompt_ids or [])
+        for node in matched:
+            node.readers += 1
+        needed = -(-tokens // self.block_size) - len(matched)
+        while needed > len(self.free_blocks) and self._evict():
+            pass
+        if needed > len(self.free_blocks):
+            self._unread(matched)
+            return None
+        blocks = [n.block for n in matched] + [self.free_blocks.pop() for _ in range(needed)]
+        slots = [b * self.block_size + i for b in blocks for i in range(self.block_size)][:tokens]
+        return blocks, slots, self.cached_len(prompt_ids or []), len(matched)
+
+    def cached_len(self, prompt_ids: list[int]) -> int:
+        """Prompt tokens whose K/V the cache holds, less one when that is all of them (one is always computed)."""
+        return max(0, min(len(self._match(prompt_ids)) * self.block_size, len(prompt_ids) - 1))
+
+    def release(self, blocks: list[int], shared: int, prompt_ids: list[int] | None, keep: bool) -> None:
+        """A request ended: its first `shared` blocks (read from the cache) lose a reader; with `keep` (its prompt's
+        K/V were all computed) its own full prompt blocks are cached, the rest freed."""
+        self._unread(self._match(prompt_ids or [])[:shared])
+        kept = set()
+        full = len(prompt_ids or []) // self.block_size if keep else 0
+        for i in range(shared, full):
+            key = tuple(prompt_ids[: (i + 1) * self.block_size])
+            if key in self.cached:  # another request cached the same prefix meanwhile: ours is a duplicate
+                continue
+            self.cached[key] = _Prefix(blocks[i], used=next(self.clock))
+            if i:
+                self.cached[key[: -self.block_size]].children += 1
+            kept.add(blocks[i])
+        self.free([b for b in blocks[shared:] if b not in kept])
+
+    def _match(self, prompt_ids: list[int]) -> list[_Prefix]:
+        out = []
+        for i in range(len(prompt_ids) // self.block_size):
+            node = self.cached.get(tuple(prompt_ids[: (i + 1) * self.block_size]))
+            if node is None:
+                break
+            out.append(node)
+        return out
+
+    def _unread(self, nodes: list[_Prefix]) -> None:
+        for node in nodes:
+            node.readers -= 1
+            node.used = next(self.clock)
+
+    def _evict(self) -> bool:
+        """Free the least recently used cached block that nobody reads and nothing extends; False if none."""
+        leaves = [(n.used, key) for key, n in self.cached.items() if not n.readers and not n.children]
+        if not leaves:
+            return False
+        key = min(leaves)[1]
+        self.free_blocks.append(self.cached.pop(key).block)
+        if len(key) > self.block_size:
+            self.cached[key[: -self.block_size]].children -= 1
+        return True
 
 
 class RouterEmulation:
@@ -155,7 +242,8 @@ class RouterEmulation:
         assert w.max_input_tokens == self.max_input_tokens and w.max_total_tokens == self.max_total_tokens
         assert w.max_input_tokens < w.max_total_tokens <= w.max_supported_total_tokens
         assert self.max_prefill_tokens <= w.max_supported_total_tokens
-        self.allocator = BlockAllocator(w.max_supported_total_tokens // self.info.block_size, self.info.block_size)
+        kind = PrefixAllocator if self.info.use_prefix_caching else BlockAllocator
+        self.allocator = kind(w.max_supported_total_tokens // self.info.block_size, self.info.block_size)
 
     def warmup_request(self):
         """The router's warm-up batch: filler text, everything switched on, an image on the first request."""
@@ -191,7 +279,7 @@ class RouterEmulation:
         ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
         return ids[-(req.truncate or self.max_input_tokens):]
 
-    def request_pb(self, rid: int, req: EmuRequest, blocks: list[int], slots: list[int]):
+    def request_pb(self, rid: int, req: EmuRequest, blocks: list[int], slots: list[int], cache_len: int = 0):
         """generate.v3.Request with the router's defaults under the overrides."""
         params = dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, do_sample=False, seed=0,
                       repetition_penalty=1.0, frequency_penalty=0.0, watermark=False)
@@ -204,8 +292,35 @@ class RouterEmulation:
                 max_new_tokens=req.max_new_tokens, stop_sequences=req.stop_sequences,
                 ignore_eos_token=req.ignore_eos),
             prefill_logprobs=req.prefill_logprobs, top_n_tokens=req.top_n_tokens,
-            blocks=blocks, slots=slots, cache_len=0,
+            blocks=blocks, slots=slots, cache_len=cache_len,
         )
+
+    def _allocate(self, req: EmuRequest, ids: list[int]) -> tuple[_Entry, list[int], int] | None:
+        """(entry, slots, cache_len) of a queued request, or None when the cache is full; with prefix caching the
+        cached blocks its prompt starts with are read, not computed."""
+        tokens = len(ids) + req.max_new_tokens + self.info.speculate - 1
+        if not isinstance(self.allocator, PrefixAllocator):
+            allocation = self.allocator.allocate(tokens)
+            return None if allocation is None else (_Entry(req, None, allocation[0]), allocation[1], 0)
+        prompt = None if req.prefill_logprobs else ids
+        allocation = self.allocator.allocate_prompt(tokens, prompt)
+        if allocation is None:
+            return None
+        blocks, slots, cache_len, shared = allocation
+        return _Entry(req, None, blocks, prompt, shared), slots, cache_len
+
+    def _cached_len(self, req: EmuRequest, ids: list[int]) -> int:
+        """The cache_len `_allocate` would give the request now (0 without prefix caching)."""
+        if not isinstance(self.allocator, PrefixAllocator) or req.prefill_logprobs:
+            return 0
+        return self.allocator.cached_len(ids)
+
+    def _release(self, entry: _Entry, keep: bool = False) -> None:
+        """A request's blocks back to the allocator; `keep`: its prompt's K/V were all computed (cacheable)."""
+        if isinstance(self.allocator, PrefixAllocator):
+            self.allocator.release(entry.blocks, entry.shared, entry.prompt_ids, keep)
+        else:
+            self.allocator.free(entry.blocks)
 
     def _next_batch(self, queue: list[tuple[EmuRequest, EmuResult]], room: int, min_size: int = 1,
                     budget: int | None = None):
@@ -219,28 +334,30 @@ class RouterEmulation:
         budget = -(-budget // self.info.block_size) * self.info.block_size
         while queue and len(requests) < room:
             req, result = queue[0]
-            num_prompt = len(self.prompt_ids(req))
+            ids = self.prompt_ids(req)
+            uncached = len(ids) - self._cached_len(req, ids)  # what the prefill computes
             chunk = None
-            if prefill_tokens + num_prompt > budget:
+            if prefill_tokens + uncached > budget:
                 chunk = budget - prefill_tokens if self.info.support_chunking else 0
                 if chunk <= 0:
                     break
-            tokens = num_prompt + req.max_new_tokens + self.info.speculate - 1
-            allocation = self.allocator.allocate(tokens)
+            allocation = self._allocate(req, ids)
             if allocation is None:
                 break
+            entry, slots, cache_len = allocation
             queue.pop(0)
             rid = next(self.request_ids)
-            self.entries[rid] = _Entry(req, result, allocation[0])
-            requests.append(self.request_pb(rid, req, *allocation))
+            entry.result = result
+            self.entries[rid] = entry
+            requests.append(self.request_pb(rid, req, entry.blocks, slots, cache_len))
             if chunk is not None:
                 requests[-1].chunk_len = chunk
                 break
-            prefill_tokens += num_prompt
+            prefill_tokens += uncached
         if len(requests) < max(min_size, 1):  # too small: every entry goes back to the queue, in order
             for request in reversed(requests):
                 entry = self.entries.pop(request.id)
-                self.allocator.free(entry.blocks)
+                self._release(entry)
                 queue.insert(0, (entry.request, entry.result))
             return None
         return pb2.Batch(id=next(self.batch_ids), requests=requests, size=len(requests),
@@ -327,7 +444,7 @@ class RouterEmulation:
             entry = self.entries.pop(rid, None)
             if entry is not None:
                 entry.result.error = f"{err.code().name}: {err.details()}"
-                self.allocator.free(entry.blocks)
+                self._release(entry)
 
     def _after_step(self, response):
         """Stream generations, drop finished/cancelled entries, then filter the batch like the router."""
@@ -375,7 +492,7 @@ class RouterEmulation:
         if finished or cancel:
             result.cancelled = cancel and not finished
             del self.entries[gen.request_id]
-            self.allocator.free(entry.blocks)
+            self._release(entry, keep=True)  # a token came: the prompt's K/V were all computed
 
     # ---- health ---------------------------------------------------------------------------
 

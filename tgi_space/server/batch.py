@@ -40,6 +40,7 @@ class BatchContext:
     seq_ids: Iterator[int] = field(default_factory=itertools.count)  # engine ids; router ids may repeat
     method: str = "space"  # how speculating requests speculate: "space" or "sdsat" (SPECULATE_MODE)
     chunking: bool = False  # Info.support_chunking: Prefill may join a cached batch and cut prompts (chunk_len)
+    prefix_caching: bool = False  # Info.use_prefix_caching: a request's first cache_len prompt tokens are cached
 
     @property
     def mode(self) -> str:
@@ -91,8 +92,6 @@ def reject_unsupported(pb) -> None:
         raise InvalidRequest("parameters.grammar: grammar-constrained decoding is not supported by this shard")
     if pb.HasField("adapter_id") and pb.adapter_id:
         raise InvalidRequest(f"adapter_id: LoRA adapters are not supported (got {pb.adapter_id!r})")
-    if pb.cache_len:
-        raise InvalidRequest("cache_len: prefix caching is not supported (Info.use_prefix_caching = false)")
 
 
 class Detokenizer:
@@ -125,6 +124,7 @@ class ShardRequest:
     seed: int | None  # reported in GeneratedText when sampling
     detokenizer: Detokenizer
     chunk_len: int | None = None  # prompt tokens the router lets the first step compute (None: all of them)
+    cache_len: int = 0  # prompt tokens whose K/V the router says are in their slots already (prefix caching)
     prompt_logprobs: list[float] = field(default_factory=lambda: [float("nan")])  # gathered chunk by chunk
 
     @classmethod
@@ -139,11 +139,13 @@ class ShardRequest:
         except ValueError as err:
             raise InvalidRequest(f"request {pb.id}: {err}") from err
         slots = own_slots if own_slots is not None else _router_slots(pb, len(ids), params, ctx.num_slots)
+        cache_len = _cache_len(pb, len(ids), ctx.prefix_caching)
         generator = None if params.is_greedy else torch.Generator().manual_seed(params.seed)
         seq = Sequence(next(ctx.seq_ids), ids, params, ctx.speculate, generator, sdsat=ctx.mode == "sdsat")
+        seq.num_cached = cache_len  # their K/V are in slots[:cache_len]: the first step computes the rest
         seed = None if params.is_greedy else params.seed
         return cls(pb.id, seq, slots, pb.prefill_logprobs, seed, Detokenizer(engine.tokenizer, len(ids)),
-                   _chunk_len(pb, len(ids), ctx.chunking))
+                   _chunk_len(pb, len(ids) - cache_len, ctx.chunking), cache_len)
 
     def generation(self, emitted: list[TokenInfo], prefill_tokens: Tokens | None) -> Generation:
         """This step's Generation: every emitted token, top tokens, and the text when finished."""
@@ -177,15 +179,34 @@ class ShardRequest:
         return GeneratedText(text, len(seq.output_ids), seq.finish_reason, self.seed)
 
 
-def _chunk_len(pb, num_prompt: int, chunking: bool) -> int | None:
-    """The router's chunk_len, checked: only with chunking, 1..prompt length; None when the whole prompt runs."""
+def _chunk_len(pb, uncached: int, chunking: bool) -> int | None:
+    """The router's chunk_len, checked: only with chunking, 1..the prompt's uncached tokens; None when all of them
+    run."""
     if not pb.HasField("chunk_len"):
         return None
     if not chunking:
         raise InvalidRequest("chunk_len: prefill chunking is off (Info.support_chunking = false; PREFILL_CHUNKING=0)")
-    if not 1 <= pb.chunk_len <= num_prompt:
-        raise InvalidRequest(f"request {pb.id}: chunk_len: {pb.chunk_len} is not within 1..{num_prompt} (the prompt's tokens)")
-    return pb.chunk_len if pb.chunk_len < num_prompt else None
+    if not 1 <= pb.chunk_len <= uncached:
+        raise InvalidRequest(f"request {pb.id}: chunk_len: {pb.chunk_len} is not within 1..{uncached} (the prompt's "
+                             "tokens after cache_len)")
+    return pb.chunk_len if pb.chunk_len < uncached else None
+
+
+def _cache_len(pb, num_prompt: int, prefix_caching: bool) -> int:
+    """The router's cache_len, checked: only with prefix caching, below the prompt's length (one token at least is
+    computed, as upstream asserts), never with prefill_logprobs (the cached tokens' log-probabilities are gone)."""
+    if not pb.cache_len:
+        return 0
+    if not prefix_caching:
+        raise InvalidRequest("cache_len: prefix caching is off (Info.use_prefix_caching = false; "
+                             "TGI_SPACE_PREFIX_CACHING=1 turns it on)")
+    if pb.cache_len >= num_prompt:
+        raise InvalidRequest(f"request {pb.id}: cache_len: {pb.cache_len} is not within 0..{num_prompt - 1} (the "
+                             "prompt's tokens less one)")
+    if pb.prefill_logprobs:
+        raise InvalidRequest(f"request {pb.id}: cache_len: {pb.cache_len} with prefill_logprobs (the router never "
+                             "matches a prefix for a request that asks for the prompt's log-probabilities)")
+    return pb.cache_len
 
 
 def _router_slots(pb, num_prompt: int, params: SamplingParams, num_slots: int) -> torch.Tensor:

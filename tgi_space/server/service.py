@@ -156,7 +156,7 @@ def build_shard(options: ServeOptions) -> Shard:
     engine = Engine(options.engine_config())
     speculate = options.speculate_mode != "none"
     return Shard(engine, speculate, options.watermark, method=options.speculate_mode if speculate else "space",
-                 chunking=options.prefill_chunking)
+                 chunking=options.prefill_chunking, prefix_caching=options.prefix_caching)
 
 
 def create_server(

@@ -80,12 +80,13 @@ class Shard:
     """Runs router batches on the engine; the router owns the KV blocks, masks need none."""
 
     def __init__(self, engine: Engine, speculate: bool, watermark: Watermark, method: str = "space",
-                 chunking: bool = False) -> None:
+                 chunking: bool = False, prefix_caching: bool = False) -> None:
         self.engine = engine
         if speculate and method == "sdsat":
             engine.check_sdsat()  # at start-up: a checkpoint SDSAT cannot decode is refused, naming the field
         can = engine.k_max > 0 if method == "sdsat" else engine.planned or engine.k_max > 0
-        self.ctx = BatchContext(engine, speculate and can, watermark, method=method, chunking=chunking)
+        self.ctx = BatchContext(engine, speculate and can, watermark, method=method, chunking=chunking,
+                                prefix_caching=prefix_caching)
         self.max_prefill_tokens: int | None = None  # Warmup's: bounds the prompt tokens of one step when chunking
         self.cache: dict[int, SpaceBatch] = {}  # batch id -> batch; emptied by ClearCache
         self.lock = threading.Lock()
@@ -109,6 +110,7 @@ class Shard:
             block_size=cfg.block_size,
             attention_impl=cfg.attention_backend,
             support_chunking=self.ctx.chunking,
+            use_prefix_caching=self.ctx.prefix_caching,
         )
 
     # ---- batch cache --------------------------------------------------------------------
@@ -242,18 +244,30 @@ class Shard:
                     f"batch.requests[{i}].id: request id {r.request_id} is live in batch {owner[r.request_id]}"
                 )
             seen.add(r.request_id)
-        live = [r.slots for b in self.cache.values() for r in b.requests]
-        taken = torch.cat(live) if live else torch.empty(0, dtype=torch.long)
+        # With prefix caching, prompt slots may be shared (the router's radix allocator: read-only, the same K/V
+        # bits); the slots after the prompt, which decoding writes, belong to one request alone.
+        shared, exclusive = self._prompt_and_own_slots([r for b in self.cache.values() for r in b.requests])
         for i, r in enumerate(batch.requests):
             if torch.unique(r.slots).numel() != r.slots.numel():
                 raise InvalidRequest(f"batch.requests[{i}].slots: request {r.request_id} lists a slot twice")
-            clash = torch.isin(r.slots, taken)
+            prompt, own = self._prompt_and_own_slots([r])
+            clash = torch.isin(r.slots, exclusive) | torch.isin(r.slots, own) & torch.isin(r.slots, shared)
             if bool(clash.any()):
                 slot = int(r.slots[clash][0])
                 raise InvalidRequest(
                     f"batch.requests[{i}].slots: slot {slot} of request {r.request_id} belongs to another live request"
                 )
-            taken = torch.cat([taken, r.slots])
+            shared, exclusive = torch.cat([shared, prompt]), torch.cat([exclusive, own])
+
+    def _prompt_and_own_slots(self, requests: list[ShardRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots others may share, slots only their request may hold): with prefix caching the prompt's and the
+        rest; without, nothing shared."""
+        empty = torch.empty(0, dtype=torch.long)
+        if not self.ctx.prefix_caching:
+            return empty, torch.cat([r.slots for r in requests]) if requests else empty
+        prompt = [r.slots[: r.seq.num_prompt] for r in requests]
+        own = [r.slots[r.seq.num_prompt :] for r in requests]
+        return (torch.cat(prompt), torch.cat(own)) if requests else (empty, empty)
 
     def decode(self, batch_ids: list[int]) -> StepResult:
         """One SPACE step over the concatenation of cached batches."""
@@ -320,7 +334,7 @@ class Shard:
         for r in live:
             seq = r.seq
             left = seq.num_prompt - seq.num_cached
-            if seq.num_cached == 0:  # the router's choice: a chunk, or the whole prompt
+            if seq.num_cached == r.cache_len:  # the router's choice: a chunk, or the whole (uncached) prompt
                 n = r.chunk_len or left
             elif left > 0 and self.max_prefill_tokens:
                 n = max(1, min(left, budget))
