@@ -31,6 +31,9 @@ START_UP = ["ServiceDiscovery", "ClearCache", "Info", "Warmup"]
 # A fixed t(N) (a flat 6 ms up to 32 rows, then linear) so the planner, and with it the snapshots'
 # tokens_per_generation, do not depend on how busy the machine is while the test runs.
 CURVE = json.dumps({1: 6.0, 32: 6.5, 64: 12.0, 512: 96.0})
+# Without prefix caching (the shard's default is on): the snapshots were recorded with the router computing every
+# prompt, and tests/test_shard_prefix_caching.py checks the cached path against plain decoding.
+NO_PREFIX_CACHE = {"TGI_SPACE_PREFIX_CACHING": "0"}
 
 
 @dataclass
@@ -79,7 +82,8 @@ def mixed(prompts: list[str], stop: list[str], max_new: int) -> list[EmuRequest]
 
 def random_case(folder: Path) -> Case:
     prompts = [words(7 * i, 3 + (i * 11) % 37) for i in range(18)]
-    env = {"TGI_SPACE_KV_CACHE_BYTES": str(2**20), "TGI_SPACE_BLOCK_SIZE": "4", "TGI_SPACE_LATENCY_CURVE": CURVE}
+    env = {"TGI_SPACE_KV_CACHE_BYTES": str(2**20), "TGI_SPACE_BLOCK_SIZE": "4", "TGI_SPACE_LATENCY_CURVE": CURVE,
+           **NO_PREFIX_CACHE}
     return Case("random-llama", folder, mixed(prompts, ["w8"], 24), {}, env, expect_acceptance=False,
                 expect_reasons=frozenset({"length", "eos_token", "stop_sequence"}))  # fixed by seed 0
 
@@ -93,7 +97,7 @@ def bundled_case() -> Case:
     per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * 4
     limits = dict(max_input_tokens=128, max_total_tokens=224, max_prefill_tokens=512)
     env = {"TGI_SPACE_KV_CACHE_BYTES": str(per_token * 8192), "TGI_SPACE_BLOCK_SIZE": "16",
-           "TGI_SPACE_LATENCY_CURVE": CURVE}
+           "TGI_SPACE_LATENCY_CURVE": CURVE, **NO_PREFIX_CACHE}
     requests = mixed(humaneval_prompts(18), ["\n\n\n"], 40)
     # the shard's auto dtype: bf16 where the CPU has native bf16 GEMMs, else float32, whose bits differ.
     # A change of plans re-records both snapshots, each on its own kind of CPU: bf16 forced on an AVX2 CPU

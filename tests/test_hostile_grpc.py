@@ -113,7 +113,7 @@ CASES = {
     "adapter-id": (lambda L: L.prefill(set_field(L.ok_request(), "adapter_id", "lora")), "adapter_id"),
     "chunk-len-zero": (lambda L: L.prefill(set_field(L.ok_request(), "chunk_len", 0)), "chunk_len"),
     "chunk-len-past-prompt": (lambda L: L.prefill(set_field(L.ok_request(), "chunk_len", 99)), "chunk_len"),
-    "cache-len": (lambda L: L.prefill(set_field(L.ok_request(), "cache_len", 2)), "cache_len"),
+    "cache-len": (lambda L: L.prefill(set_field(L.ok_request(), "cache_len", 50)), "cache_len"),  # past the prompt
     "slot-outside-cache": (lambda L: L.prefill(with_slots(L, range(10**7, 10**7 + 20))), "slots"),
     "too-few-slots": (lambda L: L.prefill(with_slots(L, [400, 401])), "slots"),
     "live-batch-id": (lambda L: L.prefill(L.ok_request(), batch_id=L.a.id), "batch.id"),

@@ -16,15 +16,18 @@ from tgi_space.llm import LLM
 from tgi_space.server.options import from_launcher
 
 
-def _options(llama_dir, tmp_path_factory, planner: bool):
-    opts = options(llama_dir, tmp_path_factory.mktemp("sock") / "tgi", chunking=True)
-    opts.prefix_caching, opts.planner = True, planner
-    return opts
+SHARDS = {  # name -> (speculate mode, planned, prefill chunking)
+    "fixed": ("space", False, True), "planned": ("space", True, True), "sdsat": ("sdsat", True, True),
+    "unchunked": ("space", True, False),
+}
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["fixed", "planned"])
+@pytest.fixture(scope="module", params=list(SHARDS))
 def shard(request, llama_dir, tmp_path_factory):
-    server = InProcessShard(_options(llama_dir, tmp_path_factory, request.param))
+    mode, planned, chunking = SHARDS[request.param]
+    opts = options(llama_dir, tmp_path_factory.mktemp("sock") / "tgi", mode, chunking, prefix_caching=True)
+    opts.planner = planned
+    server = InProcessShard(opts)
     yield server
     server.stop()
 
@@ -84,6 +87,8 @@ def blocks_accounted(emu) -> bool:
 
 @pytest.mark.parametrize("limits", [{}, {"max_prefill_tokens": 12, **TGI_ADMISSION}], ids=["default", "cut"])
 def test_prefix_cached_prompts_decode_as_plain_decoding(shard, llm, limits, monkeypatch):
+    if limits and not shard.options.prefill_chunking:
+        pytest.skip("without chunking a prompt over the prefill budget is never admitted (TGI refuses such limits)")
     emu = shard.router(**limits)
     assert emu.info.use_prefix_caching and isinstance(emu.allocator, PrefixAllocator)
     spy = Spy(emu, monkeypatch)
@@ -173,9 +178,10 @@ def test_shared_prompt_slots_are_allowed_and_a_live_requests_own_slots_are_not(s
     emu.close()
 
 
-def test_the_setting_reaches_info(llama_dir, tmp_path):
-    env = {"TGI_SPACE_PREFIX_CACHING": "1", "SPECULATE_MODE": "none"}
-    opts = from_launcher(str(llama_dir), uds_path=str(tmp_path / "s"), env=env)
-    assert opts.prefix_caching
+def test_prefix_caching_is_on_unless_its_variable_turns_it_off(llama_dir, tmp_path):
+    assert from_launcher(str(llama_dir), uds_path=str(tmp_path / "s"), env={}).prefix_caching is True
+    for off in ("0", "false"):
+        env = {"TGI_SPACE_PREFIX_CACHING": off}
+        assert from_launcher(str(llama_dir), uds_path=str(tmp_path / "s"), env=env).prefix_caching is False
     with pytest.raises(ValueError, match="TGI_SPACE_PREFIX_CACHING"):
         from_launcher(str(llama_dir), uds_path=str(tmp_path / "s"), env={"TGI_SPACE_PREFIX_CACHING": "maybe"})

@@ -28,11 +28,14 @@ def words(start: int, n: int) -> str:
     return " ".join(f"w{4 + (start + j) % 90}" for j in range(n))
 
 
-def options(model_dir, socket_base, mode: str = "space", chunking: bool = False) -> ServeOptions:
+def options(model_dir, socket_base, mode: str = "space", chunking: bool = False,
+            prefix_caching: bool = False) -> ServeOptions:
     """The paper's fixed layout (oracle candidates below); the planned step is tested in integration-tests.
-    Without chunking (TGI's protocol before prefill chunking) unless asked: test_shard_chunking.py has it."""
+    Without chunking or prefix caching (TGI's protocol before them) unless asked: test_shard_chunking.py and
+    test_shard_prefix_caching.py have them."""
     return ServeOptions(model_dir=str(model_dir), uds_path=str(socket_base), block_size=4, kv_cache_bytes=2**20,
-                        dtype="float32", k=K, speculate_mode=mode, planner=False, prefill_chunking=chunking)
+                        dtype="float32", k=K, speculate_mode=mode, planner=False, prefill_chunking=chunking,
+                        prefix_caching=prefix_caching)
 
 
 @pytest.fixture(scope="module")

@@ -54,9 +54,9 @@ class ServeOptions:
     # PREFILL_CHUNKING (TGI's variable, default on): Info.support_chunking, so the router joins new requests to
     # the running batch's next step (Prefill with cached_batch) and may cut long prompts (chunk_len)
     prefill_chunking: bool = True
-    # TGI_SPACE_PREFIX_CACHING (default off): Info.use_prefix_caching, so the router shares and reuses prompt
-    # blocks (its radix allocator) and sends cache_len, the prompt tokens whose K/V are already in their slots
-    prefix_caching: bool = False
+    # TGI_SPACE_PREFIX_CACHING (default on, as TGI 3's): Info.use_prefix_caching, so the router shares and reuses
+    # prompt blocks (its radix allocator) and sends cache_len, the prompt tokens whose K/V are already in their slots
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.speculate_mode not in SPECULATE_MODES:
@@ -170,7 +170,7 @@ def from_launcher(
         max_step_query_tokens=int(env.get("TGI_SPACE_MAX_STEP_QUERY_TOKENS", 128)),
         watermark=Watermark.from_env(env),
         prefill_chunking=_flag(env, "PREFILL_CHUNKING", True),
-        prefix_caching=_flag(env, "TGI_SPACE_PREFIX_CACHING", False),
+        prefix_caching=_flag(env, "TGI_SPACE_PREFIX_CACHING", True),
         max_input_tokens=max_input_tokens,
     )
 
