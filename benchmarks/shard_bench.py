@@ -92,8 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the shards' PREFILL_CHUNKING: on, new requests join the running batch's next step (TGI 3's "
                         "router with Info.support_chunking; --admission then only matters without it)")
     p.add_argument("--prefix-caching", choices=("on", "off"), default="off",
-                   help="the shards' TGI_SPACE_PREFIX_CACHING: on, the router keeps ended prompts' full blocks and "
-                        "a request whose prompt starts alike reads them (cache_len) instead of computing them")
+                   help="the shards' TGI_SPACE_PREFIX_CACHING (the shard's own default is on; off here so that runs "
+                        "compare with earlier ones): on, the router keeps ended prompts' full blocks and a request "
+                        "whose prompt starts alike reads them (cache_len) instead of computing them")
+    p.add_argument("--shared-prefix", action="store_true",
+                   help="every prompt starts with the same preamble (the Zen of Python as comments, 289 tokens for the bundled tokenizer), "
+                        "as a served system prompt would: what prefix caching finds on every request")
     p.add_argument("--max-input-tokens", type=int, default=512, help="router truncation of the prompts")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="> 0: nucleus sampling (with --top-p)")
@@ -180,9 +184,11 @@ def sampling(args: argparse.Namespace, i: int) -> dict:
 def bench(args: argparse.Namespace) -> dict:
     """Every concurrency, both modes back to back (order alternating); ratios SPACE / none."""
     pool = humaneval_prompts(min(max(args.requests, args.waves * max(args.concurrency)), 164))
+    if args.shared_prefix:
+        pool = [shared_preamble() + p for p in pool]
     report = {"model": args.model, "requests": args.requests, "waves": args.waves, "max_new_tokens": args.max_new_tokens,
               "length_spread": args.length_spread, "arrivals": args.arrivals, "admission": args.admission,
-              "chunking": args.chunking, "prefix_caching": args.prefix_caching,
+              "chunking": args.chunking, "prefix_caching": args.prefix_caching, "shared_prefix": args.shared_prefix,
               "max_input_tokens": args.max_input_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "by_concurrency": {}}
     with tempfile.TemporaryDirectory() as socket_dir:
@@ -204,6 +210,17 @@ def bench(args: argparse.Namespace) -> dict:
             for shard in shards.values():
                 shard.stop()
     return report
+
+
+def shared_preamble() -> str:
+    """The Zen of Python (the standard library's `this` module) as comment lines: a fixed preamble, not HumanEval."""
+    import codecs  # noqa: PLC0415
+    import contextlib  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this  # noqa: PLC0415  (prints the text on import)
+    return "".join(f"# {line}\n" for line in codecs.decode(this.s, "rot13").splitlines()) + "\n"
 
 
 def requests_at(pool: list[str], args: argparse.Namespace, c: int) -> list[str]:

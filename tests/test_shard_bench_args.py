@@ -64,3 +64,11 @@ def test_paired_ratios_compare_each_repetition_with_plain_decodings_run_of_the_s
 def test_the_control_setting_is_plain_decoding_on_a_shard_of_its_own():
     assert shard_bench.MODES["none-control"] == shard_bench.MODES["none"]
     assert "none-control" in shard_bench.parse_args(["--model", MODEL]).modes  # run by default
+
+
+def test_the_shared_preamble_is_fixed_and_prepends_every_prompt():
+    preamble = shard_bench.shared_preamble()
+    assert preamble == shard_bench.shared_preamble() and preamble.startswith("# The Zen of Python")
+    assert all(line.startswith("#") for line in preamble.splitlines() if line)  # comments: the code is unchanged
+    assert shard_bench.parse_args(["--model", MODEL, "--shared-prefix"]).shared_prefix
+    assert not shard_bench.parse_args(["--model", MODEL]).shared_prefix

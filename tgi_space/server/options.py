@@ -54,7 +54,7 @@ class ServeOptions:
     # PREFILL_CHUNKING (TGI's variable, default on): Info.support_chunking, so the router joins new requests to
     # the running batch's next step (Prefill with cached_batch) and may cut long prompts (chunk_len)
     prefill_chunking: bool = True
-    # TGI_SPACE_PREFIX_CACHING (default on, as TGI 3's): Info.use_prefix_caching, so the router shares and reuses
+    # TGI_SPACE_PREFIX_CACHING (default on): Info.use_prefix_caching, so TGI 3's router shares and reuses
     # prompt blocks (its radix allocator) and sends cache_len, the prompt tokens whose K/V are already in their slots
     prefix_caching: bool = True
 
