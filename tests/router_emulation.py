@@ -113,6 +113,19 @@ class BlockAllocator:
     def free(self, blocks: list[int]) -> None:
         self.free_blocks.extend(blocks)
 
+    # The prefix-caching interface (PrefixAllocator): without a cache nothing is read, kept or matched.
+    def allocate_prompt(self, tokens: int, prompt_ids: list[int] | None
+                        ) -> tuple[list[int], list[int], int, int] | None:
+        """(blocks, slots, cache_len, blocks read from the cache) for `tokens` positions; None when full."""
+        allocation = self.allocate(tokens)
+        return None if allocation is None else (*allocation, 0, 0)
+
+    def cached_len(self, prompt_ids: list[int]) -> int:
+        return 0
+
+    def release(self, blocks: list[int], shared: int, prompt_ids: list[int] | None, keep: bool) -> None:
+        self.free(blocks)
+
 
 @dataclass
 class _Prefix:
@@ -197,6 +210,11 @@ class PrefixAllocator(BlockAllocator):
         if len(key) > self.block_size:
             self.cached[key[: -self.block_size]].children -= 1
         return True
+
+
+def _cacheable(req: EmuRequest, ids: list[int]) -> list[int] | None:
+    """The prompt ids a prefix cache may match and keep; None for a request with prefill_logprobs (as upstream)."""
+    return None if req.prefill_logprobs else ids
 
 
 class RouterEmulation:
@@ -299,28 +317,16 @@ class RouterEmulation:
         """(entry, slots, cache_len) of a queued request, or None when the cache is full; with prefix caching the
         cached blocks its prompt starts with are read, not computed."""
         tokens = len(ids) + req.max_new_tokens + self.info.speculate - 1
-        if not isinstance(self.allocator, PrefixAllocator):
-            allocation = self.allocator.allocate(tokens)
-            return None if allocation is None else (_Entry(req, None, allocation[0]), allocation[1], 0)
-        prompt = None if req.prefill_logprobs else ids
+        prompt = _cacheable(req, ids)
         allocation = self.allocator.allocate_prompt(tokens, prompt)
         if allocation is None:
             return None
         blocks, slots, cache_len, shared = allocation
         return _Entry(req, None, blocks, prompt, shared), slots, cache_len
 
-    def _cached_len(self, req: EmuRequest, ids: list[int]) -> int:
-        """The cache_len `_allocate` would give the request now (0 without prefix caching)."""
-        if not isinstance(self.allocator, PrefixAllocator) or req.prefill_logprobs:
-            return 0
-        return self.allocator.cached_len(ids)
-
     def _release(self, entry: _Entry, keep: bool = False) -> None:
         """A request's blocks back to the allocator; `keep`: its prompt's K/V were all computed (cacheable)."""
-        if isinstance(self.allocator, PrefixAllocator):
-            self.allocator.release(entry.blocks, entry.shared, entry.prompt_ids, keep)
-        else:
-            self.allocator.free(entry.blocks)
+        self.allocator.release(entry.blocks, entry.shared, entry.prompt_ids, keep)
 
     def _next_batch(self, queue: list[tuple[EmuRequest, EmuResult]], room: int, min_size: int = 1,
                     budget: int | None = None):
@@ -335,7 +341,7 @@ class RouterEmulation:
         while queue and len(requests) < room:
             req, result = queue[0]
             ids = self.prompt_ids(req)
-            uncached = len(ids) - self._cached_len(req, ids)  # what the prefill computes
+            uncached = len(ids) - self.allocator.cached_len(_cacheable(req, ids) or [])  # what the prefill computes
             chunk = None
             if prefill_tokens + uncached > budget:
                 chunk = budget - prefill_tokens if self.info.support_chunking else 0
