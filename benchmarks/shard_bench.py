@@ -159,6 +159,7 @@ def run_once(shard: ShardProcess, prompts: list[str], args: argparse.Namespace, 
     # (about 1 ms each), and the planner learns its correction factors; a server pays both once.
     emu.run(clients=concurrency if args.arrivals == "clients" else None, requests=[EmuRequest(p, max_new_tokens=new_tokens(args, i), ignore_eos=True, parameters=sampling(args, i))
              for i, p in enumerate(prompts[:concurrency])])
+    emu.calls, emu.call_seconds = [], {}  # counted from here (before 2026-12-07 the calls included the warm-up)
     start = time.perf_counter()
     results = emu.run(requests, clients=concurrency if args.arrivals == "clients" else None)
     seconds = time.perf_counter() - start
@@ -170,7 +171,8 @@ def run_once(shard: ShardProcess, prompts: list[str], args: argparse.Namespace, 
     generations = sum(len(r.tokens_per_generation) for r in results)
     return {"seconds": seconds, "requests_per_s": len(results) / seconds, "tokens_per_s": tokens / seconds,
             "generated_tokens": tokens, "decode_calls": emu.calls.count("Decode"),
-            "prefill_calls": emu.calls.count("Prefill"), "tokens_per_generation": tokens / generations,
+            "prefill_calls": emu.calls.count("Prefill"), "decode_seconds": emu.call_seconds.get("Decode", 0.0),
+            "prefill_seconds": emu.call_seconds.get("Prefill", 0.0), "tokens_per_generation": tokens / generations,
             "speculate": emu.info.speculate, "outputs": [r.token_ids for r in results]}
 
 

@@ -236,13 +236,18 @@ class RouterEmulation:
         self.request_ids = itertools.count()
         self.entries: dict[int, _Entry] = {}
         self.calls: list[str] = []  # RPC names in order, for assertions
+        self.call_seconds: dict[str, float] = {}  # wall time per RPC name (benchmarks: where a run's time went)
 
     def close(self) -> None:
         self.channel.close()
 
     def _call(self, name: str, request):
         self.calls.append(name)
-        return getattr(self.stub, name)(request)
+        start = time.perf_counter()
+        try:
+            return getattr(self.stub, name)(request)
+        finally:
+            self.call_seconds[name] = self.call_seconds.get(name, 0.0) + time.perf_counter() - start
 
     # ---- start-up -------------------------------------------------------------------------
 

@@ -118,6 +118,22 @@ def test_openai_client(server, reference):
     assert "".join(p.choices[0].text for p in pieces).strip() == reference.tokenizer.decode(ref, skip_special_tokens=False).strip()
 
 
+def test_a_repeated_prompt_reads_its_blocks_from_the_prefix_cache_and_says_so(server, reference):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    prompt = " ".join(f"w{i}" for i in range(30, 52))  # 22 words: 5 full blocks of 4 tokens
+    ref = reference(prompt)
+    before = metric(httpx.get(server.url + "/metrics").text, "tgi_space_prefix_cache_hit_tokens")
+    first = client.completions.create(model="tgi", prompt=prompt, max_tokens=N, temperature=0)
+    again = client.completions.create(model="tgi", prompt=prompt, max_tokens=N, temperature=0)
+    assert first.choices[0].text == again.choices[0].text == reference.tokenizer.decode(ref)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % 4 == 0 and cached < again.usage.prompt_tokens
+    after = metric(httpx.get(server.url + "/metrics").text, "tgi_space_prefix_cache_hit_tokens")
+    assert after - before >= cached
+
+
 def test_text_generation_client(server, reference):
     import text_generation
 

@@ -223,7 +223,9 @@ def bench(
         "sdsat": SpacePolicy(speculate_mode="sdsat"),  # governed: plain steps when its passes lose
         "sdsat-forced": SpacePolicy(speculate_mode="sdsat", planner=False),  # its passes every step
     })
-    llms = {name: LLM(model, dtype=dtype, space=policy, **({"datastore": "none"} if "no-datastore" in name else {}))
+    # prefix caching off: every repetition serves the same prompts, and transformers' runs compute them every time
+    llms = {name: LLM(model, dtype=dtype, space=policy, prefix_caching=False,
+                      **({"datastore": "none"} if "no-datastore" in name else {}))
             for name, policy in policies.items()}
     tok = llms["engine-ar"].tokenizer
     prompts = [tok.encode(p) for p in humaneval_prompts(num_prompts)]

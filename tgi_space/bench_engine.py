@@ -133,7 +133,7 @@ def bench_engine(
     report = {"model": model, "threads": threads, "memory_bandwidth_gb_s": bandwidth / 1e9, "dtypes": {},
               "torch": torch.__version__}
     for dtype in dtypes.split(","):
-        llm = LLM(model, dtype=dtype, space=SpacePolicy(k_max=0))
+        llm = LLM(model, dtype=dtype, space=SpacePolicy(k_max=0), prefix_caching=False)  # prompts repeat
         hf = load_hf(model, llm.engine.dtype)
         prompts = [llm.tokenizer.encode(p) for p in humaneval_prompts(num_prompts)]
         ctx = [int(c) for c in contexts.split(",")]

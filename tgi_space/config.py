@@ -236,6 +236,9 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.25
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
+    # Prefix caching (kv_cache.py): a prompt's full blocks stay readable after it is computed, and a later prompt
+    # that starts with the same blocks' tokens computes only the rest. Never changes an output (tests/test_prefix_cache.py).
+    prefix_caching: bool = True
     space: SpacePolicy = field(default_factory=SpacePolicy)
     seed: int = 0
     # Rows per GEMM call. None: 32 on CPU in bf16/fp16 (keeps oneDNN's GEMMs batch-invariant,

@@ -83,7 +83,7 @@ class Engine:
             self.model_config, num_blocks, config.block_size, self.dtype, config.device, extra_slots=num_scratch
         )
         self.model.ctx = self._context(self.kv_caches)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.k_max = self._k_max()
         self.planned = config.space.planner and (self.k_max > 0 or "suffix" in config.space.drafters)
         self.sdsat = Sdsat(config.space, self.k_max)  # plans SDSAT sequences' passes (sdsat.py)

@@ -1,8 +1,11 @@
-"""Paged KV cache: fixed-size blocks, per-sequence block tables, check-then-commit allocation."""
+"""Paged KV cache: fixed-size blocks, per-sequence block tables, check-then-commit allocation, and prefix
+caching: the full blocks of computed prompts stay readable, keyed by their tokens, for later prompts that
+start the same way."""
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
+from collections import OrderedDict, deque
 
 import torch
 
@@ -14,19 +17,38 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockManager:
-    """Hands out cache blocks to sequences. Every method either fully succeeds or changes nothing."""
+    """Hands out cache blocks to sequences. Every method either fully succeeds or changes nothing.
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    With prefix caching, `register_prompt` keys each full block of a computed prompt by its tokens and the
+    blocks before it; `cached_prefix` finds a new prompt's longest run of such blocks, which `allocate` then
+    shares (read-only: a sequence writes only after its prompt, and only full prompt blocks are shared). A
+    registered block nobody holds stays readable until its room is needed: it counts as free and is taken
+    back least recently used first, deepest blocks of a prompt first."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.block_tables: dict[int, list[int]] = {}  # seq id -> its blocks, in order
         self._slot_tables: dict[int, torch.Tensor] = {}  # seq id -> the slots of all its blocks (`slots`)
+        self._holders: dict[int, int] = {}  # block -> sequences holding it (only blocks held by several or cached)
+        self._block_of: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent's node, tokens) -> registered block
+        self._node_of: dict[int, int] = {}  # registered block -> its node id (never reused: a child's key
+        self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # names its parent's node, not its block)
+        self._idle: OrderedDict[int, None] = OrderedDict()  # registered blocks nobody holds, oldest first
+        self._nodes = itertools.count(1)  # node 0: the empty prefix
+        self.cached_tokens_served = 0  # prompt tokens read from the cache instead of computed, since start
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks not owned by any sequence."""
-        return len(self.free_blocks)
+        """Blocks not owned by any sequence (registered ones nobody holds included: taken back on demand)."""
+        return len(self.free_blocks) + len(self._idle)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Registered prompt blocks (held or not)."""
+        return len(self._node_of)
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold num_tokens tokens."""
@@ -37,17 +59,68 @@ class BlockManager:
         have = len(self.block_tables.get(seq_id, ()))
         return max(0, self.blocks_for(num_tokens) - have)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        """Whether a new sequence of num_tokens tokens fits now."""
-        return self.blocks_for(num_tokens) <= self.num_free_blocks
+    def can_allocate(self, num_tokens: int, prefix: list[int] = ()) -> bool:
+        """Whether a new sequence of num_tokens tokens fits now (sharing the cached blocks `prefix`)."""
+        idle_in_prefix = sum(b in self._idle for b in prefix)
+        return self.blocks_for(num_tokens) - len(prefix) <= self.num_free_blocks - idle_in_prefix
 
-    def allocate(self, seq_id: int, num_tokens: int) -> None:
-        """Give a new sequence blocks for num_tokens tokens."""
+    def allocate(self, seq_id: int, num_tokens: int, prefix: list[int] = ()) -> None:
+        """Give a new sequence blocks for num_tokens tokens, the first ones the cached blocks `prefix`
+        (`cached_prefix`) and the rest new."""
         if seq_id in self.block_tables:
             raise ValueError(f"sequence {seq_id} already has blocks")
-        if not self.can_allocate(num_tokens):
-            raise OutOfBlocks(f"need {self.blocks_for(num_tokens)} blocks, {self.num_free_blocks} free")
-        self.block_tables[seq_id] = [self.free_blocks.popleft() for _ in range(self.blocks_for(num_tokens))]
+        if not self.can_allocate(num_tokens, prefix):
+            raise OutOfBlocks(f"need {self.blocks_for(num_tokens) - len(prefix)} blocks, {self.num_free_blocks} free")
+        for block in prefix:
+            self._idle.pop(block, None)
+            self._holders[block] = self._holders.get(block, 0) + 1
+        fresh = max(0, self.blocks_for(num_tokens) - len(prefix))
+        self.block_tables[seq_id] = list(prefix) + [self._take() for _ in range(fresh)]
+        self.cached_tokens_served += len(prefix) * self.block_size
+
+    def _take(self) -> int:
+        """A free block: a never-registered one, else the least recently used registered one nobody holds."""
+        if self.free_blocks:
+            return self.free_blocks.popleft()
+        block, _ = self._idle.popitem(last=False)
+        self._unregister(block)
+        return block
+
+    def _unregister(self, block: int) -> None:
+        del self._block_of[self._key_of.pop(block)]
+        del self._node_of[block]
+        self._holders.pop(block, None)
+
+    def cached_prefix(self, prompt: list[int]) -> list[int]:
+        """The registered blocks that hold the longest run of `prompt`'s full blocks from its start, leaving at
+        least its last token to compute (its logits give the first new token)."""
+        if not self.prefix_caching:
+            return []
+        out, node, bs = [], 0, self.block_size
+        for i in range((len(prompt) - 1) // bs):
+            block = self._block_of.get((node, tuple(prompt[i * bs : (i + 1) * bs])))
+            if block is None:
+                break
+            out.append(block)
+            node = self._node_of[block]
+        return out
+
+    def register_prompt(self, seq_id: int, prompt: list[int]) -> None:
+        """seq_id's prompt is computed: key its full blocks (not the block holding its last tokens, which the
+        sequence goes on writing) for later prompts. Blocks whose tokens are registered already stay its own."""
+        if not self.prefix_caching:
+            return
+        node, bs, table = 0, self.block_size, self.block_tables[seq_id]
+        for i in range(len(prompt) // bs):
+            key = (node, tuple(prompt[i * bs : (i + 1) * bs]))
+            block = self._block_of.get(key)
+            if block is None and table[i] not in self._node_of:
+                block = table[i]
+                self._block_of[key], self._key_of[block], self._node_of[block] = block, key, next(self._nodes)
+                self._holders[block] = self._holders.get(block, 0) + 1
+            if block != table[i]:
+                return  # computed apart from an equal registered block: the rest is keyed under that one
+            node = self._node_of[block]
 
     def can_append(self, seq_id: int, num_tokens: int) -> bool:
         """Whether seq_id can grow to hold num_tokens tokens in total."""
@@ -58,12 +131,21 @@ class BlockManager:
         missing = self.missing_blocks(seq_id, num_tokens)
         if missing > self.num_free_blocks:
             raise OutOfBlocks(f"sequence {seq_id} needs {missing} more blocks, {self.num_free_blocks} free")
-        self.block_tables[seq_id].extend(self.free_blocks.popleft() for _ in range(missing))
+        self.block_tables[seq_id].extend(self._take() for _ in range(missing))
 
     def free(self, seq_id: int) -> None:
-        """Return every block of seq_id (no-op if it has none)."""
+        """Return every block of seq_id (no-op if it has none); registered ones stay readable while idle."""
         self._slot_tables.pop(seq_id, None)
-        self.free_blocks.extend(self.block_tables.pop(seq_id, ()))
+        for block in reversed(self.block_tables.pop(seq_id, ())):  # a prompt's deepest blocks go first
+            holders = self._holders.get(block, 1) - 1
+            if holders > 0:
+                self._holders[block] = holders
+            elif block in self._node_of:
+                self._holders.pop(block, None)
+                self._idle[block] = None
+            else:
+                self._holders.pop(block, None)
+                self.free_blocks.append(block)
 
     def slots(self, seq_id: int, start: int, stop: int) -> torch.Tensor:
         """Flat cache slots [stop - start] of token positions start..stop-1 of seq_id (a view of the slots of

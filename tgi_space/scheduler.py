@@ -35,6 +35,7 @@ class Scheduler:
         self.acceptance = [1.0] * (k_max + 1)  # running mean of P(a == i), for group pruning
         self.last_k = 0
         self.num_preemptions = 0  # sequences sent back to recompute for lack of blocks
+        self._registered: set[int] = set()  # running sequences whose computed prompt is in the prefix cache
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence."""
@@ -46,7 +47,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.seq_id)
+        self._release(seq)
 
     def has_work(self) -> bool:
         """Whether any sequence is waiting or running."""
@@ -56,6 +57,7 @@ class Scheduler:
         """Plans for this step: running sequences first (they hold blocks), then admissions."""
         k = self.policy.choose_k(sum(s.speculate for s in self.running), 0, self.k_max)
         self.last_k = k
+        self._register_prompts()
         planned = self._plan_running(k)
         planned += self._admit(k, len(planned))
         return planned
@@ -79,7 +81,7 @@ class Scheduler:
             plan = self._plan(seq, k, max_candidates=0)  # masks need no cache slots
         while not self._fits(seq, plan):
             victim = self.running.pop()
-            self.blocks.free(victim.seq_id)
+            self._release(victim)
             victim.reset_cache()
             self.waiting.appendleft(victim)
             self.num_preemptions += 1
@@ -102,16 +104,45 @@ class Scheduler:
         planned, budget = [], self.max_num_batched_tokens
         while self.waiting and num_running + len(planned) < self.max_num_seqs:
             seq = self.waiting[0]
+            prefix = self._cached_prefix(seq)
+            seq.num_cached = len(prefix) * self.blocks.block_size  # the first step computes the rest
             plan = self._plan(seq, k if seq.speculate else 0)
             fits_budget = len(plan.chain) <= budget or not planned and num_running == 0
-            if not fits_budget or not self.blocks.can_allocate(self._needed(seq, plan)):
+            if not fits_budget or not self.blocks.can_allocate(self._needed(seq, plan), prefix):
+                seq.num_cached = 0
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq.seq_id, self._needed(seq, plan))
+            self.blocks.allocate(seq.seq_id, self._needed(seq, plan), prefix)
+            seq.stats.cached_prompt_tokens = seq.num_cached
             self.running.append(seq)
             planned.append((seq, plan))
             budget -= len(plan.chain)
         return planned
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The prefix cache's blocks for seq's prompt; none when it asks for its prompt's log-probabilities
+        (those come from computing every prompt token)."""
+        if seq.params.prompt_logprobs:
+            return []
+        return self.blocks.cached_prefix(seq.tokens[: seq.num_prompt])
+
+    def _register_prompts(self) -> None:
+        """Key the prompt blocks of running sequences whose prompts are computed, for later prompts."""
+        for seq in self.running:
+            self._register(seq)
+
+    def _register(self, seq: Sequence) -> None:
+        if seq.seq_id not in self._registered and seq.num_cached >= seq.num_prompt and seq.error is None:
+            self.blocks.register_prompt(seq.seq_id, seq.tokens[: seq.num_prompt])
+            self._registered.add(seq.seq_id)
+
+    def _release(self, seq: Sequence) -> None:
+        """Return seq's blocks; its computed prompt stays in the prefix cache (a request that ended at its first
+        token, or was preempted, too)."""
+        if seq.seq_id in self.blocks.block_tables:
+            self._register(seq)
+        self._registered.discard(seq.seq_id)
+        self.blocks.free(seq.seq_id)
 
     def _plan(self, seq: Sequence, k: int, max_candidates: int | None = None) -> SeqPlan:
         return plan_sequence(seq, k, self._anchors, max_candidates)

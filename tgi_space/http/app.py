@@ -53,7 +53,7 @@ class ServerState:
             torch.set_num_threads(s.resolve_num_threads())
         engine_options = dict(
             model_dir=self.model_dir, adapter=s.adapter, datastore=s.datastore, dtype=s.dtype, device=device,
-            block_size=s.block_size, kv_cache_bytes=s.kv_cache_bytes,
+            block_size=s.block_size, kv_cache_bytes=s.kv_cache_bytes, prefix_caching=s.prefix_caching,
             max_num_batched_tokens=s.max_batch_prefill_tokens, seed=s.seed,
             space=SpacePolicy(
                 k_max=s.space_k_max, max_step_query_tokens=s.max_step_query_tokens, planner=not s.fixed_layout,

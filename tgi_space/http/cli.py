@@ -95,6 +95,10 @@ def serve(
     ),
     block_size: int = typer.Option(16, envvar="BLOCK_SIZE"),
     kv_cache_bytes: Optional[int] = typer.Option(None, envvar="KV_CACHE_BYTES", help="Default: a fraction of free memory."),
+    prefix_caching: bool = typer.Option(
+        True, "--prefix-caching/--no-prefix-caching", envvar="PREFIX_CACHING",
+        help="Reuse computed prompt blocks for later prompts that start with the same tokens (never changes an output).",
+    ),
     num_threads: Optional[int] = typer.Option(
         None, envvar="NUM_THREADS", help="torch CPU threads (default: the physical cores this process may use)."
     ),
@@ -130,7 +134,7 @@ def serve(
             sdsat_tree_sizes=parse_tree_sizes(sdsat_tree_sizes),
             suffix_min_match=suffix_min_match, suffix_max_match=suffix_max_match, suffix_shared_tokens=suffix_shared_tokens,
             attention_backend=attention_backend, block_size=block_size,
-            kv_cache_bytes=kv_cache_bytes, num_threads=num_threads, seed=seed, api_key=api_key, otlp_endpoint=otlp_endpoint, otlp_service_name=otlp_service_name,
+            kv_cache_bytes=kv_cache_bytes, prefix_caching=prefix_caching, num_threads=num_threads, seed=seed, api_key=api_key, otlp_endpoint=otlp_endpoint, otlp_service_name=otlp_service_name,
             cors_allow_origin=list(cors_allow_origin) if cors_allow_origin else None,
         )
         import torch

@@ -31,8 +31,14 @@ def check_model(request: Request, model: str | None) -> str:
     return request.app.state.tgi.model_id
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    """OpenAI's usage; `cached`: prompt tokens read from the prefix cache (prompt_tokens_details.cached_tokens)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _cached(stats) -> int:
+    return stats.cached_prompt_tokens if stats is not None else 0
 
 
 # ---- /v1/completions -------------------------------------------------------------------------
@@ -75,7 +81,7 @@ async def completions(request: Request) -> Response:
         {"index": i, "text": g.text, "logprobs": None, "finish_reason": openai_finish_reason(g.finish_reason)}
         for i, g in enumerate(runs)
     ]
-    usage = _usage(sum(g.input_length for g in runs), sum(len(g.tokens) for g in runs))
+    usage = _usage(sum(g.input_length for g in runs), sum(len(g.tokens) for g in runs), sum(_cached(g.stats) for g in runs))
     return JSONResponse({
         "object": "text_completion", "id": "", "created": int(time.time()), "model": model_id,
         "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage,
@@ -119,7 +125,7 @@ def _completion_chunk(index: int, ev: TokenEvent, model_id: str) -> dict:
     out = {"object": "text_completion", "id": "", "created": int(time.time()), "model": model_id,
            "system_fingerprint": FINGERPRINT, "choices": [choice]}
     if last:
-        out["usage"] = _usage(ev.input_length, ev.generated_tokens)
+        out["usage"] = _usage(ev.input_length, ev.generated_tokens, _cached(ev.stats))
     return out
 
 
@@ -174,7 +180,7 @@ async def chat_completions(request: Request) -> Response:
     }
     return JSONResponse({
         "object": "chat.completion", "id": "", "created": int(time.time()), "model": model_id,
-        "system_fingerprint": FINGERPRINT, "choices": [choice], "usage": _usage(g.input_length, len(g.tokens)),
+        "system_fingerprint": FINGERPRINT, "choices": [choice], "usage": _usage(g.input_length, len(g.tokens), _cached(g.stats)),
     })
 
 
@@ -205,7 +211,7 @@ async def _chat_chunks(service: Service, valid: ValidRequest, started: float, mo
         }
         yield _chunk(model_id, [choice], None)
         if last and usage:
-            yield _chunk(model_id, [], _usage(ev.input_length, ev.generated_tokens))
+            yield _chunk(model_id, [], _usage(ev.input_length, ev.generated_tokens, _cached(ev.stats)))
     yield "[DONE]"
 
 

@@ -194,7 +194,10 @@ class EngineWorker:
         scheduler = self.engine.scheduler
         self.metrics.batch_size.set(len(scheduler.running))
         self.metrics.queue_size.set(len(scheduler.waiting))
-        self.metrics.kv_free_blocks.set(self.engine.block_manager.num_free_blocks)
+        blocks = self.engine.block_manager
+        self.metrics.kv_free_blocks.set(blocks.num_free_blocks)
+        self.metrics.prefix_cached_blocks.set(blocks.num_cached_blocks)
+        self.metrics.prefix_cached_tokens.set(blocks.cached_tokens_served)
 
 
 def _position_counts(stats: SeqStats) -> tuple[list[int], list[int]]:
