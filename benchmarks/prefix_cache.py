@@ -2,7 +2,8 @@
 
 Every request is a fixed preamble (the Zen of Python as comments, as a served system prompt would be; never
 HumanEval text) followed by one HumanEval prompt, greedy, EOS ignored. c clients in a closed loop: each sends its
-next request once its previous one has ended. Two engines, prefix caching on and off, alternate per repetition;
+next request once its previous one has ended; each run starts with an empty prefix cache (the same prompts come
+again in every repetition). Two engines, prefix caching on and off, alternate per repetition;
 reported: tokens/s of each repetition, the paired ratio (on / off, same repetition) and its median, prompt
 tokens read from the cache, and whether both served the same tokens.
 
@@ -60,6 +61,7 @@ def main() -> None:
             order = ("on", "off") if rep % 2 == 0 else ("off", "on")
             for mode in order:
                 bm = engines[mode].engine.block_manager
+                bm.clear_prefix_cache()
                 served = bm.cached_tokens_served
                 seconds, outputs[mode] = serve(engines[mode], prompts, c, args.max_new_tokens)
                 rates[mode].append(args.requests * args.max_new_tokens / seconds)

@@ -93,6 +93,19 @@ def test_allocation_counts_idle_blocks_it_shares_once_and_changes_nothing_when_i
     assert bm.num_free_blocks == 0 and bm.block_tables[2][:2] == prefix
 
 
+def test_clearing_the_cache_forgets_idle_blocks_and_keeps_held_ones():
+    bm = BlockManager(num_blocks=8, block_size=BS, prefix_caching=True)
+    idle, held = list(range(1, 10)), list(range(50, 59))
+    registered(bm, 1, idle, 9)
+    registered(bm, 2, held, 9)
+    bm.free(1)
+    bm.clear_prefix_cache()
+    assert bm.cached_prefix(idle) == [] and bm.cached_prefix(held) == bm.block_tables[2][:2]
+    assert bm.num_free_blocks == 5 and bm.num_cached_blocks == 2
+    bm.free(2)
+    assert bm.num_free_blocks == 8
+
+
 def test_without_prefix_caching_nothing_is_kept_or_found():
     bm = BlockManager(num_blocks=8, block_size=BS)
     registered(bm, 1, list(range(1, 10)), 10)

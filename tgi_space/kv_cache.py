@@ -91,6 +91,13 @@ class BlockManager:
         del self._node_of[block]
         self._holders.pop(block, None)
 
+    def clear_prefix_cache(self) -> None:
+        """Forget every idle registered block (they become plain free blocks); held ones stay shared."""
+        while self._idle:
+            block, _ = self._idle.popitem(last=False)
+            self._unregister(block)
+            self.free_blocks.append(block)
+
     def cached_prefix(self, prompt: list[int]) -> list[int]:
         """The registered blocks that hold the longest run of `prompt`'s full blocks from its start, leaving at
         least its last token to compute (its logits give the first new token)."""
