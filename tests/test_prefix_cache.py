@@ -209,3 +209,66 @@ def test_preemption_and_cancellations_under_a_tiny_cache_keep_outputs_and_give_e
                 assert seq.output_ids == expected[tuple(prompt)]
         assert bm.num_free_blocks == start and not bm.block_tables
     assert engine.scheduler.num_preemptions > 0 and bm.cached_tokens_served > 0
+
+
+# ---- prompts computed in chunks (max_num_batched_tokens) -------------------------------------------------
+
+
+@pytest.mark.parametrize("speculate", ["none", "space", "sdsat"])
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_prompts_over_the_step_budget_are_computed_in_chunks_with_the_same_outputs(llama_dir, engines, speculate,
+                                                                                   prefix_caching):
+    _, plain = engines
+    chunked = LLM(str(llama_dir), dtype="float32", kv_cache_bytes=2**22, block_size=BS, space=POLICY,
+                  max_num_batched_tokens=7, prefix_caching=prefix_caching)
+    rng = random.Random(13)
+    prompts = _prompts(rng, 5, shared=22)
+    params = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=12, do_sample=True, temperature=0.9,
+                                                                 seed=5)] * 2 + [SamplingParams(max_new_tokens=3)]
+    expected = plain.generate(prompts, params, speculate=speculate)
+    engine = chunked.engine
+    seqs = [engine.add_request(p, q, speculate) for p, q in zip(prompts, params)]
+    partial_steps = 0
+    while engine.has_unfinished():
+        planned = engine._speculate_whole(engine.scheduler.schedule())
+        prompt_rows = sum(len(p.chain) for _, p in planned if len(p.chain) - p.num_candidates > 1 or p.partial)
+        assert prompt_rows <= 7 + len(planned)  # the budget, and one token for each prompt that got nothing
+        partial_steps += sum(p.partial for _, p in planned)
+        results = engine.execute(planned, engine.block_manager)
+        assert all(not emitted for (_, p), (_, emitted) in zip(planned, results) if p.partial)
+        for seq, _ in results:
+            if seq.is_finished:
+                engine.scheduler.finish(seq)
+    assert partial_steps > 0
+    assert [s.output_ids for s in seqs] == [o.token_ids for o in expected]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_long_prompt_joins_a_busy_batch_in_chunks_instead_of_waiting_for_it_to_empty(llama_dir, engines):
+    _, plain = engines
+    chunked = LLM(str(llama_dir), dtype="float32", kv_cache_bytes=2**22, block_size=BS, space=POLICY,
+                  max_num_batched_tokens=8)
+    engine = chunked.engine
+    short = [engine.add_request([1, 5 + i, 6], SamplingParams(max_new_tokens=40)) for i in range(3)]
+    engine.step()
+    long_prompt = _prompts(random.Random(17), 1, shared=30)[0]
+    late = engine.add_request(long_prompt, SamplingParams(max_new_tokens=4))
+    steps, first_token_at = 0, None
+    while not late.is_finished:
+        engine.step()
+        steps += 1
+        first_token_at = first_token_at or (steps if late.output_ids else None)
+    assert not any(s.is_finished for s in short)  # it finished while they were still running
+    assert first_token_at == -(-len(long_prompt) // 8)  # its prompt took one 8-token chunk per step
+    assert steps <= -(-len(long_prompt) // 8) + 4  # one chunk per step, then its tokens
+    assert late.output_ids == plain.generate([long_prompt], SamplingParams(max_new_tokens=4))[0].token_ids
+
+
+def test_a_prompt_asking_for_its_log_probabilities_is_computed_whole_and_they_match(llama_dir, engines):
+    _, plain = engines
+    chunked = LLM(str(llama_dir), dtype="float32", kv_cache_bytes=2**22, block_size=BS, space=POLICY,
+                  max_num_batched_tokens=6)
+    prompt = _prompts(random.Random(19), 1, shared=20)[0]
+    params = SamplingParams(max_new_tokens=5, prompt_logprobs=True)
+    got, ref = chunked.generate([prompt], params)[0], plain.generate([prompt], params)[0]
+    assert got.stats.prompt_logprobs[1:] == ref.stats.prompt_logprobs[1:] and got.token_ids == ref.token_ids

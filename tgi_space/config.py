@@ -235,6 +235,8 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float = 0.25
     max_num_seqs: int = 64
+    # Prompt tokens computed per step at most (decode rows do not count): a longer prompt, or one beyond what is
+    # left of it, is computed in chunks over the next steps (Scheduler, partial plans).
     max_num_batched_tokens: int = 4096
     # Prefix caching (kv_cache.py): a prompt's full blocks stay readable after it is computed, and a later prompt
     # that starts with the same blocks' tokens computes only the rest. Never changes an output (tests/test_prefix_cache.py).

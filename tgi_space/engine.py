@@ -290,7 +290,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, list[TokenInfo]]]:
         """Schedule, then one forward pass for every scheduled sequence; what each emitted."""
-        planned = self.speculate(self.scheduler.schedule())
+        planned = self._speculate_whole(self.scheduler.schedule())
         wants = [i for i, (seq, plan) in enumerate(planned)
                  if seq.params.prompt_logprobs and plan.num_cached == 0 and seq.stats.prompt_logprobs is None]
         results = self.execute(planned, self.block_manager, keep_hidden=bool(wants))
@@ -304,6 +304,11 @@ class Engine:
                 if self.planned:
                     self.speculator.finished(seq)
         return results
+
+    def _speculate_whole(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:
+        """`speculate` for the plans that emit this step; prompt chunks (partial plans) pass as they are."""
+        speculated = iter(self.speculate([(seq, plan) for seq, plan in planned if not plan.partial]))
+        return [(seq, plan) if plan.partial else next(speculated) for seq, plan in planned]
 
     def speculate(self, planned: list[tuple[Sequence, SeqPlan]]) -> list[tuple[Sequence, SeqPlan]]:
         """A scheduled step's plans with what speculation sends: the planner's tree nodes and mask groups (when

@@ -36,6 +36,7 @@ class Scheduler:
         self.last_k = 0
         self.num_preemptions = 0  # sequences sent back to recompute for lack of blocks
         self._registered: set[int] = set()  # running sequences whose computed prompt is in the prefix cache
+        self._budget = max_num_batched_tokens  # prompt tokens this step may still compute (`schedule`)
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence."""
@@ -54,10 +55,13 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[tuple[Sequence, SeqPlan]]:
-        """Plans for this step: running sequences first (they hold blocks), then admissions."""
+        """Plans for this step: running sequences first (they hold blocks), then admissions. Uncomputed prompt
+        tokens count against max_num_batched_tokens: a prompt beyond what is left of it is computed in chunks
+        over the next steps (partial plans: K/V only), the running ones' first."""
         k = self.policy.choose_k(sum(s.speculate for s in self.running), 0, self.k_max)
         self.last_k = k
         self._register_prompts()
+        self._budget = self.max_num_batched_tokens
         planned = self._plan_running(k)
         planned += self._admit(k, len(planned))
         return planned
@@ -68,15 +72,32 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running:  # preempted to make room for an older one
                 continue
-            plan = self._fit(seq, k if seq.speculate else 0)
+            plan = self._fit(seq, k if seq.speculate else 0, self._take_chunk(seq))
             if plan is not None:
                 self.blocks.append(seq.seq_id, self._needed(seq, plan))
                 planned.append((seq, plan))
         return planned
 
-    def _fit(self, seq: Sequence, k: int) -> SeqPlan | None:
-        """seq's plan if the cache can hold its chain: fewer candidates first, then preempt the newest."""
-        plan = self._plan(seq, k)
+    def _take_chunk(self, seq: Sequence) -> int | None:
+        """Prompt tokens seq computes this step when that is not all it has uncomputed (None: all of them, or
+        a decode step), at least one; taken from this step's budget."""
+        left = len(seq.tokens) - seq.num_cached
+        if left <= 1:
+            return None
+        n = max(1, min(left, self._budget))
+        self._budget = max(0, self._budget - n)
+        return n if n < left and self._chunkable(seq) else None
+
+    @staticmethod
+    def _chunkable(seq: Sequence) -> bool:
+        """Whether seq's prompt may be computed in chunks: not while its prompt log-probabilities are to come
+        (the engine reads them off one prefill of the whole prompt)."""
+        return not (seq.params.prompt_logprobs and seq.stats.prompt_logprobs is None)
+
+    def _fit(self, seq: Sequence, k: int, chunk: int | None = None) -> SeqPlan | None:
+        """seq's plan (its next `chunk` prompt tokens only, when given) if the cache can hold its chain: fewer
+        candidates first, then preempt the newest."""
+        plan = self._plan(seq, k) if chunk is None else chunk_plan(seq, chunk)
         if not self._fits(seq, plan):
             plan = self._plan(seq, k, max_candidates=0)  # masks need no cache slots
         while not self._fits(seq, plan):
@@ -101,22 +122,24 @@ class Scheduler:
 
     def _admit(self, k: int, num_running: int) -> list[tuple[Sequence, SeqPlan]]:
         """Prefill waiting sequences while tokens, sequence slots and blocks allow."""
-        planned, budget = [], self.max_num_batched_tokens
-        while self.waiting and num_running + len(planned) < self.max_num_seqs:
+        planned = []
+        while self.waiting and num_running + len(planned) < self.max_num_seqs and self._budget > 0:
             seq = self.waiting[0]
             prefix = self._cached_prefix(seq)
             seq.num_cached = len(prefix) * self.blocks.block_size  # the first step computes the rest
             plan = self._plan(seq, k if seq.speculate else 0)
-            fits_budget = len(plan.chain) <= budget or not planned and num_running == 0
-            if not fits_budget or not self.blocks.can_allocate(self._needed(seq, plan), prefix):
-                seq.num_cached = 0
+            whole = len(plan.chain) <= self._budget or not planned  # a prompt whose log-probabilities are asked
+            if not (whole or self._chunkable(seq)) or not self.blocks.can_allocate(self._needed(seq, plan), prefix):
+                seq.num_cached = 0  # (then it waits for a step that admits nothing before it)
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq.seq_id, self._needed(seq, plan), prefix)
+            self.blocks.allocate(seq.seq_id, self._needed(seq, plan), prefix)  # for the whole prompt
             seq.stats.cached_prompt_tokens = seq.num_cached
             self.running.append(seq)
+            if len(plan.chain) > self._budget and self._chunkable(seq):
+                plan = chunk_plan(seq, self._budget)
+            self._budget = max(0, self._budget - len(plan.chain))
             planned.append((seq, plan))
-            budget -= len(plan.chain)
         return planned
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
@@ -160,6 +183,13 @@ class Scheduler:
         if num_candidates == self.k_max:
             for a in range(self.k_max + 1):
                 self.acceptance[a] = 0.95 * self.acceptance[a] + 0.05 * float(a == num_accepted)
+
+
+def chunk_plan(seq: Sequence, n: int) -> SeqPlan:
+    """The next n uncomputed tokens of seq's prompt, nothing else: their K/V are written; no logits, nothing
+    emitted or drafted (the step after computes the rest)."""
+    chain = seq.tokens[seq.num_cached : seq.num_cached + n]
+    return SeqPlan(chain=chain, num_candidates=0, anchors=[], group_size=0, num_cached=seq.num_cached, partial=True)
 
 
 def plan_sequence(seq: Sequence, k: int, anchors=None, max_candidates: int | None = None) -> SeqPlan:

@@ -144,7 +144,7 @@ class EngineWorker:
     def _step(self) -> None:
         """One engine step; results go to their handles, a failing step fails its requests only."""
         scheduler = self.engine.scheduler
-        admitted = any(s.num_cached == 0 for s in scheduler.waiting) or any(s.num_cached == 0 for s in scheduler.running)
+        admitted = bool(scheduler.waiting) or any(len(s.tokens) - s.num_cached > 1 for s in scheduler.running)
         method = "prefill" if admitted else "decode"
         self.metrics.batch_inference_count.labels(method=method).inc()
         before = {sid: _position_counts(h.seq.stats) for sid, h in self.handles.items()}
@@ -162,7 +162,8 @@ class EngineWorker:
             self.metrics.record_speculation(self.engine.speculator.stats)
         self.metrics.batch_next_size.observe(len(results))
         for seq, tokens in results:
-            self._publish(seq, tokens, before.get(seq.seq_id, ([], [])))
+            if tokens or seq.is_finished or seq.error:  # (a prompt chunk: nothing to say yet)
+                self._publish(seq, tokens, before.get(seq.seq_id, ([], [])))
         self._update_gauges()
 
     def _publish(self, seq: Sequence, tokens: list[TokenInfo], before: tuple[list[int], list[int]]) -> None:
