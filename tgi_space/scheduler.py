@@ -98,7 +98,7 @@ class Scheduler:
         """seq's plan (its next `chunk` prompt tokens only, when given) if the cache can hold its chain: fewer
         candidates first, then preempt the newest."""
         plan = self._plan(seq, k) if chunk is None else chunk_plan(seq, chunk)
-        if not self._fits(seq, plan):
+        if chunk is None and not self._fits(seq, plan):
             plan = self._plan(seq, k, max_candidates=0)  # masks need no cache slots
         while not self._fits(seq, plan):
             victim = self.running.pop()
@@ -128,9 +128,10 @@ class Scheduler:
             prefix = self._cached_prefix(seq)
             seq.num_cached = len(prefix) * self.blocks.block_size  # the first step computes the rest
             plan = self._plan(seq, k if seq.speculate else 0)
-            whole = len(plan.chain) <= self._budget or not planned  # a prompt whose log-probabilities are asked
-            if not (whole or self._chunkable(seq)) or not self.blocks.can_allocate(self._needed(seq, plan), prefix):
-                seq.num_cached = 0  # (then it waits for a step that admits nothing before it)
+            # over the budget: computed in chunks, or whole (prompt log-probabilities) as the step's first admission
+            fits = len(plan.chain) <= self._budget or self._chunkable(seq) or not planned
+            if not fits or not self.blocks.can_allocate(self._needed(seq, plan), prefix):
+                seq.num_cached = 0
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq.seq_id, self._needed(seq, plan), prefix)  # for the whole prompt
