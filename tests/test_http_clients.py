@@ -57,6 +57,7 @@ def test_health_info_models(server):
                   "max_client_batch_size", "router", "version", "sha", "docker_label"}
     assert tgi_fields <= info.keys()
     assert info["speculate_mode"] == "space" and info["max_total_tokens"] == 256
+    assert info["prefix_caching"] is True and info["max_batch_prefill_tokens"] == 4096  # the defaults
     models = httpx.get(server.url + "/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == info["model_id"]
 

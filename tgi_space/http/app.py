@@ -89,7 +89,7 @@ class ServerState:
         log.info("model %s loaded (speculate=%s, k_max=%d)", self.model_id, speculate, engine.k_max)
 
     def info(self) -> dict:
-        """TGI's `Info`, plus `speculate_mode` and `space_k_max`."""
+        """TGI's `Info`, plus the prefill budget, prefix caching, `speculate_mode` and `space_k_max`."""
         s, service = self.settings, self.service
         limits = service.limits if service else None
         return {
@@ -107,6 +107,8 @@ class ServerState:
             "version": __version__,
             "sha": None,
             "docker_label": None,
+            "max_batch_prefill_tokens": s.max_batch_prefill_tokens,  # prompt tokens per step (longer: chunked)
+            "prefix_caching": s.prefix_caching,
             "speculate_mode": service.speculate if service else s.speculate_mode,
             "space_k_max": service.engine.k_max if service else s.space_k_max,
             "speculation": _speculation_info(service),
