@@ -23,7 +23,7 @@ POLICY = SpacePolicy(k_max=3, latency_curve={1: 0.001, 64: 0.002}, max_step_quer
 def registered(bm: BlockManager, seq_id: int, prompt: list[int], tokens: int) -> None:
     """seq_id takes fresh blocks for `tokens` tokens and its prompt is registered (as once computed)."""
     bm.allocate(seq_id, tokens)
-    bm.register_prompt(seq_id, prompt)
+    bm.register_computed(seq_id, prompt)
 
 
 # ---- the block manager ----------------------------------------------------------------------------------
@@ -272,3 +272,23 @@ def test_a_prompt_asking_for_its_log_probabilities_is_computed_whole_and_they_ma
     params = SamplingParams(max_new_tokens=5, prompt_logprobs=True)
     got, ref = chunked.generate([prompt], params)[0], plain.generate([prompt], params)[0]
     assert got.stats.prompt_logprobs[1:] == ref.stats.prompt_logprobs[1:] and got.token_ids == ref.token_ids
+
+
+@pytest.mark.parametrize("speculate", ["none", "space", "sdsat"])
+def test_the_next_turn_reads_the_answer_it_repeats_from_the_cache_and_matches(engines, speculate):
+    """A chat's next prompt repeats the last prompt and its answer: the answer's blocks (K/V written by decode
+    or tree steps, the same bits a prefill gives) are read from the cache, and nothing changes."""
+    cached, plain = engines
+    rng = random.Random(23 + len(speculate))
+    prompt = _prompts(rng, 1, shared=10)[0]
+    params = [SamplingParams(max_new_tokens=21), SamplingParams(max_new_tokens=9, do_sample=True, temperature=0.8,
+                                                                 seed=11)]
+    answer = cached.generate([prompt], params[:1], speculate=speculate)[0].token_ids
+    assert answer == plain.generate([prompt], params[:1], speculate=speculate)[0].token_ids
+    turn = prompt + answer + [rng.randrange(4, 90) for _ in range(3)]
+    got = cached.generate([turn, turn], params, speculate=speculate)
+    expected = plain.generate([turn, turn], params, speculate=speculate)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert [[t.logprob for t in o.tokens] for o in got] == [[t.logprob for t in o.tokens] for o in expected]
+    computed = (len(prompt) + len(answer) - 1) // BS * BS  # the first turn's K/V (its last token has none)
+    assert got[0].stats.cached_prompt_tokens >= min(computed, (len(turn) - 1) // BS * BS) > len(prompt)

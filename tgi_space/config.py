@@ -238,8 +238,9 @@ class EngineConfig:
     # Prompt tokens computed per step at most (decode rows do not count): a longer prompt, or one beyond what is
     # left of it, is computed in chunks over the next steps (Scheduler, partial plans).
     max_num_batched_tokens: int = 4096
-    # Prefix caching (kv_cache.py): a prompt's full blocks stay readable after it is computed, and a later prompt
-    # that starts with the same blocks' tokens computes only the rest. Never changes an output (tests/test_prefix_cache.py).
+    # Prefix caching (kv_cache.py): computed full blocks (a prompt's once computed, its answer's once the request
+    # ends) stay readable, and a later prompt that starts with the same tokens computes only the rest (a chat's next
+    # turn repeats the last prompt and its answer). Never changes an output (tests/test_prefix_cache.py).
     prefix_caching: bool = True
     space: SpacePolicy = field(default_factory=SpacePolicy)
     seed: int = 0

@@ -1,6 +1,6 @@
 """Paged KV cache: fixed-size blocks, per-sequence block tables, check-then-commit allocation, and prefix
-caching: the full blocks of computed prompts stay readable, keyed by their tokens, for later prompts that
-start the same way."""
+caching: the full blocks of computed tokens (prompts, and generated tokens once a request ends) stay readable,
+keyed by their tokens, for later prompts that start the same way."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ class OutOfBlocks(RuntimeError):
 class BlockManager:
     """Hands out cache blocks to sequences. Every method either fully succeeds or changes nothing.
 
-    With prefix caching, `register_prompt` keys each full block of a computed prompt by its tokens and the
+    With prefix caching, `register_computed` keys each full block of computed tokens by its tokens and the
     blocks before it; `cached_prefix` finds a new prompt's longest run of such blocks, which `allocate` then
-    shares (read-only: a sequence writes only after its prompt, and only full prompt blocks are shared). A
+    shares (read-only: a sequence writes only after the tokens it was admitted with, and only full blocks of them
+    are shared). A
     registered block nobody holds stays readable until its room is needed: it counts as free and is taken
     back least recently used first, deepest blocks of a prompt first."""
 
@@ -47,7 +48,7 @@ class BlockManager:
 
     @property
     def num_cached_blocks(self) -> int:
-        """Registered prompt blocks (held or not)."""
+        """Registered blocks (held or not)."""
         return len(self._node_of)
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -112,14 +113,15 @@ class BlockManager:
             node = self._node_of[block]
         return out
 
-    def register_prompt(self, seq_id: int, prompt: list[int]) -> None:
-        """seq_id's prompt is computed: key its full blocks (not the block holding its last tokens, which the
-        sequence goes on writing) for later prompts. Blocks whose tokens are registered already stay its own."""
+    def register_computed(self, seq_id: int, tokens: list[int]) -> None:
+        """seq_id's first len(tokens) tokens have their K/V in its blocks: key its full blocks among them (not a
+        block the sequence goes on writing) for later prompts. Blocks whose tokens are registered already (computed
+        apart, by a request admitted beside it) stay its own."""
         if not self.prefix_caching:
             return
         node, bs, table = 0, self.block_size, self.block_tables[seq_id]
-        for i in range(len(prompt) // bs):
-            key = (node, tuple(prompt[i * bs : (i + 1) * bs]))
+        for i in range(len(tokens) // bs):
+            key = (node, tuple(tokens[i * bs : (i + 1) * bs]))
             block = self._block_of.get(key)
             if block is None and table[i] not in self._node_of:
                 block = table[i]

@@ -144,11 +144,11 @@ class Scheduler:
         return planned
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """The prefix cache's blocks for seq's prompt; none when it asks for its prompt's log-probabilities
-        (those come from computing every prompt token)."""
+        """The prefix cache's blocks for seq's tokens (its prompt; a preempted request's generated tokens too);
+        none when it asks for its prompt's log-probabilities (those come from computing every prompt token)."""
         if seq.params.prompt_logprobs:
             return []
-        return self.blocks.cached_prefix(seq.tokens[: seq.num_prompt])
+        return self.blocks.cached_prefix(seq.tokens)
 
     def _register_prompts(self) -> None:
         """Key the prompt blocks of running sequences whose prompts are computed, for later prompts."""
@@ -157,14 +157,15 @@ class Scheduler:
 
     def _register(self, seq: Sequence) -> None:
         if seq.seq_id not in self._registered and seq.num_cached >= seq.num_prompt and seq.error is None:
-            self.blocks.register_prompt(seq.seq_id, seq.tokens[: seq.num_prompt])
+            self.blocks.register_computed(seq.seq_id, seq.tokens[: seq.num_prompt])
             self._registered.add(seq.seq_id)
 
     def _release(self, seq: Sequence) -> None:
-        """Return seq's blocks; its computed prompt stays in the prefix cache (a request that ended at its first
-        token, or was preempted, too)."""
-        if seq.seq_id in self.blocks.block_tables:
-            self._register(seq)
+        """Return seq's blocks. What it computed stays in the prefix cache, generated tokens included (their K/V
+        have the bits a prefill of them gives: batch-invariant kernels), so the next turn of a chat, whose prompt
+        repeats this one and its answer, or a preempted request's recompute reads it. Not a failed request's."""
+        if seq.seq_id in self.blocks.block_tables and seq.error is None:
+            self.blocks.register_computed(seq.seq_id, seq.tokens[: seq.num_cached])
         self._registered.discard(seq.seq_id)
         self.blocks.free(seq.seq_id)
 

@@ -97,7 +97,8 @@ def serve(
     kv_cache_bytes: Optional[int] = typer.Option(None, envvar="KV_CACHE_BYTES", help="Default: a fraction of free memory."),
     prefix_caching: bool = typer.Option(
         True, "--prefix-caching/--no-prefix-caching", envvar="PREFIX_CACHING",
-        help="Reuse computed prompt blocks for later prompts that start with the same tokens (never changes an output).",
+        help="Reuse computed KV blocks (prompts, and answers once ended) for later prompts that start with the same "
+             "tokens, e.g. a chat's next turn (never changes an output).",
     ),
     num_threads: Optional[int] = typer.Option(
         None, envvar="NUM_THREADS", help="torch CPU threads (default: the physical cores this process may use)."

@@ -54,7 +54,7 @@ class Metrics:
         self.current_k = Gauge("tgi_space_current_k", "Candidates per sequence (k) chosen for the last step", registry=r)
         self.kv_free_blocks = Gauge("tgi_space_kv_cache_free_blocks", "KV-cache blocks owned by no request", registry=r)
         self.kv_total_blocks = Gauge("tgi_space_kv_cache_blocks", "KV-cache blocks in total", registry=r)
-        self.prefix_cached_blocks = Gauge("tgi_space_prefix_cache_blocks", "Prompt blocks in the prefix cache (held or idle)", registry=r)
+        self.prefix_cached_blocks = Gauge("tgi_space_prefix_cache_blocks", "KV blocks in the prefix cache (held or idle)", registry=r)
         self.prefix_cached_tokens = Gauge("tgi_space_prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache instead of computed, since start", registry=r)
         # the planned step (docs/speculation.md)
         self.planner_rows = Gauge("tgi_space_planner_rows_per_step", "Query rows per step, mean since start", registry=r)

@@ -53,7 +53,7 @@ class ServeSettings:
     attention_backend: str | None = None  # None: the engine's default for the device
     block_size: int = 16
     kv_cache_bytes: int | None = None
-    prefix_caching: bool = True  # a prompt's full blocks are reused by later prompts that start the same way
+    prefix_caching: bool = True  # computed full blocks are reused by later prompts that start the same way
     num_threads: int | None = None  # None: the physical cores this process may use
     seed: int = 0
 
