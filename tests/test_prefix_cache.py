@@ -207,6 +207,7 @@ def test_preemption_and_cancellations_under_a_tiny_cache_keep_outputs_and_give_e
         for prompt, seq in zip(prompts, seqs):
             if seq not in doomed:
                 assert seq.output_ids == expected[tuple(prompt)]
+                assert seq.stats.cached_prompt_tokens < len(prompt)  # a recompute's generated tokens are not prompt
         assert bm.num_free_blocks == start and not bm.block_tables
     assert engine.scheduler.num_preemptions > 0 and bm.cached_tokens_served > 0
 

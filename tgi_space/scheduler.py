@@ -135,7 +135,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq.seq_id, self._needed(seq, plan), prefix)  # for the whole prompt
-            seq.stats.cached_prompt_tokens = seq.num_cached
+            if not seq.output_ids:  # (a preempted request's recompute reads generated tokens too: not prompt)
+                seq.stats.cached_prompt_tokens = seq.num_cached
             self.running.append(seq)
             if len(plan.chain) > self._budget and self._chunkable(seq):
                 plan = chunk_plan(seq, self._budget)

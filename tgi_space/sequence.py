@@ -18,7 +18,7 @@ class SeqStats:
     drafted_by_position: list[int] = field(default_factory=list)  # [k] candidates verified at position i+1
     accepted_by_position: list[int] = field(default_factory=list)  # [k] of those accepted
     prompt_logprobs: list[float | None] | None = None  # with params.prompt_logprobs: each prompt token's, first None
-    cached_prompt_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed (last admission)
+    cached_prompt_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed (first admission)
 
     def record(self, num_candidates: int, num_accepted: int, num_emitted: int) -> None:
         """Add one step's verification outcome."""
