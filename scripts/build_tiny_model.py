@@ -38,8 +38,8 @@ P_AR = 0.5
 # ~34k targets and held-out offset-1 accuracy of about 0.2, far too little for a 19M model.
 NUM_MASK_BLOCKS = 48
 BATCH_SIZE = 4  # windows of SEQ_LEN per optimizer step (2048 real tokens)
-# Step counts calibrated on this 2-core CPU: 1.29 s per step (4 x 512 tokens, bf16 autocast,
-# 2 threads, idle machine), plus headroom for other processes sharing the CPU:
+# Step counts calibrated on a 2-core AMX CPU: 1.29 s per step (4 x 512 tokens, bf16 autocast,
+# 2 threads, idle machine; an AVX2-only CPU trains in float32, several times slower), plus headroom for other processes sharing the CPU:
 # stage 1 ~35 min, the twin ~18 min, stage 2 ~30 min (48 mask blocks add ~47% rows).
 STAGE1_STEPS = 1500
 STAGE2_STEPS = 850
@@ -291,8 +291,7 @@ def run_stage(
         max_steps=steps,
         batch_size=BATCH_SIZE,
         warmup_steps=min(stage.warmup, steps // 2),
-        weight_decay=0.1,
-        bf16=True,
+        weight_decay=0.1,  # bf16: TrainConfig's default (autocast where the CPU multiplies bf16 natively)
         seed=stage.seed,
         save_steps=3 if smoke else SAVE_EVERY_STEPS,
         logging_steps=1 if smoke else 10,

@@ -5,6 +5,7 @@ and adapters that do not fit the base are refused naming the field."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -247,6 +248,77 @@ def test_cli_trains_and_saves_an_adapter_folder(base, tmp_path):
     assert (folder / "training_report.json").is_file()
     assert (base / "model.safetensors").read_bytes() == weights
     assert engine(base, "bfloat16", folder).model.adapter is not None
+
+
+# ------------------------------------------------------------ continuing training: --init-adapter
+
+
+def test_start_from_loads_a_saved_adapter_exactly_and_leaves_the_base(base, adapter):
+    from tgi_space.train.gated_lora import adapter_state, start_from
+
+    model, fresh = hf_base(base), hf_base(base)
+    start_from(model, adapter, adapter_config(model, MASK_ID, K, 4, 8, TARGET_MODULES, str(base)))
+    saved, state = load_file(adapter / ADAPTER_WEIGHTS), adapter_state(model)
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert not torch.equal(state["mask_embedding"], adapter_state(fresh)["mask_embedding"])
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        if not p.requires_grad:
+            assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"r": 8}, "r is 8, this run's is 4"),
+    ({"lora_alpha": 16}, "lora_alpha is 16, this run's is 8"),
+    ({"target_modules": ["q_proj", "v_proj"]}, "target_modules is ('q_proj', 'v_proj')"),
+    ({"space_mask_token_id": 5}, f"space_mask_token_id is 5, this run's is {MASK_ID}"),
+    ({"base_hidden_size": 32}, "base_hidden_size is 32, this run's is 64"),
+])
+def test_start_from_refuses_an_adapter_of_other_settings(base, adapter, tmp_path, changes, message):
+    from tgi_space.train.gated_lora import start_from
+
+    model = hf_base(base)
+    with pytest.raises(AdapterError, match=re.escape(message)):
+        start_from(model, edited(adapter, tmp_path, **changes),
+                   adapter_config(model, MASK_ID, K, 4, 8, TARGET_MODULES, str(base)))
+
+
+def train_cli(base, tmp_path, name: str, *extra: str):
+    """`tgi-space train --adapter gated-lora` on a small word file, one optimizer step at a negligible lr."""
+    from typer.testing import CliRunner
+
+    from tgi_space.cli import app
+
+    data = tmp_path / "words.txt"
+    data.write_text("\n".join(" ".join(f"w{4 + (a + 5 * i) % 90}" for i in range(30)) for a in range(8)) + "\n")
+    return CliRunner().invoke(app, [
+        "train", "--model", str(base), "--data", str(data), "--output", str(tmp_path / name), "--k", str(K),
+        "--lora-r", "4", "--lora-alpha", "8", "--num-mask-blocks", "4", "--max-steps", "1", "--batch-size", "2",
+        "--seq-len", "32", "--lr", "1e-9", "--no-bf16", *extra,
+    ])
+
+
+def test_cli_continues_training_from_an_init_adapter(base, adapter, tmp_path):
+    continued = train_cli(base, tmp_path, "continued", "--adapter", "gated-lora", "--init-adapter", str(adapter))
+    scratch = train_cli(base, tmp_path, "scratch", "--adapter", "gated-lora")
+    assert continued.exit_code == 0 and scratch.exit_code == 0, continued.output + scratch.output
+    start = load_file(adapter / ADAPTER_WEIGHTS)
+    after = load_file(tmp_path / "continued" / "space-adapter" / ADAPTER_WEIGHTS)
+    fresh = load_file(tmp_path / "scratch" / "space-adapter" / ADAPTER_WEIGHTS)
+    key = lora_key(1, "up_proj", "B")
+    assert start[key].abs().max() > 0.05  # the random adapter's B, far from the zeros a new adapter starts with
+    for name, tensor in start.items():  # one step at lr 1e-9 moves nothing by more than ~1e-8
+        assert torch.allclose(after[name], tensor, atol=1e-6), name
+    assert fresh[key].abs().max() < 1e-6
+
+
+def test_cli_refuses_an_init_adapter_it_cannot_use(base, adapter, tmp_path):
+    (tmp_path / "empty").mkdir()
+    missing = train_cli(base, tmp_path, "a", "--adapter", "gated-lora", "--init-adapter", str(tmp_path / "empty"))
+    assert missing.exit_code == 2 and "no adapter_config.json" in missing.output
+    not_gated = train_cli(base, tmp_path, "b", "--init-adapter", str(adapter))
+    assert not_gated.exit_code == 2 and "init_adapter needs adapter='gated-lora'" in not_gated.output
+    other_r = train_cli(base, tmp_path, "c", "--adapter", "gated-lora", "--init-adapter", str(adapter), "--lora-r", "8")
+    assert other_r.exit_code == 2 and "r is 4, this run's is 8" in other_r.output
 
 
 # ------------------------------------------------------------ 5. refusals

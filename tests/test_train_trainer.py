@@ -114,6 +114,17 @@ def test_train_config_refuses_bad_settings(changes):
         TrainConfig(output="unused", **changes)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_defaults_to_what_the_cpu_multiplies_natively(monkeypatch, native):
+    import tgi_space.model.prepack as prepack
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(prepack, "native_bf16_gemm", lambda: native)
+    assert TrainConfig(output="unused").bf16 is native
+    assert TrainConfig(output="unused", bf16=True).bf16 is True  # an explicit choice stays
+    assert TrainConfig(output="unused", bf16=False).bf16 is False
+
+
 # ------------------------------------------------------------ the CLI
 
 

@@ -36,7 +36,10 @@ def train(
     seq_len: int = typer.Option(1024, "--seq-len"),
     warmup_steps: int = typer.Option(0, "--warmup-steps"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast (CPU or GPU)"),
+    bf16: Optional[bool] = typer.Option(
+        None, "--bf16/--no-bf16", help="bf16 autocast (default: on where the hardware multiplies bf16 natively: "
+                                       "CUDA GPUs with bf16, CPUs with AMX or AVX512-BF16; float32 elsewhere)"
+    ),
     lora: bool = typer.Option(False, "--lora/--no-lora", help="LoRA instead of a full fine-tune (merged on save)"),
     lora_r: int = typer.Option(16, "--lora-r"),
     lora_alpha: int = typer.Option(32, "--lora-alpha"),
@@ -45,6 +48,10 @@ def train(
     ),
     target_modules: str = typer.Option(
         ",".join(TARGET_MODULES), "--target-modules", help="projections the gated adapter adapts (comma list)"
+    ),
+    init_adapter: Optional[str] = typer.Option(
+        None, "--init-adapter", help="--adapter gated-lora: start from this adapter folder (same --lora-r, "
+                                     "--lora-alpha, --target-modules and base) instead of a no-op adapter"
     ),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from the last checkpoint in --output"),
     save_steps: int = typer.Option(500, "--save-steps"),
@@ -68,6 +75,7 @@ def train(
             weight_decay=weight_decay, bf16=bf16, seed=seed, save_steps=save_steps, logging_steps=logging_steps,
             resume=resume, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, extra_args=extra, adapter=adapter,
             target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
+            init_adapter=init_adapter,
         )
         from tgi_space.train.finetune import finetune
 

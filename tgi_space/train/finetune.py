@@ -9,8 +9,16 @@ from typing import Any, Sequence
 import torch
 
 from tgi_space.config import TRAINING_METHODS
+from tgi_space.model.adapter import AdapterConfig
 from tgi_space.train.data import Example, SkipCounter, check_data_paths, load_examples
-from tgi_space.train.gated_lora import ADAPTER_FOLDER, adapter_config, add_gated_lora, find_mask_token, save_adapter
+from tgi_space.train.gated_lora import (
+    ADAPTER_FOLDER,
+    adapter_config,
+    add_gated_lora,
+    find_mask_token,
+    save_adapter,
+    start_from,
+)
 from tgi_space.train.prepare import check_honours_4d_mask, make_space_ready, unused_token_id
 from tgi_space.train.trainer import TrainConfig, run_training, wrap_lora
 
@@ -49,6 +57,8 @@ def finetune(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_data_paths(data)  # before minutes of model loading
+    if cfg.init_adapter:
+        AdapterConfig.read(cfg.init_adapter)  # a folder that is not an adapter fails before the data is read
     if method not in TRAINING_METHODS:
         raise ValueError(f"--method must be one of {', '.join(TRAINING_METHODS)}, got {method!r}")
     if cfg.is_gated and (method != "space" or reuse_token_ids):
@@ -90,13 +100,16 @@ def finetune_adapter(model: Any, tokenizer: Any, examples: list[Example], cfg: T
     """Train a gated SPACE adapter on the frozen `model` (mask rows only); saves it to output/space-adapter."""
     mask_id = find_mask_token(model, tokenizer)
     add_gated_lora(model, mask_id, cfg.lora_r, cfg.lora_alpha, cfg.target_modules)
+    config = adapter_config(model, mask_id, cfg.k, cfg.lora_r, cfg.lora_alpha, cfg.target_modules, model_path)
+    if cfg.init_adapter:
+        start_from(model, cfg.init_adapter, config)
+        log.info("gated adapter starts from %s", cfg.init_adapter)
     check_honours_4d_mask(model, mask_id)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     trainer = run_training(model, examples, cfg, mask_id, pad_id)
     log.info("data: %d examples used; %s", len(examples), skips.report())
     folder = Path(cfg.output) / ADAPTER_FOLDER
     if trainer.is_world_process_zero():
-        config = adapter_config(model, mask_id, cfg.k, cfg.lora_r, cfg.lora_alpha, cfg.target_modules, model_path)
         save_adapter(trainer.accelerator.unwrap_model(trainer.model), config, folder, mask_metrics(trainer))
     return folder
 

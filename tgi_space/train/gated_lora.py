@@ -23,6 +23,7 @@ from tgi_space.model.adapter import (
     LORA_PREFIX,
     MASK_EMBEDDING_KEY,
     AdapterConfig,
+    AdapterError,
     check_target_modules,
     module_path,
 )
@@ -148,6 +149,23 @@ def load_adapter_state(model: Any, folder: str | Path) -> None:
         for key, tensor in tensors.items():
             name = MASK_EMBEDDING_PARAM if key == MASK_EMBEDDING_KEY else key.removeprefix(LORA_PREFIX)
             params[name].copy_(tensor)
+
+
+INIT_FIELDS = ("r", "lora_alpha", "target_modules", "space_mask_token_id", "base_vocab_size", "base_hidden_size",
+               "base_num_hidden_layers")  # what an adapter to start from must share with the one being trained
+
+
+def start_from(model: Any, folder: str | Path, expected: AdapterConfig) -> None:
+    """Load a saved adapter into `model` (wrapped by `add_gated_lora`) to continue training it.
+
+    AdapterError naming the first field of its adapter_config.json that differs from `expected`
+    (the run's own settings and base); its k may differ (k only sets how masks are drafted)."""
+    saved = AdapterConfig.read(folder)
+    for name in INIT_FIELDS:
+        if getattr(saved, name) != getattr(expected, name):
+            raise AdapterError(f"--init-adapter {folder}: {name} is {getattr(saved, name)!r}, this run's is "
+                               f"{getattr(expected, name)!r}")
+    load_adapter_state(model, folder)
 
 
 def adapter_config(model: Any, mask_id: int, k: int, r: int, alpha: int, target_modules: tuple[str, ...],

@@ -39,7 +39,7 @@ class TrainConfig:
     grad_accum: int = 1
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    bf16: bool = True
+    bf16: bool | None = None  # bf16 autocast; None: where the hardware multiplies bf16 natively (`fast_bf16`)
     seed: int = 0
     save_steps: int = 500
     save_total_limit: int = 2
@@ -51,6 +51,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     adapter: str | None = None  # "gated-lora": train only a gated SPACE adapter, saved to output/space-adapter
     target_modules: tuple[str, ...] = TARGET_MODULES  # projections the gated adapter adapts
+    init_adapter: str | None = None  # gated adapter folder to start from (same r, alpha, targets) instead of zeros
     disable_tqdm: bool = False
     extra_args: dict[str, Any] = field(default_factory=dict)  # passed to TrainingArguments (fsdp, deepspeed, ...)
 
@@ -65,6 +66,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("set max_steps > 0 or epochs > 0")
+        if self.bf16 is None:
+            self.bf16 = fast_bf16()
 
     @property
     def is_gated(self) -> bool:
@@ -77,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
         if self.p_ar is None:
             self.p_ar = 0.0 if self.is_gated else 0.5
+        if self.init_adapter is not None and not self.is_gated:
+            raise ValueError("init_adapter needs adapter='gated-lora' (it continues training a gated adapter)")
         if not self.is_gated:
             return
         if self.lora:
@@ -87,6 +92,18 @@ class TrainConfig:
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
         self.target_modules = check_target_modules(self.target_modules)
+
+
+def fast_bf16() -> bool:
+    """Whether bf16 autocast speeds training up here: a CUDA GPU with bf16, or a CPU whose oneDNN has native
+    bf16 GEMMs (AMX, AVX512-BF16). Elsewhere torch runs bf16 GEMMs in a reference loop: measured on an
+    AVX2-only CPU (AMD EPYC, 2 threads), a gated-adapter step of the bundled model (8 x 256 tokens, 48 mask
+    blocks) took 111 s with bf16 autocast against 6.3 s in float32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    from tgi_space.model.prepack import native_bf16_gemm
+
+    return native_bf16_gemm()
 
 
 class ExampleDataset(Dataset):
