@@ -230,6 +230,43 @@ def test_calibration_counts_whether_a_reached_nodes_drafts_extended_the_path():
     assert calibration.extension("masks", 1, prior=0.3) == 1.0
 
 
+def test_survival_calibration_learns_how_often_sent_nodes_of_a_score_are_reached():
+    from tgi_space.drafters import SurvivalCalibration
+
+    calibration = SurvivalCalibration(buckets=10, prior_weight=4.0)
+    assert calibration.map([0.03, 0.51, 0.99]) == pytest.approx([0.05, 0.55, 0.95])  # the prior: the bucket's middle
+    for _ in range(36):  # nodes drafted at 0.2-0.3 reached one time in six; at 0.8-0.9 every time
+        calibration.observe([0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.85], {0, 6})
+    low, high = calibration.map([0.21, 0.88])
+    assert low == pytest.approx((36 + 4 * 0.25) / (216 + 4)) and high == pytest.approx((36 + 4 * 0.85) / (36 + 4))
+    table = calibration.table()
+    assert (table[2]["trials"], table[2]["reached"]) == (216, pytest.approx(1 / 6))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.booleans()), max_size=200), st.lists(st.floats(0, 1), min_size=2))
+def test_survival_calibration_never_values_a_child_above_its_parent(observed, scores):
+    from tgi_space.drafters import SurvivalCalibration
+
+    calibration = SurvivalCalibration()
+    for score, hit in observed:
+        calibration.observe([score], {0} if hit else set())
+    curve = calibration.curve()
+    assert all(a <= b for a, b in zip(curve, curve[1:]))
+    ordered = sorted(scores, reverse=True)  # a path's scores never grow with depth
+    values = calibration.map(ordered)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_planner_values_nodes_at_their_calibrated_survival():
+    knee = LatencyCurve({1: 1.0, 3: 1.0, 5: 1.5, 64: 40.0})
+    tree = chain_tree([0.95, 0.9, 0.85, 0.8])
+    (raw,) = plan([Proposal(1, tree, 0, 0.0)], knee, 512)
+    assert raw.nodes == [0, 1, 2, 3]  # (1 + 3.5) / 1.5 beats (1 + 2.7) / 1.25 and (1 + 1.85) / 1.0
+    (calibrated,) = plan([Proposal(1, tree, 0, 0.0, survival=(0.9, 0.5, 0.2, 0.1))], knee, 512)
+    assert calibrated.nodes == [0, 1]  # (1 + 1.4) / 1.0 beats (1 + 1.6) / 1.25 and (1 + 1.7) / 1.5
+
+
 def test_realised_share_is_a_ratio_of_recent_sums_with_a_prior():
     from tgi_space.planner import RealisedShare
 

@@ -24,6 +24,60 @@ NUM_BUCKETS = 5
 MAX_DEPTH = 16
 
 
+class SurvivalCalibration:
+    """P(verification reaches a sent node | its drafted survival score), per score bucket: counts with a prior
+    at the bucket's middle, made non-decreasing in the score.
+
+    A node's drafted score is the product of its path's calibrated edges. Each edge is nearly calibrated
+    (per drafter, depth and confidence), but small excesses compound along a path, and the planner sends
+    the nodes whose estimates came out highest: measured at batch 1 on HumanEval prompts, sent nodes scored
+    0.1-0.3 were reached less than half as often (0.06-0.08), and datastore nodes 8 deep scored 0.17 were
+    reached 0.03 of the time, so the planner bought rows that did not pay. This second stage learns what
+    sent nodes of a given score really give and is what the planner values them at. Non-decreasing, so a
+    child (score at most its parent's) is never valued above its parent.
+    """
+
+    def __init__(self, buckets: int = 20, prior_weight: float = 8.0) -> None:
+        self.buckets, self.prior_weight = buckets, prior_weight
+        self.hits = [0.0] * buckets
+        self.trials = [0.0] * buckets
+        self._curve: list[float] | None = None
+
+    def _bucket(self, score: float) -> int:
+        return min(self.buckets - 1, max(0, int(score * self.buckets)))
+
+    def observe(self, scores: list[float], reached: set[int]) -> None:
+        """One verified tree's sent nodes: their drafted scores, and which of them were accepted."""
+        for i, score in enumerate(scores):
+            b = self._bucket(score)
+            self.trials[b] += 1
+            self.hits[b] += float(i in reached)
+        self._curve = None
+
+    def curve(self) -> list[float]:
+        """Per bucket, the estimated reach: (hits + prior x middle) / (trials + prior), running max upwards."""
+        if self._curve is None:
+            out, best = [], 0.0
+            for b in range(self.buckets):
+                middle = (b + 0.5) / self.buckets
+                best = max(best, (self.hits[b] + self.prior_weight * middle) / (self.trials[b] + self.prior_weight))
+                out.append(best)
+            self._curve = out
+        return self._curve
+
+    def map(self, scores: list[float]) -> list[float]:
+        """What the planner values nodes of these drafted scores at."""
+        curve = self.curve()
+        return [curve[self._bucket(s)] for s in scores]
+
+    def table(self) -> list[dict]:
+        """The calibration as rows (score bucket, trials, reached, value), for /info."""
+        curve = self.curve()
+        return [{"score_from": b / self.buckets, "trials": int(self.trials[b]),
+                 "reached": self.hits[b] / self.trials[b] if self.trials[b] else None, "value": curve[b]}
+                for b in range(self.buckets)]
+
+
 class Calibration:
     """P(node accepted | parent reached), per (drafter, depth, confidence bucket): counts with a prior."""
 

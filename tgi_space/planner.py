@@ -81,6 +81,12 @@ class Proposal:
     mask_value: float  # expected extra tokens next step from mask drafts of a group of group_size rows
     # ... and of a group of 1, 2, ... rows, when smaller groups may be sent (empty: group_size rows only)
     mask_values: tuple[float, ...] = ()
+    # what each tree node is worth (its chance to be reached, as calibrated); empty: the tree's scores
+    survival: tuple[float, ...] = ()
+
+    def node_values(self) -> tuple[float, ...] | list[float]:
+        """Each tree node's value: `survival`, else the drafted scores."""
+        return self.survival or self.tree.scores
 
     def group_values(self) -> dict[int, float]:
         """{group rows: expected extra tokens next step} for the group sizes this sequence may send."""
@@ -118,7 +124,7 @@ def plan(
     base = other_rows + sum(p.base_rows for p in proposals)
     nodes, _ = _best_prefix(_node_items(proposals), num_seqs, base, curve, max_rows)
     chosen = [[i for s, i in nodes if s == seq] for seq in range(len(proposals))]
-    value = num_seqs + sum(proposals[s].tree.scores[i] for s, i in nodes)
+    value = num_seqs + sum(proposals[s].node_values()[i] for s, i in nodes)
     best_rate, groups, size = value / curve(base + len(nodes)), [], 0
     sizes = sorted({g for p in proposals for g in p.group_values()})
     ends = _group_ends(proposals, chosen) if sizes else []
@@ -133,8 +139,8 @@ def plan(
 def _node_items(proposals: list[Proposal]) -> list[tuple[float, int, int, int]]:
     """(value, cost, sequence, node), best first; a node's score never exceeds its parent's, and
     ties go to the shallower node, so every prefix of this order is closed under parents."""
-    keyed = sorted((-score, tree.depth(i), s, i) for s, p in enumerate(proposals)
-                   for tree in (p.tree,) for i, score in enumerate(tree.scores))
+    keyed = sorted((-score, p.tree.depth(i), s, i) for s, p in enumerate(proposals)
+                   for i, score in enumerate(p.node_values()))
     return [(-neg, 1, s, i) for neg, _, s, i in keyed]  # ties beyond depth: (sequence, node) order, as listed
 
 
@@ -145,7 +151,7 @@ def _group_ends(proposals: list[Proposal], chosen: list[list[int]]) -> list[tupl
     for s, p in enumerate(proposals):
         if not p.group_size:
             continue
-        kept, scores = set(chosen[s]), p.tree.scores
+        kept, scores = set(chosen[s]), p.node_values()
         for anchor in [ROOT] + chosen[s]:
             reach = 1.0 if anchor == ROOT else scores[anchor]
             onward = sum(scores[c] for c in p.tree.children(anchor) if c in kept)

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 
 from tgi_space.config import SpacePolicy
-from tgi_space.drafters import (SUFFIX_MATCHES, Calibration, SharedSuffixCache, SuffixIndex, mask_tree, mask_tree_of,
-                                merge, trie_tree)
+from tgi_space.drafters import (SUFFIX_MATCHES, Calibration, SharedSuffixCache, SuffixIndex, SurvivalCalibration,
+                                mask_tree, mask_tree_of, merge, trie_tree)
 from tgi_space.logit_stats import MAX_TOP, LogitStats, reads_stats
 from tgi_space.planner import LatencyCurve, LatencySurface, Proposal, RealisedShare, RobustRatio, plan
 from tgi_space.sampling import process
@@ -69,6 +69,7 @@ class Speculator:
         # Per sampling regime of the sequence (`seq_regime`: greedy, sampled, hot): sampling accepts fewer
         # drafts than greedy decoding, and a server mixing both must not price greedy drafts at sampled odds.
         self.calibrations: dict[str, Calibration] = defaultdict(Calibration)
+        self.survival: dict[str, SurvivalCalibration] = defaultdict(SurvivalCalibration)  # sent nodes' worth
         shared = policy.suffix_shared_tokens if "suffix" in policy.drafters else 0
         self.shared = SharedSuffixCache(policy.suffix_max_match, shared) if shared else None
         # The self-drafted datastore (datastore.py), read-only: looked up like the shared cache.
@@ -553,7 +554,9 @@ class Speculator:
         regime = seq_regime(seq.params)
         share = self.mask_worth[regime].value if seq.suffix_matched else 1.0
         values = tuple(v * share for v in self._mask_values_of(regime))
-        return Proposal(len(base.chain), tree, group, values[group - 1] if group else 0.0, values)
+        # learnt from verification like the cost factors, so not with a pinned curve (reproducible plans)
+        survival = tuple(self.survival[regime].map(tree.scores)) if self.adaptive else ()
+        return Proposal(len(base.chain), tree, group, values[group - 1] if group else 0.0, values, survival)
 
     def _mask_values_of(self, regime: str) -> tuple[float, ...]:
         """`mask_values(regime)`, computed once per step."""
@@ -582,7 +585,7 @@ class Speculator:
         self.stats.steps += 1
         self.stats.rows += sum(p.num_rows for _, p in out)
         self.stats.predicted_tokens += len(out) + sum(
-            pr.tree.scores[i] for pr, ch in zip(proposals, choices) for i in ch.nodes
+            pr.node_values()[i] for pr, ch in zip(proposals, choices) for i in ch.nodes
         )
         if all(not p.num_candidates and not p.anchors for _, p in out):
             self.stats.plain_steps += 1
@@ -607,6 +610,8 @@ class Speculator:
         else:
             path, bonus = verify_tree_sampled(target, tree, seq.generator)
         self._observe(tree, path, seq_regime(params))
+        if not seq.sdsat:  # the planner's nodes (SDSAT's trees are not planned)
+            self.survival[seq_regime(params)].observe(tree.scores, set(path))
         if seq.mask_expect is not None and len(tree):
             self._learn_mask_worth(seq.mask_expect, [tree.tokens[i] for i in path])
         seq.mask_expect = None
@@ -711,6 +716,7 @@ class Speculator:
             "outside_ms_per_step": {b: 1000 * t for b, t in self.outside.items()},
             "tokens_per_s_by_batch": dict(self.rates),
             "calibration": {regime: c.table() for regime, c in self.calibrations.items()},
+            "survival_calibration": {regime: c.table() for regime, c in self.survival.items()},
             "mask_gain": self.mask_gain, "mask_values_by_group_rows": list(self.mask_values()),
             "mask_worth": {regime: w.value for regime, w in self.mask_worth.items()},
             "shared_suffix_tokens": len(self.shared.index.tokens) if self.shared else None,
