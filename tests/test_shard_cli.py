@@ -86,6 +86,7 @@ def test_launcher_argv_and_env_are_accepted(llama_dir, captured, monkeypatch):
         (["--dtype", "float8"], {}, "--dtype"),
         ([], {"TGI_SPACE_SUFFIX_SHARED_TOKENS": "many"}, "TGI_SPACE_SUFFIX_SHARED_TOKENS"),
         ([], {"PREFILL_CHUNKING": "maybe"}, "PREFILL_CHUNKING"),
+        ([], {"TGI_SPACE_SURVIVAL_CALIBRATION": "yes"}, "TGI_SPACE_SURVIVAL_CALIBRATION"),
     ],
 )
 def test_unsupported_options_are_refused_clearly(llama_dir, captured, monkeypatch, extra, env, message):
@@ -104,6 +105,14 @@ def test_prefill_chunking_is_on_unless_its_variable_turns_it_off(llama_dir):
     for off in ("0", "false", "FALSE"):
         assert from_launcher(str(llama_dir), env={"PREFILL_CHUNKING": off}).prefill_chunking is False
     assert from_launcher(str(llama_dir), env={"PREFILL_CHUNKING": "true"}).prefill_chunking is True
+
+
+def test_survival_calibration_is_on_unless_its_variable_turns_it_off(llama_dir):
+    from tgi_space.server.options import from_launcher
+
+    assert from_launcher(str(llama_dir), env={}).engine_config().space.survival_calibration is True
+    opts = from_launcher(str(llama_dir), env={"TGI_SPACE_SURVIVAL_CALIBRATION": "0"})
+    assert opts.engine_config().space.survival_calibration is False
 
 
 def test_the_shared_suffix_cache_is_off_unless_its_variable_sets_a_budget(llama_dir):

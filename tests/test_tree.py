@@ -237,8 +237,10 @@ def test_survival_calibration_learns_how_often_sent_nodes_of_a_score_are_reached
     assert calibration.map([0.03, 0.51, 0.99]) == pytest.approx([0.05, 0.55, 0.95])  # the prior: the bucket's middle
     for _ in range(36):  # nodes drafted at 0.2-0.3 reached one time in six; at 0.8-0.9 every time
         calibration.observe([0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.85], {0, 6})
-    low, high = calibration.map([0.21, 0.88])
-    assert low == pytest.approx((36 + 4 * 0.25) / (216 + 4)) and high == pytest.approx((36 + 4 * 0.85) / (36 + 4))
+    low, high, top = calibration.map([0.21, 0.88, 0.97])
+    assert low == pytest.approx((36 + 4 * 0.25) / (216 + 4))
+    # 0.8-0.9 (0.985) above the empty 0.9-1.0 bucket's prior (0.95): the two are pooled into one value
+    assert high == top == pytest.approx((36 + 4 * 0.85 + 4 * 0.95) / (36 + 4 + 4))
     table = calibration.table()
     assert (table[2]["trials"], table[2]["reached"]) == (216, pytest.approx(1 / 6))
 
@@ -313,6 +315,25 @@ def test_sampled_requests_do_not_change_what_greedy_drafts_are_priced_at():
     llm.generate([prompt], SamplingParams(max_new_tokens=48))
     assert trials("greedy") > 0 and trials("sampled") == 0 and spec.calibrations["hot"].trials == hot
     assert spec.info()["calibration"].keys() == {"hot", "greedy"}
+
+
+@pytest.mark.parametrize("policy, calibrated", [
+    (SpacePolicy(), True),
+    (SpacePolicy(survival_calibration=False), False),
+    (SpacePolicy(latency_curve={1: 1e-3, 64: 1e-3}), False),  # pinned: plans from the drafted scores
+])
+def test_proposals_value_nodes_at_their_calibrated_survival_unless_off_or_pinned(policy, calibrated):
+    spec = Speculator(policy, 4, lambda *a: 1e-3, max_batch=1, max_probe_rows=64)
+    for _ in range(40):
+        spec.survival["greedy", "test"].add(0.85, False)  # nodes of score 0.85 that were never reached
+    seq = Sequence(0, [3, 4, 5, 3, 4], SamplingParams(max_new_tokens=8), True, None)
+    seq.draft_tree = chain_tree([0.85, 0.5])
+    values = spec._proposal(seq, SeqPlan(chain=[5], num_candidates=0, anchors=[], group_size=0, num_cached=4)).node_values()
+    if calibrated:
+        first = spec.survival["greedy", "test"].value(0.85)
+        assert first < 0.6 and tuple(values) == (first, min(first, spec.survival["greedy", "test"].value(0.5)))
+    else:
+        assert tuple(values) == (0.85, 0.5)
 
 
 @pytest.mark.parametrize("bad", [dict(drafters=("masks", "ngram")), dict(max_tree_nodes=0), dict(max_tree_depth=-1),

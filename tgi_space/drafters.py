@@ -47,28 +47,41 @@ class SurvivalCalibration:
         return min(self.buckets - 1, max(0, int(score * self.buckets)))
 
     def observe(self, scores: list[float], reached: set[int]) -> None:
-        """One verified tree's sent nodes: their drafted scores, and which of them were accepted."""
+        """Sent nodes of one verified tree: their drafted scores, and which of them were accepted."""
         for i, score in enumerate(scores):
-            b = self._bucket(score)
-            self.trials[b] += 1
-            self.hits[b] += float(i in reached)
+            self.add(score, i in reached)
+
+    def add(self, score: float, reached: bool) -> None:
+        """One sent node: its drafted score, and whether verification reached it."""
+        b = self._bucket(score)
+        self.trials[b] += 1
+        self.hits[b] += float(reached)
         self._curve = None
 
     def curve(self) -> list[float]:
-        """Per bucket, the estimated reach: (hits + prior x middle) / (trials + prior), running max upwards."""
+        """Per bucket, the estimated reach (hits + prior x middle) / (trials + prior), made non-decreasing by
+        pooling adjacent buckets that are out of order (isotonic regression, weighted by trials + prior)."""
         if self._curve is None:
-            out, best = [], 0.0
+            blocks: list[list[float]] = []  # [weight, weighted sum, buckets]
             for b in range(self.buckets):
-                middle = (b + 0.5) / self.buckets
-                best = max(best, (self.hits[b] + self.prior_weight * middle) / (self.trials[b] + self.prior_weight))
-                out.append(best)
-            self._curve = out
+                weight = self.trials[b] + self.prior_weight
+                blocks.append([weight, self.hits[b] + self.prior_weight * (b + 0.5) / self.buckets, 1])
+                while len(blocks) > 1 and blocks[-2][1] / blocks[-2][0] > blocks[-1][1] / blocks[-1][0]:
+                    w, total, n = blocks.pop()
+                    blocks[-1][0] += w
+                    blocks[-1][1] += total
+                    blocks[-1][2] += n
+            self._curve = [total / w for w, total, n in blocks for _ in range(int(n))]
         return self._curve
 
     def map(self, scores: list[float]) -> list[float]:
         """What the planner values nodes of these drafted scores at."""
         curve = self.curve()
         return [curve[self._bucket(s)] for s in scores]
+
+    def value(self, score: float) -> float:
+        """What the planner values a node of this drafted score at."""
+        return self.curve()[self._bucket(score)]
 
     def table(self) -> list[dict]:
         """The calibration as rows (score bucket, trials, reached, value), for /info."""

@@ -59,7 +59,7 @@ class ServerState:
                 k_max=s.space_k_max, max_step_query_tokens=s.max_step_query_tokens, planner=not s.fixed_layout,
                 drafters=s.drafters, max_tree_nodes=s.max_tree_nodes, max_tree_depth=s.max_tree_depth,
                 mask_top_m=s.mask_top_m, suffix_min_match=s.suffix_min_match, suffix_max_match=s.suffix_max_match,
-                suffix_shared_tokens=s.suffix_shared_tokens,
+                suffix_shared_tokens=s.suffix_shared_tokens, survival_calibration=s.survival_calibration,
                 speculate_mode="sdsat" if s.speculate_mode == "sdsat" else "space", sdsat_tree_sizes=s.sdsat_tree_sizes,
             ),
         )

@@ -88,6 +88,11 @@ def serve(
         help="Suffix drafts also from this many tokens of recent outputs of all requests; 0: off (with it, one "
              "request's speed, never its output, depends on other requests' text).",
     ),
+    survival_calibration: bool = typer.Option(
+        True, "--survival-calibration/--no-survival-calibration", envvar="SPACE_SURVIVAL_CALIBRATION",
+        help="Value each drafted node at how often nodes of its score and drafter were really reached "
+             "(learnt online); off: at its drafted score.",
+    ),
     dtype: str = typer.Option("auto", envvar="DTYPE", help="auto (CPU: bfloat16 where it has native bf16 GEMMs, else float32; both batch-invariant, docs/lossless.md) | bfloat16 | float32 | float16."),
     device: str = typer.Option("auto", envvar="DEVICE", help="auto (cuda if torch sees a GPU, else cpu) | cpu | cuda | cuda:N."),
     attention_backend: Optional[str] = typer.Option(
@@ -134,7 +139,7 @@ def serve(
             max_tree_nodes=max_tree_nodes, max_tree_depth=max_tree_depth, mask_top_m=mask_top_m,
             sdsat_tree_sizes=parse_tree_sizes(sdsat_tree_sizes),
             suffix_min_match=suffix_min_match, suffix_max_match=suffix_max_match, suffix_shared_tokens=suffix_shared_tokens,
-            attention_backend=attention_backend, block_size=block_size,
+            survival_calibration=survival_calibration, attention_backend=attention_backend, block_size=block_size,
             kv_cache_bytes=kv_cache_bytes, prefix_caching=prefix_caching, num_threads=num_threads, seed=seed, api_key=api_key, otlp_endpoint=otlp_endpoint, otlp_service_name=otlp_service_name,
             cors_allow_origin=list(cors_allow_origin) if cors_allow_origin else None,
         )
