@@ -52,7 +52,7 @@ MODES = {  # name -> (extra environment, extra argv)
     "fixed-k5": ({"TGI_SPACE_FIXED_LAYOUT": "1"}, ("--speculate", "5")),
     "planned-hybrid": ({}, ()),
     "planned-hybrid-no-datastore": ({"TGI_SPACE_DATASTORE": "none"}, ()),  # without the model's datastore
-    "planned-hybrid-raw-scores": ({"TGI_SPACE_SURVIVAL_CALIBRATION": "0"}, ()),  # nodes valued at drafted scores
+    "planned-hybrid-survival": ({"TGI_SPACE_SURVIVAL_CALIBRATION": "1"}, ()),  # nodes valued at calibrated reach
     "planned-masks": ({"TGI_SPACE_DRAFTERS": "masks"}, ()),
     "planned-suffix": ({"TGI_SPACE_DRAFTERS": "suffix"}, ()),
     "sdsat": ({"TGI_SPACE_SPECULATE_MODE": "sdsat"}, ()),  # governed: plain steps while its passes lose

@@ -107,12 +107,12 @@ def test_prefill_chunking_is_on_unless_its_variable_turns_it_off(llama_dir):
     assert from_launcher(str(llama_dir), env={"PREFILL_CHUNKING": "true"}).prefill_chunking is True
 
 
-def test_survival_calibration_is_on_unless_its_variable_turns_it_off(llama_dir):
+def test_survival_calibration_is_off_unless_its_variable_turns_it_on(llama_dir):
     from tgi_space.server.options import from_launcher
 
-    assert from_launcher(str(llama_dir), env={}).engine_config().space.survival_calibration is True
-    opts = from_launcher(str(llama_dir), env={"TGI_SPACE_SURVIVAL_CALIBRATION": "0"})
-    assert opts.engine_config().space.survival_calibration is False
+    assert from_launcher(str(llama_dir), env={}).engine_config().space.survival_calibration is False
+    opts = from_launcher(str(llama_dir), env={"TGI_SPACE_SURVIVAL_CALIBRATION": "1"})
+    assert opts.engine_config().space.survival_calibration is True
 
 
 def test_the_shared_suffix_cache_is_off_unless_its_variable_sets_a_budget(llama_dir):

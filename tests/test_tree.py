@@ -318,9 +318,9 @@ def test_sampled_requests_do_not_change_what_greedy_drafts_are_priced_at():
 
 
 @pytest.mark.parametrize("policy, calibrated", [
-    (SpacePolicy(), True),
-    (SpacePolicy(survival_calibration=False), False),
-    (SpacePolicy(latency_curve={1: 1e-3, 64: 1e-3}), False),  # pinned: plans from the drafted scores
+    (SpacePolicy(survival_calibration=True), True),
+    (SpacePolicy(), False),  # off by default
+    (SpacePolicy(survival_calibration=True, latency_curve={1: 1e-3, 64: 1e-3}), False),  # pinned: drafted scores
 ])
 def test_proposals_value_nodes_at_their_calibrated_survival_unless_off_or_pinned(policy, calibrated):
     spec = Speculator(policy, 4, lambda *a: 1e-3, max_batch=1, max_probe_rows=64)

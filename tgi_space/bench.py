@@ -216,7 +216,7 @@ def bench(
     policies.update({
         "planned-hybrid": SpacePolicy(),
         "planned-hybrid-no-datastore": SpacePolicy(),  # without the model's self-drafted datastore (if it has one)
-        "planned-hybrid-raw-scores": SpacePolicy(survival_calibration=False),  # nodes valued at drafted scores
+        "planned-hybrid-survival": SpacePolicy(survival_calibration=True),  # nodes valued at calibrated reach
         "planned-masks": SpacePolicy(drafters=("masks",)),
         "planned-suffix": SpacePolicy(drafters=("suffix",)),
         # + suffix drafts from the earlier prompts' outputs (never the same prompt's: `fresh_cache_runner`)

@@ -89,9 +89,9 @@ def serve(
              "request's speed, never its output, depends on other requests' text).",
     ),
     survival_calibration: bool = typer.Option(
-        True, "--survival-calibration/--no-survival-calibration", envvar="SPACE_SURVIVAL_CALIBRATION",
-        help="Value each drafted node at how often nodes of its score and drafter were really reached "
-             "(learnt online); off: at its drafted score.",
+        False, "--survival-calibration/--no-survival-calibration", envvar="SPACE_SURVIVAL_CALIBRATION",
+        help="Value each drafted node at how often sent nodes of its score and drafter were really reached "
+             "(learnt online) instead of at its drafted score.",
     ),
     dtype: str = typer.Option("auto", envvar="DTYPE", help="auto (CPU: bfloat16 where it has native bf16 GEMMs, else float32; both batch-invariant, docs/lossless.md) | bfloat16 | float32 | float16."),
     device: str = typer.Option("auto", envvar="DEVICE", help="auto (cuda if torch sees a GPU, else cpu) | cpu | cuda | cuda:N."),

@@ -47,7 +47,7 @@ class ServeSettings:
     suffix_min_match: int = 1
     suffix_max_match: int = 8
     suffix_shared_tokens: int = 0  # suffix drafts from recent outputs of all requests too; 0: off
-    survival_calibration: bool = True  # nodes valued at their calibrated chance to be reached (SpacePolicy)
+    survival_calibration: bool = False  # nodes valued at their calibrated chance to be reached (SpacePolicy)
     sdsat_tree_sizes: tuple[int, ...] = SDSAT_TREE_SIZES  # SDSAT sampling: draft tree draws per depth
     dtype: str = "auto"  # config.resolve_dtype: bf16 on CPUs with native bf16 GEMMs, else float32
     device: str = "auto"  # auto: cuda if torch sees a GPU, else cpu (TGI always uses the GPU)

@@ -48,7 +48,7 @@ class ServeOptions:
     latency_curve: dict[int, float] | None = None  # TGI_SPACE_LATENCY_CURVE='{"1": 6.1, "32": 8.0}' (ms): pins the planner
     drafters: tuple[str, ...] = ("masks", "suffix")  # TGI_SPACE_DRAFTERS=masks,suffix
     suffix_shared_tokens: int = 0  # TGI_SPACE_SUFFIX_SHARED_TOKENS: suffix drafts from all requests' recent outputs
-    survival_calibration: bool = True  # TGI_SPACE_SURVIVAL_CALIBRATION=0: nodes valued at their drafted scores
+    survival_calibration: bool = False  # TGI_SPACE_SURVIVAL_CALIBRATION=1: nodes valued at their calibrated reach
     adapter: str | None = None  # TGI_SPACE_ADAPTER: gated SPACE adapter folder; None: config.json space_adapter
     datastore: str | None = None  # TGI_SPACE_DATASTORE: self-drafted datastore (.npy); None: config.json's; "none": off
     sdsat_tree_sizes: tuple[int, ...] = SDSAT_TREE_SIZES  # TGI_SPACE_SDSAT_TREE_SIZES=4,8,8,5,3 (SDSAT sampling)
@@ -173,7 +173,7 @@ def from_launcher(
         watermark=Watermark.from_env(env),
         prefill_chunking=_flag(env, "PREFILL_CHUNKING", True),
         prefix_caching=_flag(env, "TGI_SPACE_PREFIX_CACHING", True),
-        survival_calibration=_flag(env, "TGI_SPACE_SURVIVAL_CALIBRATION", True),
+        survival_calibration=_flag(env, "TGI_SPACE_SURVIVAL_CALIBRATION", False),
         max_input_tokens=max_input_tokens,
     )
 
