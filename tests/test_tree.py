@@ -234,10 +234,12 @@ def test_survival_calibration_learns_how_often_sent_nodes_of_a_score_are_reached
     from tgi_space.drafters import SurvivalCalibration
 
     calibration = SurvivalCalibration(buckets=10, prior_weight=4.0)
-    assert calibration.map([0.03, 0.51, 0.99]) == pytest.approx([0.05, 0.55, 0.95])  # the prior: the bucket's middle
+    assert [calibration.value(s) for s in (0.03, 0.51, 0.99)] == pytest.approx([0.05, 0.55, 0.95])  # the prior: the bucket's middle
     for _ in range(36):  # nodes drafted at 0.2-0.3 reached one time in six; at 0.8-0.9 every time
-        calibration.observe([0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.85], {0, 6})
-    low, high, top = calibration.map([0.21, 0.88, 0.97])
+        for hit in (True, False, False, False, False, False):
+            calibration.add(0.25, hit)
+        calibration.add(0.85, True)
+    low, high, top = (calibration.value(s) for s in (0.21, 0.88, 0.97))
     assert low == pytest.approx((36 + 4 * 0.25) / (216 + 4))
     # 0.8-0.9 (0.985) above the empty 0.9-1.0 bucket's prior (0.95): the two are pooled into one value
     assert high == top == pytest.approx((36 + 4 * 0.85 + 4 * 0.95) / (36 + 4 + 4))
@@ -252,11 +254,11 @@ def test_survival_calibration_never_values_a_child_above_its_parent(observed, sc
 
     calibration = SurvivalCalibration()
     for score, hit in observed:
-        calibration.observe([score], {0} if hit else set())
+        calibration.add(score, hit)
     curve = calibration.curve()
     assert all(a <= b for a, b in zip(curve, curve[1:]))
     ordered = sorted(scores, reverse=True)  # a path's scores never grow with depth
-    values = calibration.map(ordered)
+    values = [calibration.value(s) for s in ordered]
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
@@ -315,6 +317,16 @@ def test_sampled_requests_do_not_change_what_greedy_drafts_are_priced_at():
     llm.generate([prompt], SamplingParams(max_new_tokens=48))
     assert trials("greedy") > 0 and trials("sampled") == 0 and spec.calibrations["hot"].trials == hot
     assert spec.info()["calibration"].keys() == {"hot", "greedy"}
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_verification_feeds_the_survival_calibration_only_while_it_is_on(on):
+    policy = SpacePolicy(drafters=("suffix",), latency_curve={1: 1.0, 512: 1.0}, survival_calibration=on)
+    llm = LLM(str(BUNDLED), space=policy)
+    prompt = llm.tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
+    llm.generate([prompt], SamplingParams(max_new_tokens=32))
+    trials = sum(sum(c.trials) for c in llm.engine.speculator.survival.values())
+    assert (trials > 0) is on
 
 
 @pytest.mark.parametrize("policy, calibrated", [

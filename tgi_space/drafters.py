@@ -32,9 +32,9 @@ class SurvivalCalibration:
     (per drafter, depth and confidence), but small excesses compound along a path, and the planner sends
     the nodes whose estimates came out highest: measured at batch 1 on HumanEval prompts, sent nodes scored
     0.1-0.3 were reached less than half as often (0.06-0.08), and datastore nodes 8 deep scored 0.17 were
-    reached 0.03 of the time, so the planner bought rows that did not pay. This second stage learns what
-    sent nodes of a given score really give and is what the planner values them at. Non-decreasing, so a
-    child (score at most its parent's) is never valued above its parent.
+    reached 0.03 of the time, so the planner valued rows above what they gave. This second stage learns what
+    sent nodes of a given score really give; with SpacePolicy.survival_calibration the planner values them
+    at that. Non-decreasing, so a child (score at most its parent's) is never valued above its parent.
     """
 
     def __init__(self, buckets: int = 20, prior_weight: float = 8.0) -> None:
@@ -45,11 +45,6 @@ class SurvivalCalibration:
 
     def _bucket(self, score: float) -> int:
         return min(self.buckets - 1, max(0, int(score * self.buckets)))
-
-    def observe(self, scores: list[float], reached: set[int]) -> None:
-        """Sent nodes of one verified tree: their drafted scores, and which of them were accepted."""
-        for i, score in enumerate(scores):
-            self.add(score, i in reached)
 
     def add(self, score: float, reached: bool) -> None:
         """One sent node: its drafted score, and whether verification reached it."""
@@ -73,11 +68,6 @@ class SurvivalCalibration:
                     blocks[-1][2] += n
             self._curve = [total / w for w, total, n in blocks for _ in range(int(n))]
         return self._curve
-
-    def map(self, scores: list[float]) -> list[float]:
-        """What the planner values nodes of these drafted scores at."""
-        curve = self.curve()
-        return [curve[self._bucket(s)] for s in scores]
 
     def value(self, score: float) -> float:
         """What the planner values a node of this drafted score at."""

@@ -621,7 +621,7 @@ class Speculator:
         else:
             path, bonus = verify_tree_sampled(target, tree, seq.generator)
         self._observe(tree, path, seq_regime(params))
-        if not seq.sdsat:  # the planner's nodes (SDSAT's trees are not planned)
+        if self.policy.survival_calibration and not seq.sdsat:  # the planner's nodes (SDSAT's are not planned)
             regime, reached = seq_regime(params), set(path)
             for i, (score, source) in enumerate(zip(tree.scores, tree.sources)):
                 self.survival[regime, source].add(score, i in reached)
