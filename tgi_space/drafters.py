@@ -30,9 +30,9 @@ class SurvivalCalibration:
 
     A node's drafted score is the product of its path's calibrated edges. Each edge is nearly calibrated
     (per drafter, depth and confidence), but small excesses compound along a path, and the planner sends
-    the nodes whose estimates came out highest: measured at batch 1 on HumanEval prompts, sent nodes scored
-    0.1-0.3 were reached less than half as often (0.06-0.08), and datastore nodes 8 deep scored 0.17 were
-    reached 0.03 of the time, so the planner valued rows above what they gave. This second stage learns what
+    the nodes whose estimates came out highest: measured at batch 1 on HumanEval prompts
+    (benchmarks/survival_trace.py), sent nodes scored 0.1-0.3 were reached 0.08 of the time, and datastore
+    nodes 8 or more deep, scored 0.18, 0.03 of the time, so the planner valued rows above what they gave. This second stage learns what
     sent nodes of a given score really give; with SpacePolicy.survival_calibration the planner values them
     at that. Non-decreasing, so a child (score at most its parent's) is never valued above its parent.
     """
