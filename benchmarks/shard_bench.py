@@ -3,8 +3,9 @@
 One `text-generation-server` process per setting starts with the launcher's argv and environment:
 plain (SPECULATE_MODE=none), the paper's fixed layout at k = 3 and 5 (TGI_SPACE_FIXED_LAYOUT=1,
 --speculate k), the planned step with masks and suffix drafts, masks only and suffix only, and SDSAT
-(TGI_SPACE_SPECULATE_MODE=sdsat: governed like the planned step; sdsat-forced adds TGI_SPACE_FIXED_LAYOUT=1,
-which runs its passes every step). With --temperature > 0 every request samples (nucleus, --top-p). For each
+(TGI_SPACE_SPECULATE_MODE=sdsat: governed like the planned step, its greedy verify passes with suffix drafts
+too; sdsat-adaptive without them, TGI_SPACE_DRAFTERS=masks; sdsat-forced adds TGI_SPACE_FIXED_LAYOUT=1,
+which runs its passes every step, adaptive tokens only). With --temperature > 0 every request samples (nucleus, --top-p). For each
 concurrency c, all serve the same max(N, waves * c) HumanEval prompts (greedy, EOS ignored, so all generate the
 same tokens), after an untimed warm-up of c of them. Concurrency c means c clients, each sending its next
 request when its previous one has ended (--arrivals clients, the default), or every request queued at the start
@@ -56,6 +57,7 @@ MODES = {  # name -> (extra environment, extra argv)
     "planned-masks": ({"TGI_SPACE_DRAFTERS": "masks"}, ()),
     "planned-suffix": ({"TGI_SPACE_DRAFTERS": "suffix"}, ()),
     "sdsat": ({"TGI_SPACE_SPECULATE_MODE": "sdsat"}, ()),  # governed: plain steps while its passes lose
+    "sdsat-adaptive": ({"TGI_SPACE_SPECULATE_MODE": "sdsat", "TGI_SPACE_DRAFTERS": "masks"}, ()),  # no suffix drafts
     "sdsat-forced": ({"TGI_SPACE_SPECULATE_MODE": "sdsat", "TGI_SPACE_FIXED_LAYOUT": "1"}, ()),  # every step
     # without prefill chunking whatever --chunking says: the router's backpressure (--admission) decides when
     # new requests join; side by side with the chunked settings, their ratio to plain is what chunking is worth

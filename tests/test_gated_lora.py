@@ -462,6 +462,39 @@ def test_fused_delta_kernel_adds_what_the_torch_path_adds_on_the_mask_rows_only(
     assert not torch.equal(ours[rows], y[rows])
 
 
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_fused_delta_gives_the_same_bits_on_any_number_of_threads(rows):
+    """The threads share A's rows and B's outputs (a step has a few mask rows): no output's computation may
+    depend on the split. Sizes past several tasks per thread, with tails in every dimension."""
+    from tgi_space.attention.fused import available, kernel
+    from tgi_space.model.adapter import GatedDelta
+
+    if available() is not None:
+        pytest.skip(f"fused kernels do not build: {available()}")
+    g = torch.Generator().manual_seed(9)
+    r, sizes, inp = 13, [203, 77], 389
+    a = torch.randn(2 * r, inp, generator=g)
+    b = torch.zeros(sum(sizes), 2 * r)
+    b[:203, :r], b[203:, r:] = torch.randn(203, r, generator=g), torch.randn(77, r, generator=g)
+    delta = GatedDelta(a, b, [(0, r, 0, 203), (r, 2 * r, 203, 280)])
+    x, y = torch.randn(8, inp, generator=g), torch.randn(8, 280, generator=g)
+    index = torch.arange(rows) * 8 // rows
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = y.clone()
+            delta.add_to(out, x, index, kernel())
+            results.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0], other) for other in results[1:])
+    reference = y.clone()
+    delta.add_to(reference, x, index)
+    torch.testing.assert_close(results[0], reference, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_delta_gives_a_row_the_same_bits_alone_or_among_others(dtype):
     """The kernel handles mask rows a few at a time (one pass over A and B for all of them): a row's

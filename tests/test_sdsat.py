@@ -86,6 +86,103 @@ def test_sdsat_equals_plain_with_model_drafts(llm):
     assert [o.token_ids for o in llm.generate(PROMPTS, params, speculate="sdsat")] == reference(llm, PROMPTS, params)
 
 
+def oracle_suffix(truth: dict[tuple[int, ...], list[int]], error_rate: float, seed: int, depth: int = 8):
+    """A stand-in for the suffix drafter: after v, the true continuation `depth` deep (deeper than k),
+    corrupted at random, with a wrong sibling now and then; scores fall along the path."""
+    rng = random.Random(seed)
+
+    def suffix_drafts(seq):
+        ref = truth[tuple(seq.tokens[: seq.num_prompt])]
+        tree, parent, score = DraftTree(), ROOT, 1.0
+        for token in ref[len(seq.output_ids) : len(seq.output_ids) + depth]:
+            token = token if rng.random() > error_rate else (token + 1) % 90 + 4
+            score *= 0.9
+            rng.random() < 0.3 and tree.add(rng.randrange(4, 94), parent, score / 2, "suffix", 0.5)
+            parent = tree.add(token, parent, score, "suffix", 0.9)
+        return tree
+
+    return suffix_drafts
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8])
+@pytest.mark.parametrize("error_rate", [0.0, 0.3])
+def test_greedy_verify_passes_with_suffix_drafts_equal_plain(llama_dir, monkeypatch, batch, error_rate):
+    """With the planned step and the suffix drafter (the defaults), a greedy verify pass carries suffix drafts
+    after v beside the adaptive chain, as deep as max_tree_depth: outputs stay plain decoding's, paths longer
+    than the k adaptive tokens are accepted (the scheduler's reserve covers them), blocks come back."""
+    llm = LLM(str(llama_dir), kv_cache_bytes=2**24, block_size=4, space=SpacePolicy(k_max=3, latency_curve=FORCED))
+    sdsat = llm.engine.sdsat
+    assert sdsat.max_path == SpacePolicy().max_tree_depth > sdsat.max_depth == 3
+    prompts = PROMPTS[:batch]
+    params = [SamplingParams(max_new_tokens=24 + 3 * i, stop_token_ids=[7] if i % 3 == 2 else []) for i in range(batch)]
+    ref = reference(llm, prompts, params)
+    monkeypatch.setattr(sdsat, "suffix", oracle_suffix({tuple(p): r for p, r in zip(prompts, ref)}, error_rate, batch))
+    sent, verify_plan = [], sdsat._verify_plan
+
+    def recording(seq, *args):
+        plan = verify_plan(seq, *args)
+        sent.append(set(plan.tree.sources))
+        return plan
+
+    monkeypatch.setattr(sdsat, "_verify_plan", recording)
+    outs = llm.generate(prompts, params, speculate="sdsat")
+    assert [o.token_ids for o in outs] == ref
+    assert any(s == {"sdsat", "suffix"} for s in sent)  # both drafters in one verify pass
+    if error_rate == 0.0:
+        assert any(max(o.stats.tokens_per_step) > 1 + llm.engine.k_max for o in outs)
+    assert all_blocks_back(llm)
+
+
+def test_adaptive_tokens_only_without_the_suffix_drafter_or_the_planner(llama_dir):
+    """drafters without "suffix", or the fixed layout (the paper's SDSAT), keep verify passes to the adaptive
+    chain, and the reserve to k."""
+    for policy in (SpacePolicy(k_max=3, drafters=("masks",)), SpacePolicy(k_max=3, planner=False)):
+        sdsat = LLM(str(llama_dir), kv_cache_bytes=2**22, block_size=4, space=policy).engine.sdsat
+        assert sdsat.suffix is None and sdsat.max_path == sdsat.max_depth == 3
+
+
+def test_the_planner_keeps_the_suffix_drafts_worth_their_rows():
+    """`Speculator.sdsat_trees` chooses a verify pass's nodes as the planner chooses SPACE's: where rows are
+    free every node goes; where each row costs half a plain step, tokens per second (value / t, t in plain
+    steps) are 1 / 1 plain, (1 + 0.9) / 1.5 = 1.27 with the likeliest node, (1 + 0.9 + 0.3) / 2 = 1.1 with
+    two: only the first goes."""
+    from types import SimpleNamespace
+
+    from tgi_space.space import SeqPlan
+    from tgi_space.speculation import Speculator
+
+    def planned():
+        tree = DraftTree()
+        first = tree.add(11, ROOT, 0.9, "sdsat", 0.9)
+        tree.add(12, first, 0.3, "suffix", 0.5)
+        tree.add(13, ROOT, 0.2, "suffix", 0.5)
+        seq = SimpleNamespace(sdsat=True, params=SamplingParams(), draft_tree=tree)
+        return [(seq, SeqPlan(chain=[5], num_candidates=0, anchors=[], group_size=0, num_cached=10))]
+
+    flat = Speculator(SpacePolicy(latency_curve={1: 0.01, 64: 0.01}), 4, lambda *a: 1e-3, 8, 64)
+    steep = Speculator(SpacePolicy(latency_curve={1: 0.01, 65: 0.33}), 4, lambda *a: 1e-3, 8, 64)
+    for spec, kept in ((flat, [11, 12, 13]), (steep, [11])):
+        batch = planned()
+        spec.sdsat_trees(batch, None)
+        assert sorted(batch[0][0].draft_tree.tokens) == kept
+    pure = planned()
+    pure[0][0].draft_tree = pure[0][0].draft_tree.subtree([0])  # the adaptive chain alone: sized by sdsat_depth
+    steep.sdsat_trees(pure, None)
+    assert pure[0][0].draft_tree.tokens == [11]
+
+
+def test_sdsat_steps_teach_the_cost_factors(llama_dir, monkeypatch):
+    """SDSAT's steps (draft passes with adaptive rows, verify passes with trees) are timed against the probed
+    curve like SPACE's, so the depth and the trees are priced by measured factors, not the priors."""
+    llm = LLM(str(llama_dir), kv_cache_bytes=2**24, block_size=4, space=SpacePolicy(k_max=3))
+    seen = []
+    observe = llm.engine.speculator.observe_step
+    monkeypatch.setattr(llm.engine.speculator, "observe_step",
+                        lambda base, rows, *a, **kw: seen.append(rows > base) or observe(base, rows, *a, **kw))
+    llm.generate(PROMPTS[:2], SamplingParams(max_new_tokens=24), speculate="sdsat")
+    assert True in seen
+
+
 @pytest.mark.parametrize("error_rate", [0.0, 0.5])
 def test_stops_and_max_new_tokens_inside_an_accepted_run(llm, monkeypatch, error_rate):
     prompts = PROMPTS[:6]

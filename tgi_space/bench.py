@@ -27,6 +27,7 @@ from tgi_space.sampling import SamplingParams
 from tgi_space.space import SeqPlan, build_layout
 
 SHARED_BENCH_TOKENS = 16384  # the shared suffix cache of the planned-hybrid-shared method (tokens)
+SDSAT_METHODS = ("sdsat", "sdsat-adaptive", "sdsat-forced")  # bench methods whose requests ask for SDSAT
 
 
 def humaneval_prompts(num: int) -> list[str]:
@@ -221,7 +222,8 @@ def bench(
         "planned-suffix": SpacePolicy(drafters=("suffix",)),
         # + suffix drafts from the earlier prompts' outputs (never the same prompt's: `fresh_cache_runner`)
         "planned-hybrid-shared": SpacePolicy(suffix_shared_tokens=SHARED_BENCH_TOKENS),
-        "sdsat": SpacePolicy(speculate_mode="sdsat"),  # governed: plain steps when its passes lose
+        "sdsat": SpacePolicy(speculate_mode="sdsat"),  # governed: plain steps when its passes lose; suffix drafts too
+        "sdsat-adaptive": SpacePolicy(speculate_mode="sdsat", drafters=("masks",)),  # governed, adaptive tokens only
         "sdsat-forced": SpacePolicy(speculate_mode="sdsat", planner=False),  # its passes every step
     })
     # prefix caching off: every repetition serves the same prompts, and transformers' runs compute them every time
@@ -233,7 +235,7 @@ def bench(
     methods = {name: engine_runner(llm, _mode(name), max_new_tokens) for name, llm in llms.items()}
     methods["planned-hybrid-shared"] = fresh_cache_runner(llms["planned-hybrid-shared"], methods["planned-hybrid-shared"])
     for t in [float(x) for x in temperatures.split(",") if x]:
-        for name in ("engine-ar", "planned-hybrid", "sdsat", "sdsat-forced"):
+        for name in ("engine-ar", "planned-hybrid", "sdsat", "sdsat-forced"):  # (sampled: no suffix drafts)
             methods[f"{name}-T{t:g}"] = engine_runner(llms[name], _mode(name), max_new_tokens, t, top_p)
     if not skip_hf:
         hf = load_hf(model, llms["engine-ar"].engine.dtype)
@@ -253,7 +255,7 @@ def bench(
 
 def _mode(name: str) -> str:
     """The speculate mode a bench method's requests ask for."""
-    return {"engine-ar": "none", "sdsat": "sdsat", "sdsat-forced": "sdsat"}.get(name, "space")
+    return "none" if name == "engine-ar" else "sdsat" if name in SDSAT_METHODS else "space"
 
 
 def _report(results: dict[str, MethodResult], llms: dict[str, LLM], k_values, prompts, opts) -> dict:
@@ -270,7 +272,7 @@ def _report(results: dict[str, MethodResult], llms: dict[str, LLM], k_values, pr
     curve = latency_curve(llms["engine-ar"], context, 64, 9)
     bounds = {}
     for name, llm in llms.items():
-        if name in ("engine-ar", "sdsat", "sdsat-forced"):  # SDSAT's two passes per step have no single row count
+        if name == "engine-ar" or name in SDSAT_METHODS:  # SDSAT's two passes per step have no single row count
             continue
         engine = llm.engine
         if engine.planned:

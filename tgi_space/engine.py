@@ -86,15 +86,15 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.k_max = self._k_max()
         self.planned = config.space.planner and (self.k_max > 0 or "suffix" in config.space.drafters)
-        self.sdsat = Sdsat(config.space, self.k_max)  # plans SDSAT sequences' passes (sdsat.py)
-        self.scheduler = Scheduler(
-            self.block_manager, config.space, 0 if self.planned else self.k_max, config.max_num_seqs,
-            config.max_num_batched_tokens, reserve=config.space.max_tree_depth if self.planned else 0,
-            sdsat_reserve=self.sdsat.max_depth,
-        )
         probe_rows = self.model_config.max_model_len - self._probe_context
         self.speculator = Speculator(config.space, self.k_max, self._measure_rows, config.max_num_seqs, probe_rows,
                                      self._datastore())
+        self.sdsat = self._sdsat()  # plans SDSAT sequences' passes (sdsat.py)
+        self.scheduler = Scheduler(
+            self.block_manager, config.space, 0 if self.planned else self.k_max, config.max_num_seqs,
+            config.max_num_batched_tokens, reserve=config.space.max_tree_depth if self.planned else 0,
+            sdsat_reserve=self.sdsat.max_path,
+        )
         self.eos_ids = set(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
@@ -113,6 +113,13 @@ class Engine:
         self.model.adapter = load_adapter(folder, self.model)
         log.info("gated SPACE adapter %s loaded (%s)", folder, ", ".join(self.model.adapter.config.target_modules))
         return self.model.adapter.config.apply_to(self.model_config)
+
+    def _sdsat(self) -> Sdsat:
+        """SDSAT's planner: with the planned step and the suffix drafter, its greedy verify passes carry suffix
+        drafts too (the planner keeps the nodes worth their rows); else adaptive tokens only (the paper's)."""
+        if not (self.planned and "suffix" in self.config.space.drafters):
+            return Sdsat(self.config.space, self.k_max)
+        return Sdsat(self.config.space, self.k_max, self.speculator.suffix_drafts, self.speculator.sdsat_reach)
 
     def _datastore(self) -> SuffixIndex | None:
         """The self-drafted datastore's index (datastore.py), when there is one and suffix drafts are on."""
@@ -318,6 +325,7 @@ class Engine:
             planned = self.speculator.plan(planned)
             active = self.speculator.sdsat_passes(planned)
             depth = self.speculator.sdsat_depth(planned, active, depth)
+            self.speculator.sdsat_trees(planned, active)
         return self.sdsat.plan(planned, active, depth)
 
     @torch.inference_mode()
@@ -368,6 +376,9 @@ class Engine:
             kind = _sdsat_kind(planned)
             if decode and kind is not None:
                 self.speculator.defer_rate(len(plans), seconds, tokens, kind, regime, floor)
+            self.speculator.end_step(0, 0, 0, sampled)  # (this step's drafting time, kept out of its rows' cost)
+            if self.speculator.curve is not None and decode:  # SDSAT's depth and trees are priced by these too
+                self.speculator.observe_step(len(plans), rows, len(plans), seconds, masks, sampled)
             self.speculator.step_done()
             return
         trees = [p.tree for p in plans if p.is_tree]

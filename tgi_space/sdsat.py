@@ -6,9 +6,10 @@ draft tree means "verify next"), so SDSAT, SPACE and plain sequences share one f
     draft  : uncached tokens [b], no tree, one group of g adaptive tokens anchored after b.
              b's row gives the next token v (exact, greedy or sampled); the group gives per depth
              a distribution for the positions after v, from which the next tree is drafted.
-    verify : uncached [v], the drafted tree (greedy: the argmax chain d1..dg; sampling: a tree
-             whose children were drawn i.i.d. from those distributions), no group. The walk keeps
-             the accepted path's K/V (scratch slots) and emits a bonus token.
+    verify : uncached [v], the drafted tree (greedy: the argmax chain d1..dg, and with the planner
+             and the suffix drafter, suffix drafts after v merged in, the nodes worth their rows kept;
+             sampling: a tree whose children were drawn i.i.d. from those distributions), no group.
+             The walk keeps the accepted path's K/V (scratch slots) and emits a bonus token.
 
 A mask/adaptive token at position p whose real context ends at p - 1 predicts the token at p + 1:
 the same meaning SPACE's SAR-SFT trains, so one checkpoint serves both (`check_checkpoint`).
@@ -17,11 +18,13 @@ the same meaning SPACE's SAR-SFT trains, so one checkpoint serves both (`check_c
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from tgi_space.config import TRAINING_METHODS, ModelConfig, SpacePolicy
+from tgi_space.drafters import merge
 from tgi_space.logit_stats import LogitStats
 from tgi_space.sampling import apply_warpers
 from tgi_space.sequence import Sequence
@@ -67,11 +70,19 @@ class SdsatStats:
 class Sdsat:
     """Plans each SDSAT sequence's pass and drafts its next tree from the adaptive tokens' logits."""
 
-    def __init__(self, policy: SpacePolicy, k: int) -> None:
+    def __init__(self, policy: SpacePolicy, k: int, suffix: Callable[[Sequence], DraftTree] | None = None,
+                 reach: Callable[[int], list[float]] | None = None) -> None:
+        """`suffix`: a sequence's suffix drafts (`Speculator.suffix_drafts`), merged into greedy verify passes;
+        None: adaptive tokens only. `reach`: the calibrated chance that verification reaches each depth of an
+        adaptive chain of g drafts (`Speculator.sdsat_reach`), the chain's node values; None: 1.0."""
         self.policy = policy
         self.k = k  # adaptive tokens per draft pass at most (the checkpoint's or the policy's k)
-        # the longest path a verify pass can accept: within the router's reserve (max_tree_depth) and scratch
+        # the longest chain of adaptive tokens a verify pass can accept: within max_tree_depth and scratch
         self.max_depth = min(k, policy.max_tree_depth, policy.max_tree_nodes)
+        self.suffix, self.reach = suffix, reach
+        # the longest path a verify pass can accept (the router's reserve, Info.speculate): suffix drafts
+        # reach as deep as SPACE's trees
+        self.max_path = min(policy.max_tree_depth, policy.max_tree_nodes) if suffix else self.max_depth
         self.stats = SdsatStats()
 
     def plan(self, planned: list[tuple[Sequence, SeqPlan]], active: set[int] | None = None,
@@ -138,7 +149,9 @@ class Sdsat:
             return
         group = groups[0]  # [g, V]
         if seq.params.is_greedy:
-            seq.draft_tree = adaptive_chain([stats.top(r, 1) for r in range(1, 1 + plan.group_size)])
+            g = plan.group_size
+            chain = adaptive_chain([stats.top(r, 1) for r in range(1, 1 + g)], self.reach(g) if self.reach else None)
+            seq.draft_tree = merge([chain, self.suffix(seq)]) if self.suffix else chain
         else:
             q = apply_warpers(group.float(), seq.params).softmax(-1)  # [g, V] the request's own warpers
             seq.draft_tree = adaptive_tree(q, self.policy.sdsat_tree_sizes, self.max_depth,
@@ -162,12 +175,13 @@ def _base_rows(seq: Sequence, plan: SeqPlan) -> int:
     return plan.num_uncached if seq.sdsat else plan.num_rows
 
 
-def adaptive_chain(tops: list[tuple[list[int], list[float]]]) -> DraftTree:
+def adaptive_chain(tops: list[tuple[list[int], list[float]]], reach: list[float] | None = None) -> DraftTree:
     """Greedy drafts: the argmax of each adaptive token, as a chain d1..dg; tops: per adaptive token, its
-    best token and that token's probability ([id], [p]), from the step's logit statistics."""
+    best token and that token's probability ([id], [p]), from the step's logit statistics; reach: each
+    depth's score (the chance verification gets there), else 1.0."""
     tree, parent = DraftTree(), ROOT
-    for ids, probs in tops:
-        parent = tree.add(ids[0], parent, 1.0, SOURCE, probs[0])
+    for d, (ids, probs) in enumerate(tops):
+        parent = tree.add(ids[0], parent, reach[d] if reach else 1.0, SOURCE, probs[0])
     return tree
 
 

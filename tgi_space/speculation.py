@@ -282,6 +282,46 @@ class Speculator:
             best = max(best, (rate, -g))
         return -best[1]
 
+    def sdsat_reach(self, g: int) -> list[float]:
+        """The calibrated chance that a greedy verify pass reaches each depth 1..g of an adaptive chain (what
+        the planner values its nodes at, beside suffix drafts)."""
+        calibration, reach, out = self.calibrations["greedy"], 1.0, []
+        for d in range(1, g + 1):
+            reach *= calibration.extension(SDSAT_SOURCE, d, SDSAT_EXTEND_PRIOR)
+            out.append(reach)
+        return out
+
+    def suffix_drafts(self, seq: Sequence) -> DraftTree:
+        """seq's suffix drafts after its last token (empty without the suffix drafter), for SDSAT's verify pass."""
+        return self._suffix(seq)
+
+    def sdsat_trees(self, planned: list[tuple[Sequence, SeqPlan]], active: set[int] | None) -> None:
+        """Greedy SDSAT verify passes whose trees hold suffix drafts beside the adaptive chain keep the nodes
+        worth their rows, chosen together over the batch as the planner chooses SPACE's (`plan`: by value, the
+        chain at its calibrated reach, best prefix of (tokens / t(rows))). Pure adaptive chains are left as
+        `sdsat_depth` sized them."""
+        idx = [i for i, (seq, _) in enumerate(planned)
+               if seq.sdsat and seq.draft_tree and seq.params.is_greedy and (active is None or i in active)
+               and any(source != SDSAT_SOURCE for source in seq.draft_tree.sources)]
+        if not idx:
+            return
+        start, cap = time.perf_counter(), self.policy.max_tree_nodes
+        proposals = []
+        for i in idx:
+            tree = planned[i][0].draft_tree
+            if len(tree) > cap:
+                tree = tree.subtree(sorted(range(len(tree)), key=lambda j: -tree.scores[j])[:cap])
+            proposals.append(Proposal(planned[i][1].num_uncached, tree, 0, 0.0))
+        others = [p for i, (_, p) in enumerate(planned) if i not in set(idx)]
+        sampled = any_sampled(planned)
+        base_rows = sum(p.num_rows for _, p in planned)
+        overhead = self.overhead_per_seq[sampled] * len(idx) + self.outside[_bucket(len(planned))]
+        choices = plan(proposals, self._cost_of_rows(base_rows, len(planned), overhead, sampled),
+                       self._row_budget(base_rows), other_rows=sum(p.num_rows for p in others), other_seqs=len(others))
+        for i, proposal, choice in zip(idx, proposals, choices):
+            planned[i][0].draft_tree = proposal.tree.subtree(choice.nodes)
+        self._busy += time.perf_counter() - start
+
     def _measured_to_pay(self, key: str, gate: Gate | None = None) -> bool:
         """False while speculative steps (gate.kinds) of this batch size have been measured slower (tokens
         per second, whole step) than plain ones (by `gate_margin`); gate.burst steps in a period

@@ -96,8 +96,8 @@ class Shard:
         """Info.speculate: the longest path one step can accept (the router reserves that many extra slots)."""
         if not self.ctx.speculate:
             return 0
-        if self.ctx.method == "sdsat":  # a verify pass accepts at most one path of k drafts
-            return self.engine.sdsat.max_depth
+        if self.ctx.method == "sdsat":  # a verify pass accepts one path: k adaptive drafts, or suffix drafts
+            return self.engine.sdsat.max_path
         return self.engine.config.space.max_tree_depth if self.engine.planned else self.engine.k_max
 
     def info(self) -> ShardInfo:
