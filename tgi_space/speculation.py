@@ -184,15 +184,9 @@ class Speculator:
         start = time.perf_counter()
         self._step_mask_values = {}
         proposals = [self._proposal(*planned[i]) for i in spec]
-        others = [p for i, (_, p) in enumerate(planned) if i not in set(spec)]
-        overhead = self.overhead_per_seq[sampled] * len(spec) + self.outside[_bucket(len(planned))]
-        base_rows = sum(p.num_rows for _, p in planned)
         if not self._sends_masks(key):
             proposals = [dataclasses.replace(p, group_size=0) for p in proposals]
-        choices = plan(proposals, self._cost_of_rows(base_rows, len(planned), overhead, sampled),
-                       self._row_budget(base_rows),
-                       other_rows=sum(p.num_rows for p in others), other_seqs=len(others),
-                       group_cost=self.mask_factor * self.mask_step_cost)
+        choices = self._choose(planned, spec, proposals, sampled, self.mask_factor * self.mask_step_cost)
         self._busy += time.perf_counter() - start
         out = list(planned)
         for i, proposal, choice in zip(spec, proposals, choices):
@@ -305,19 +299,11 @@ class Speculator:
                and any(source != SDSAT_SOURCE for source in seq.draft_tree.sources)]
         if not idx:
             return
-        start, cap = time.perf_counter(), self.policy.max_tree_nodes
-        proposals = []
-        for i in idx:
-            tree = planned[i][0].draft_tree
-            if len(tree) > cap:
-                tree = tree.subtree(sorted(range(len(tree)), key=lambda j: -tree.scores[j])[:cap])
-            proposals.append(Proposal(planned[i][1].num_uncached, tree, 0, 0.0))
-        others = [p for i, (_, p) in enumerate(planned) if i not in set(idx)]
-        sampled = any_sampled(planned)
-        base_rows = sum(p.num_rows for _, p in planned)
-        overhead = self.overhead_per_seq[sampled] * len(idx) + self.outside[_bucket(len(planned))]
-        choices = plan(proposals, self._cost_of_rows(base_rows, len(planned), overhead, sampled),
-                       self._row_budget(base_rows), other_rows=sum(p.num_rows for p in others), other_seqs=len(others))
+        start = time.perf_counter()
+        depth = self.policy.max_tree_depth
+        proposals = [Proposal(planned[i][1].num_uncached, self._capped(planned[i][0].draft_tree, depth), 0, 0.0)
+                     for i in idx]
+        choices = self._choose(planned, idx, proposals, any_sampled(planned))
         for i, proposal, choice in zip(idx, proposals, choices):
             planned[i][0].draft_tree = proposal.tree.subtree(choice.nodes)
         self._busy += time.perf_counter() - start
@@ -585,13 +571,28 @@ class Speculator:
             self.value_per_row[sampled] = 0.9 * self.value_per_row[sampled] + 0.1 * num_accepted / num_sent
         self._step_busy, self._busy = self._busy, 0.0
 
+    def _capped(self, tree: DraftTree, depth_cap: int) -> DraftTree:
+        """`tree` within max_tree_nodes (the best-scored nodes) and `depth_cap` (itself when it fits)."""
+        if len(tree) <= self.policy.max_tree_nodes and tree.max_depth <= depth_cap:
+            return tree
+        keep = [i for i in range(len(tree)) if tree.depth(i) <= depth_cap]
+        return tree.subtree(sorted(keep, key=lambda i: -tree.scores[i])[: self.policy.max_tree_nodes])
+
+    def _choose(self, planned: list[tuple[Sequence, SeqPlan]], idx: list[int], proposals: list[Proposal],
+                sampled: bool, group_cost: float = 0.0) -> list:
+        """The planner's choice for the sequences `idx` of `planned` (their `proposals`), the step's other
+        sequences sending their plans as they are, at the step's predicted cost (`plan`)."""
+        chosen = set(idx)
+        others = [p for i, (_, p) in enumerate(planned) if i not in chosen]
+        base_rows = sum(p.num_rows for _, p in planned)
+        overhead = self.overhead_per_seq[sampled] * len(idx) + self.outside[_bucket(len(planned))]
+        return plan(proposals, self._cost_of_rows(base_rows, len(planned), overhead, sampled),
+                    self._row_budget(base_rows), other_rows=sum(p.num_rows for p in others), other_seqs=len(others),
+                    group_cost=group_cost)
+
     def _proposal(self, seq: Sequence, base: SeqPlan) -> Proposal:
         remaining = seq.params.max_new_tokens - len(seq.output_ids)
-        tree = self._current_tree(seq)
-        depth_cap = min(self.policy.max_tree_depth, remaining - 1)
-        if len(tree) > self.policy.max_tree_nodes or tree.max_depth > depth_cap:
-            keep = [i for i in range(len(tree)) if tree.depth(i) <= depth_cap]
-            tree = tree.subtree(sorted(keep, key=lambda i: -tree.scores[i])[: self.policy.max_tree_nodes])
+        tree = self._capped(self._current_tree(seq), min(self.policy.max_tree_depth, remaining - 1))
         group = self.group_size if remaining > 1 else 0
         regime = seq_regime(seq.params)
         share = self.mask_worth[regime].value if seq.suffix_matched else 1.0

@@ -1102,8 +1102,8 @@ void lora_out_range(T* y, int64_t y_row, const int64_t* rows, const float* t, in
 
 // R rows at a time: every output is the same float32 computation as for a row alone (A x: W-lane partial
 // sums in index order, then the fixed tree; B t: one fma per rank index, in order), so blocking changes no bit.
-// A step has a few mask rows, so the threads share A's rows, then B's outputs (not the mask rows: one thread
-// streamed all of A and B, ~50 us per projection at 1-4 rows); no output's computation depends on the split.
+// A step has a few mask rows, so the threads share A's rows, then B's outputs (not the mask rows: at 1-4 rows
+// one thread streamed all of A and B); no output's computation depends on the split.
 template <int R, typename T, typename TW>
 void lora_block(T* y, int64_t y_row, const T* x, int64_t x_row, const int64_t* rows, const TW* a,
                 const TW* bt, const int64_t* spans, int64_t num_spans, int64_t in, int64_t r_total, int64_t out,
