@@ -265,12 +265,10 @@ class Speculator:
         sd = [i for i, (seq, _) in enumerate(planned) if seq.sdsat and (active is None or i in active)]
         if not self.adaptive or not sd or max_depth <= 1:
             return max_depth
-        calibration = self.calibrations["greedy"]
         base = sum(p.num_uncached if seq.sdsat else p.num_rows for seq, p in planned)
         cost = self._cost_of_rows(base, len(planned), sampled=any_sampled(planned))
-        reach, gained, best = 1.0, 0.0, (0.0, max_depth)
-        for g in range(1, max_depth + 1):
-            reach *= calibration.extension(SDSAT_SOURCE, g, SDSAT_EXTEND_PRIOR)
+        gained, best = 0.0, (0.0, max_depth)
+        for g, reach in enumerate(self.sdsat_reach(max_depth), start=1):
             gained += reach
             rate = (2 * len(planned) + len(sd) * gained) / cost(base + len(sd) * g)
             best = max(best, (rate, -g))
