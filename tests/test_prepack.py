@@ -3,6 +3,7 @@ planner's costs for mask groups (a gated adapter's fixed cost per step, judged a
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ from tgi_space.sampling import SamplingParams
 from tgi_space.speculation import (
     EXPLORE_BURST, EXPLORE_EVERY, EXPLORE_FRACTION, MASKS_EXPLORE_EVERY, MAX_EXPLORE_EVERY, MAX_LOSS_EXPLORE_EVERY, PLAIN_EVERY,
     PLAIN_BURST, PLAIN_MISSING_EVERY, RATE_WINDOW, Speculator, gate_margin,
-    _loss_period, explore_share,
+    _explore, _loss_period, explore_share,
 )
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-space-py"
@@ -224,6 +225,42 @@ def test_sampled_steps_measured_to_lose_do_not_stop_greedy_speculation():
     assert all(spec._measured_to_pay("1/greedy") for _ in range(16))
     period = _loss_period(250 / 85, EXPLORE_BURST)  # speculative steps (170 tokens in 2 s) lose 2.9x
     assert sum(spec._measured_to_pay("1/sampled") for _ in range(period)) == EXPLORE_BURST  # explores only
+
+
+def _runs(flags: list[bool]) -> list[int]:
+    """The lengths of the runs of True in `flags`."""
+    runs, n = [], 0
+    for flag in [*flags, False]:
+        if flag:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    return runs
+
+
+@pytest.mark.parametrize("burst", [1, 2, 3])
+def test_exploring_bursts_stay_whole_and_spaced_when_the_period_moves(burst):
+    """The exploring period follows measured rates, so it moves from step to step. Bursts must still come
+    whole (an SDSAT draft pass without its verify pass costs a pass and measures nothing) and no closer than
+    the shortest period allows. A count taken modulo the moving period (the code before 2026-12-07) starts
+    bursts at random steps: on these periods it started 45 / 84 / 127 bursts (burst 1 / 2 / 3), most of one
+    step, some 2 steps apart, where at most 52 fit."""
+    periods = [58 + (7 * i) % 11 for i in range(3000)]  # 58..68, moving every step
+    gated: dict = defaultdict(int)
+    gated["k"] = 5000  # deep into a stretch (at batch 1 the count never restarted)
+    flags = [_explore(gated, "k", every, burst) for every in periods]
+    runs = _runs(flags)
+    assert runs and set(runs) == {burst}  # every burst whole
+    starts = [i for i, flag in enumerate(flags) if flag and (i == 0 or not flags[i - 1])]
+    assert min(b - a for a, b in zip(starts, starts[1:])) >= min(periods)
+    assert len(runs) <= len(periods) // min(periods) + 1
+
+
+def test_a_period_that_shrinks_below_the_count_starts_its_burst_at_once():
+    gated: dict = defaultdict(int)
+    assert not any(_explore(gated, "k", 96, 3) for _ in range(50))  # 50 of 93 kept steps
+    assert [_explore(gated, "k", 24, 3) for _ in range(4)] == [True, True, True, False]
 
 
 def test_time_outside_the_engine_is_learnt_and_idle_pauses_are_not():

@@ -323,13 +323,12 @@ class Speculator:
             return True
         spec, plain = self._comparison(key, gate.kinds)
         if spec is None or plain is None or spec >= gate_margin(key) * plain:
-            if self._explore_period.pop(period_key, None) is not None:
+            if self._explore_period.pop(period_key, None) is not None or self._gated[period_key] < 0:
                 self._gated[period_key] = 0  # the next losing stretch starts a fresh period
             return spec is None or not self._plain_due(counter, missing="plain" not in self.rates[key])
         period = max(self._explore_period.get(period_key, EXPLORE_EVERY), _loss_period(plain / spec, gate.burst))
         self._exploring[counter] = _explore(self._gated, period_key, period, gate.burst)
-        if self._gated[period_key] >= period and _batch_of(key) > 1:  # a whole period, and still losing
-            self._gated[period_key] = 0
+        if self._exploring[counter] and self._gated[period_key] == 0 and _batch_of(key) > 1:  # a burst's last step
             self._explore_period[period_key] = min(MAX_EXPLORE_EVERY, 2 * period)
         return self._exploring[counter]
 
@@ -846,10 +845,22 @@ def any_sampled(planned: list[tuple[Sequence, SeqPlan]]) -> bool:
 
 
 def _explore(gated: dict, key, every: int, burst: int) -> bool:
-    """Count one step kept from what it would try under `key`; True for the last `burst` of every
-    `every` (it tries anyway, for consecutive steps: a step's mask drafts are verified by the next one)."""
-    gated[key] += 1
-    return gated[key] % every >= every - burst
+    """Count one step kept from what it would try under `key`; True for the last `burst` steps of every
+    `every`, consecutive (a step's mask drafts are verified by the next one, an SDSAT draft pass by its
+    verify pass). `gated[key]`: the steps kept since the last burst, or inside a burst minus the steps it still
+    has (0 after its last). `every` follows the measured rates and moves from step to step: a burst, once
+    begun, runs to its end, and the next begins `every - burst` kept steps later. (A count taken modulo a
+    moving period, as before 2026-12-07, started bursts at random steps and cut them short: at batch 1 the
+    count never restarts, and SDSAT draft passes ran without their verify pass.)"""
+    count = gated[key]
+    if count < 0:
+        gated[key] = count + 1
+        return True
+    if count + 1 <= every - burst:
+        gated[key] = count + 1
+        return False
+    gated[key] = 1 - burst
+    return True
 
 
 def explore_share(spec: list[int], seq_ids: list[int], round_: int) -> list[int]:
