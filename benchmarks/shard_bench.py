@@ -267,11 +267,42 @@ def print_row(c: int, row: dict) -> None:
     print(f"c={c:>3}  " + " | ".join(cells), flush=True)
 
 
+def plot(report: dict, path: Path) -> None:
+    """Paired ratio to plain decoding and tokens per Generation, by concurrency, one line per setting."""
+    import matplotlib  # noqa: PLC0415  (the bench extra)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = report["by_concurrency"]
+    cs = sorted(rows, key=int)
+    modes = [m for m in rows[cs[0]] if isinstance(rows[cs[0]][m], dict) and m != "none"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode in modes:
+        ax1.plot([int(c) for c in cs], [rows[c][mode]["ratio_paired"] for c in cs], marker="o", label=mode)
+        ax2.plot([int(c) for c in cs], [rows[c][mode]["tokens_per_generation"] for c in cs], marker="o", label=mode)
+    for y, style in ((1.0, "-"), (0.95, ":")):
+        ax1.axhline(y, color="grey", ls=style, lw=0.8)
+    sampling = f"T = {report['temperature']:g}, top-p {report['top_p']:g}" if report["temperature"] > 0 else "greedy"
+    ax1.set(xscale="log", xlabel="concurrency", ylabel="tokens/s over plain decoding's (paired, median)",
+            title=f"through the shard, {report['max_new_tokens']} new tokens, {sampling}")
+    ax2.set(xscale="log", xlabel="concurrency", ylabel="tokens per Generation", title="tokens per Generation")
+    for ax in (ax1, ax2):
+        ax.set_xticks([int(c) for c in cs], cs)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = bench(args)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
+    try:
+        plot(report, Path(args.out).with_suffix(".png"))
+    except ImportError:  # matplotlib comes with the bench extra
+        print("matplotlib is not installed: no plot")
 
 
 if __name__ == "__main__":
