@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,11 +145,53 @@ def start_shards(args: argparse.Namespace, socket_dir: Path) -> dict[str, ShardP
            "TGI_SPACE_BLOCK_SIZE": str(args.block_size), "MAX_BATCH_SIZE": str(max(args.concurrency)),
            "PREFILL_CHUNKING": "1" if args.chunking == "on" else "0",
            "TGI_SPACE_PREFIX_CACHING": "1" if args.prefix_caching == "on" else "0"}
-    shards = {mode: ShardProcess(model, socket_dir / mode, MODES[mode][1], {**env, **MODES[mode][0]})
-              for mode in args.modes}
+    shards = {}
+    for mode in args.modes:
+        port = free_port()  # each shard exports its decode totals (TGI_SPACE_METRICS_PORT): `decode_figures`
+        metrics = {"TGI_SPACE_METRICS_PORT": str(port), "TGI_SPACE_METRICS_HOST": "127.0.0.1"}
+        shards[mode] = ShardProcess(model, socket_dir / mode, MODES[mode][1], {**env, **MODES[mode][0], **metrics})
     for shard in shards.values():
         shard.wait_ready()
     return shards
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the shard binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The shard's Prometheus samples, by name and labels (`name{k="v"}`)."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def decode_figures(before: dict[str, float], after: dict[str, float]) -> dict:
+    """The decode steps between two scrapes: rows and tokens per step, and the ceiling, the speed over plain
+    decoding that the tokens emitted allow at the measured latency curve's cost of the rows sent (Python and
+    everything else free): (tokens / t(rows sent)) / (sequences / t(one row each)), summed over the steps."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    steps, seqs = d.get("tgi_space_decode_steps_total", 0.0), d.get("tgi_space_decode_sequences_total", 0.0)
+    if not steps:
+        return {}
+    tokens, rows = d["tgi_space_decode_tokens_total"], d["tgi_space_decode_rows_total"]
+    sent, plain = (d.get(f'tgi_space_decode_curve_seconds_total{{rows="{k}"}}', 0.0) for k in ("sent", "plain"))
+    accepted = {k.split('"')[1]: v for k, v in d.items() if k.startswith("tgi_space_drafter_accepted_total")}
+    drafted = {k.split('"')[1]: v for k, v in d.items() if k.startswith("tgi_space_drafter_drafted_total")}
+    return {"decode_steps": int(steps), "mean_batch": seqs / steps, "rows_per_step": rows / steps,
+            "rows_per_sequence": rows / seqs, "tokens_per_sequence_step": tokens / seqs,
+            "ceiling": (tokens / sent) / (seqs / plain) if sent and plain else None,
+            "ms_per_decode_step": 1000 * d["tgi_space_decode_seconds_total"] / steps,
+            "acceptance_by_drafter": {k: accepted.get(k, 0.0) / v for k, v in sorted(drafted.items()) if v}}
 
 
 def run_once(shard: ShardProcess, prompts: list[str], args: argparse.Namespace, concurrency: int) -> dict:
@@ -163,9 +207,11 @@ def run_once(shard: ShardProcess, prompts: list[str], args: argparse.Namespace, 
     emu.run(clients=concurrency if args.arrivals == "clients" else None, requests=[EmuRequest(p, max_new_tokens=new_tokens(args, i), ignore_eos=True, parameters=sampling(args, i))
              for i, p in enumerate(prompts[:concurrency])])
     emu.calls, emu.call_seconds = [], {}  # counted from here (before 2026-12-07 the calls included the warm-up)
+    before = scrape(shard.metrics_port)
     start = time.perf_counter()
     results = emu.run(requests, clients=concurrency if args.arrivals == "clients" else None)
     seconds = time.perf_counter() - start
+    figures = decode_figures(before, scrape(shard.metrics_port))
     emu.close()
     errors = [r.error for r in results if r.error]
     if errors:
@@ -176,7 +222,7 @@ def run_once(shard: ShardProcess, prompts: list[str], args: argparse.Namespace, 
             "generated_tokens": tokens, "decode_calls": emu.calls.count("Decode"),
             "prefill_calls": emu.calls.count("Prefill"), "decode_seconds": emu.call_seconds.get("Decode", 0.0),
             "prefill_seconds": emu.call_seconds.get("Prefill", 0.0), "tokens_per_generation": tokens / generations,
-            "speculate": emu.info.speculate, "outputs": [r.token_ids for r in results]}
+            "speculate": emu.info.speculate, **figures, "outputs": [r.token_ids for r in results]}
 
 
 def sampling(args: argparse.Namespace, i: int) -> dict:
@@ -261,7 +307,8 @@ def summarize(runs: dict[str, dict], order: list[str], greedy: bool = True) -> d
 
 def print_row(c: int, row: dict) -> None:
     cells = [f"{m} {r['tokens_per_s']:7.1f} tok/s {r['ratio_tokens_per_s']:.2f}x (paired {r['ratio_paired']:.2f}x) "
-             f"{r['tokens_per_generation']:.2f}/gen"
+             f"{r['tokens_per_generation']:.2f}/gen {r.get('rows_per_sequence', 0):.2f} rows/seq"
+             + (f" ceiling {r['ceiling']:.2f}x" if r.get("ceiling") else "")
              + ("" if r["identical_to_none"] is not False else " OUTPUTS DIFFER")
              for m, r in row.items() if isinstance(r, dict)]
     print(f"c={c:>3}  " + " | ".join(cells), flush=True)

@@ -572,6 +572,8 @@ class ShardProcess:
         exe = Path(sys.executable).with_name("text-generation-server")
         self.argv = [str(exe), *launcher_argv(model_dir, uds_path, *extra_argv)]
         full_env = {**os.environ, **launcher_env(), **(env or {})}
+        port = full_env.get("TGI_SPACE_METRICS_PORT")
+        self.metrics_port = int(port) if port else None  # where the shard exports its Prometheus metrics
         # Files, not pipes: a long run logs more than a pipe buffer holds, and nobody reads until the end.
         self.out_file, self.err_file = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(["nice", "-n", str(nice), *self.argv], env=full_env, stdout=self.out_file,

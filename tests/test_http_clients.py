@@ -175,3 +175,8 @@ def test_tokenize_and_metrics(server):
         text, "tgi_space_drafted_by_position_total", 'position="1"')
     assert metric(text, "tgi_space_tokens_per_step_count") > 0
     assert "tgi_batch_inference_duration_bucket" in text and "tgi_queue_size" in text
+    # the engine's decode totals: one row and one token per sequence-step at least; the probed latency curve
+    steps, seqs = metric(text, "tgi_space_decode_steps_total"), metric(text, "tgi_space_decode_sequences_total")
+    assert 0 < steps <= seqs <= metric(text, "tgi_space_decode_rows_total")
+    assert seqs <= metric(text, "tgi_space_decode_tokens_total")
+    assert metric(text, "tgi_space_latency_ms", 'batch="1",rows="1"') > 0

@@ -85,3 +85,23 @@ def test_the_plot_draws_every_setting_from_a_saved_report(tmp_path):
     from PIL import Image  # noqa: PLC0415  (matplotlib's own dependency)
 
     assert Image.open(path).size == (1320, 495)  # 12 x 4.5 inches at 110 dpi
+
+
+def test_decode_figures_are_the_differences_of_two_scrapes_and_the_ceiling_is_the_issues_formula():
+    """Batch 1, 10 steps of 5 rows emitting 3 tokens each, on a curve with t(1) = 1 ms and t(5) = 2 ms: the
+    ceiling tau t(1) / t(rows) is 3 x 1 / 2 = 1.5. The totals before the window do not count."""
+    names = ("steps", "sequences", "rows", "tokens", "seconds")
+    before = {f"tgi_space_decode_{n}_total": v for n, v in zip(names, (7, 7, 7, 7, 0.05))}
+    before |= {'tgi_space_decode_curve_seconds_total{rows="sent"}': 0.007,
+               'tgi_space_decode_curve_seconds_total{rows="plain"}': 0.007}
+    after = {f"tgi_space_decode_{n}_total": v for n, v in zip(names, (17, 17, 57, 37, 0.25))}
+    after |= {'tgi_space_decode_curve_seconds_total{rows="sent"}': 0.027,
+              'tgi_space_decode_curve_seconds_total{rows="plain"}': 0.017,
+              'tgi_space_drafter_drafted_total{drafter="suffix"}': 40.0,
+              'tgi_space_drafter_accepted_total{drafter="suffix"}': 20.0}
+    got = shard_bench.decode_figures(before, after)
+    assert got["decode_steps"] == 10 and got["mean_batch"] == 1.0
+    assert got["rows_per_step"] == got["rows_per_sequence"] == 5.0 and got["tokens_per_sequence_step"] == 3.0
+    assert got["ceiling"] == pytest.approx(1.5) and got["ms_per_decode_step"] == pytest.approx(20.0)
+    assert got["acceptance_by_drafter"] == {"suffix": 0.5}
+    assert shard_bench.decode_figures(after, after) == {}  # no decode step in the window

@@ -87,6 +87,8 @@ def test_launcher_argv_and_env_are_accepted(llama_dir, captured, monkeypatch):
         ([], {"TGI_SPACE_SUFFIX_SHARED_TOKENS": "many"}, "TGI_SPACE_SUFFIX_SHARED_TOKENS"),
         ([], {"PREFILL_CHUNKING": "maybe"}, "PREFILL_CHUNKING"),
         ([], {"TGI_SPACE_SURVIVAL_CALIBRATION": "yes"}, "TGI_SPACE_SURVIVAL_CALIBRATION"),
+        ([], {"TGI_SPACE_METRICS_PORT": "nine"}, "TGI_SPACE_METRICS_PORT"),
+        ([], {"TGI_SPACE_METRICS_PORT": "70000"}, "TGI_SPACE_METRICS_PORT"),
     ],
 )
 def test_unsupported_options_are_refused_clearly(llama_dir, captured, monkeypatch, extra, env, message):

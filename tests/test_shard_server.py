@@ -129,6 +129,39 @@ def test_greedy_space_equals_offline_plain_decoding(shard, plain_shard, llm):
     plain.close()
 
 
+def scrape(port: int) -> str:
+    import urllib.request  # noqa: PLC0415
+
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def test_metrics_port_exports_the_decode_steps(shard, plain_shard):
+    """TGI_SPACE_METRICS_PORT: the shard's decode totals, counted independently here: one Decode call is one
+    decode step; each request's first token comes from its Prefill, the rest from decode steps; plain decoding
+    sends one row per sequence, the fixed layout 1 + k(k + 2) at most (fewer near max_new_tokens)."""
+    from tests.http_server import free_port, metric  # noqa: PLC0415
+    from tgi_space.server.service import serve_metrics  # noqa: PLC0415
+
+    requests = [EmuRequest(words(5 * i, 4 + i), max_new_tokens=6 + 3 * i, ignore_eos=True) for i in range(4)]
+    for server, rows_per_seq in ((plain_shard, 1), (shard, 1 + K * (K + 2))):
+        port = free_port()
+        serve_metrics(server.shard.engine, "127.0.0.1", port)
+        names = ("steps", "sequences", "rows", "tokens")
+        before = {n: metric(scrape(port), f"tgi_space_decode_{n}_total") for n in names}
+        emu = server.router()
+        results = emu.run(requests)
+        text = scrape(port)
+        got = {n: metric(text, f"tgi_space_decode_{n}_total") - before[n] for n in names}
+        assert got["steps"] == emu.calls.count("Decode") > 0
+        assert got["tokens"] == sum(len(r.token_ids) for r in results) - len(requests)
+        if rows_per_seq == 1:
+            assert got["rows"] == got["sequences"] == got["tokens"]
+        else:
+            assert got["sequences"] < got["rows"] <= rows_per_seq * got["sequences"]
+            assert "tgi_space_drafter_drafted_total" in text  # declared even when the fixed layout drafts no tree
+        emu.close()
+
+
 def oracle_drafts(monkeypatch, truth: dict[tuple, list[int]]):
     """Candidates = the true continuation, so every candidate is accepted."""
     original = Engine._draft_next

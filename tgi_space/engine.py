@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -46,6 +47,34 @@ log = logging.getLogger(__name__)
 PROBE_CACHE_BYTES = 64 << 20  # the latency probes' own K/V cache at most (`Engine._probe_caches`)
 LOGIT_CHUNK = 256  # prompt rows per logits chunk when prompt log-probabilities are asked for
 FINISH_ERROR = "error"  # the request failed alone inside a step; Sequence.error says why
+
+
+@dataclass
+class DecodeTotals:
+    """Running sums over the engine's decode steps (every plan a whole step, none a prompt chunk), whatever
+    the mode: what a benchmark or a metrics scrape turns into rows and tokens per step and the ceiling."""
+
+    steps: int = 0
+    sequences: int = 0  # sequence-steps: the batch size, summed over steps
+    rows: int = 0  # query rows sent
+    tokens: int = 0  # tokens emitted
+    seconds: float = 0.0  # wall time of the steps (forward, verification, drafting)
+    # With a measured latency surface t(rows, batch): sum of t(rows sent) and of t(one row per sequence).
+    # (tokens / curve_seconds) / (sequences / curve_plain_seconds) is the ceiling: the speed over plain
+    # decoding that the tokens per step allow at the measured cost of the rows, all else free.
+    curve_seconds: float = 0.0
+    curve_plain_seconds: float = 0.0
+
+    def add(self, num_seqs: int, rows: int, tokens: int, seconds: float, curve=None) -> None:
+        """One decode step; `curve`: the planner's latency surface, when measured."""
+        self.steps += 1
+        self.sequences += num_seqs
+        self.rows += rows
+        self.tokens += tokens
+        self.seconds += seconds
+        if curve is not None:
+            self.curve_seconds += curve(rows, num_seqs)
+            self.curve_plain_seconds += curve(num_seqs, num_seqs)
 
 
 class SlotSource(Protocol):
@@ -101,6 +130,7 @@ class Engine:
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.num_steps = 0
+        self.totals = DecodeTotals()  # decode steps since start (metrics, benchmarks)
         self.last_step: tuple[StepLayout, torch.Tensor] | None = None  # set by execute(keep_hidden=True)
 
     # ---- set-up -------------------------------------------------------------------------
@@ -357,8 +387,12 @@ class Engine:
             seq_logits = logits[offsets[i] : offsets[i + 1]]
             results.append((seq, self._advance_alone(seq, plan, seq_logits, slots, stats.of(offsets[i]))))
         self._move_accepted_kv()
+        seconds = time.perf_counter() - start
         if self.planned:
-            self._learn(planned, results, time.perf_counter() - start)
+            self._learn(planned, results, seconds)
+        if all(p.num_uncached == 1 and not p.partial for p in plans):
+            self.totals.add(len(plans), sum(p.num_rows for p in plans), sum(len(e) for _, e in results), seconds,
+                            self.speculator.curve)
         return results
 
     def _learn(self, planned: list[tuple[Sequence, SeqPlan]], results: list[tuple[Sequence, list[TokenInfo]]],

@@ -80,6 +80,7 @@ class ServerState:
                              "or the planned step with suffix drafts (--drafters suffix, no --fixed-layout)")
         if speculate == "sdsat":
             engine.check_sdsat()  # names the config.json field SDSAT lacks
+        self.metrics.watch(engine)
         worker = EngineWorker(engine, self.metrics)
         worker.start()
         self.chat_template = ChatTemplate(engine.tokenizer)

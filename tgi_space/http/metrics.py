@@ -8,6 +8,7 @@ this project's own counters keep the Prometheus convention (`tgi_space_drafts_to
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from tgi_space.sequence import SeqStats
@@ -103,6 +104,10 @@ class Metrics:
         """A finished request: the tokens speculation saved it (TGI's `skipped_tokens`)."""
         self.skipped_tokens.observe(sum(stats.tokens_per_step) - stats.num_steps)
 
+    def watch(self, engine) -> None:
+        """Also export `engine`'s decode totals and latency curve, read at each scrape (`EngineCollector`)."""
+        self.registry.register(EngineCollector(engine))
+
     def render(self) -> str:
         """Prometheus text format; TGI's counters without `_total`, no `_created` series."""
         lines = []
@@ -119,3 +124,52 @@ class Metrics:
                 labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
                 lines.append(f"{sample}{{{labels}}} {floatToGoString(s.value)}" if labels else f"{sample} {floatToGoString(s.value)}")
         return "\n".join(lines) + "\n"
+
+
+class EngineCollector:
+    """An engine's running decode totals (`engine.DecodeTotals`) and measured latency curve, read when scraped
+    (the engine thread only adds to them). Over a window, the differences of the totals give rows and tokens
+    per step, and `tgi_space_decode_curve_seconds_total` the ceiling: (tokens / sent) / (sequences / plain).
+    With `drafters`, also the drafts sent and accepted by drafter (the shard has no per-step metrics)."""
+
+    def __init__(self, engine, drafters: bool = False) -> None:
+        self.engine = engine
+        self.drafters = drafters
+
+    def collect(self):
+        t = self.engine.totals
+        for name, value, doc in (
+            ("steps", t.steps, "Decode steps (forward passes with no prompt rows)"),
+            ("sequences", t.sequences, "Sequences in decode steps, summed over steps"),
+            ("rows", t.rows, "Query rows sent in decode steps (one per sequence in plain decoding)"),
+            ("tokens", t.tokens, "Tokens emitted by decode steps"),
+            ("seconds", t.seconds, "Wall time of decode steps, seconds"),
+        ):
+            yield CounterMetricFamily(f"tgi_space_decode_{name}", doc, value=value)
+        curve = CounterMetricFamily("tgi_space_decode_curve_seconds", "Decode steps' cost on the measured latency "
+                                    "curve: of the rows sent, and of one row per sequence", labels=["rows"])
+        curve.add_metric(["sent"], t.curve_seconds)
+        curve.add_metric(["plain"], t.curve_plain_seconds)
+        yield curve
+        yield from self._curve()
+        if self.drafters:
+            yield from self._drafters()
+
+    def _curve(self):
+        surface = self.engine.speculator.curve
+        if surface is None:
+            return
+        gauge = GaugeMetricFamily("tgi_space_latency_ms", "Measured forward latency t(rows) by batch size, ms",
+                                  labels=["batch", "rows"])
+        for batch, points in surface.as_dict().items():
+            for rows, ms in points.items():
+                gauge.add_metric([str(batch), str(rows)], ms)
+        yield gauge
+
+    def _drafters(self):
+        stats = self.engine.speculator.stats
+        for kind, totals in (("drafted", dict(stats.drafted_by_drafter)), ("accepted", dict(stats.accepted_by_drafter))):
+            family = CounterMetricFamily(f"tgi_space_drafter_{kind}", f"Tree nodes {kind}, by drafter", labels=["drafter"])
+            for drafter, total in sorted(totals.items()):
+                family.add_metric([drafter], total)
+            yield family

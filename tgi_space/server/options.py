@@ -58,6 +58,11 @@ class ServeOptions:
     # TGI_SPACE_PREFIX_CACHING (default on): Info.use_prefix_caching, so TGI 3's router shares and reuses
     # prompt blocks (its radix allocator) and sends cache_len, the prompt tokens whose K/V are already in their slots
     prefix_caching: bool = True
+    # TGI_SPACE_METRICS_PORT (default: off): Prometheus metrics of the engine (decode steps, rows, tokens, the
+    # latency curve, drafts by drafter) on http://{metrics_host}:{port}/metrics. TGI's router exports the
+    # request metrics; the speculation figures exist only in the shard.
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"  # TGI_SPACE_METRICS_HOST, as TGI's router binds its own
 
     def __post_init__(self) -> None:
         if self.speculate_mode not in SPECULATE_MODES:
@@ -65,6 +70,8 @@ class ServeOptions:
             raise UnsupportedOption(f"SPECULATE_MODE must be one of {allowed}, got {self.speculate_mode!r}")
         if not self.sdsat_tree_sizes or min(self.sdsat_tree_sizes) < 1:
             raise UnsupportedOption(f"TGI_SPACE_SDSAT_TREE_SIZES: draws per depth, each >= 1, got {self.sdsat_tree_sizes}")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise UnsupportedOption(f"TGI_SPACE_METRICS_PORT must be a port number 1..65535, got {self.metrics_port}")
         if self.world_size != 1 or self.rank != 0:
             raise UnsupportedOption(
                 f"sharding: WORLD_SIZE={self.world_size} RANK={self.rank}; this shard serves one device "
@@ -175,6 +182,8 @@ def from_launcher(
         prefix_caching=_flag(env, "TGI_SPACE_PREFIX_CACHING", True),
         survival_calibration=_flag(env, "TGI_SPACE_SURVIVAL_CALIBRATION", False),
         max_input_tokens=max_input_tokens,
+        metrics_port=_count(env, "TGI_SPACE_METRICS_PORT") if env.get("TGI_SPACE_METRICS_PORT") else None,
+        metrics_host=env.get("TGI_SPACE_METRICS_HOST") or "0.0.0.0",
     )
 
 

@@ -11,8 +11,10 @@ from concurrent import futures
 from typing import Any, Callable
 
 import grpc
+from prometheus_client import CollectorRegistry, start_http_server
 
 from tgi_space.engine import Engine
+from tgi_space.http.metrics import EngineCollector
 from tgi_space.server.interceptor import ExceptionInterceptor
 from tgi_space.server.options import ServeOptions
 from tgi_space.server.protogen import load_pb
@@ -178,6 +180,14 @@ def create_server(
     return server
 
 
+def serve_metrics(engine: Engine, host: str, port: int) -> None:
+    """Prometheus metrics of `engine` on http://host:port/metrics, from a daemon thread (TGI_SPACE_METRICS_PORT)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(EngineCollector(engine, drafters=True))
+    start_http_server(port, addr=host, registry=registry)
+    log.info("Metrics at http://%s:%d/metrics", host, port)
+
+
 def serve_forever(options: ServeOptions) -> None:
     """Load, then bind (so the socket file means 'ready'), then serve until SIGTERM/SIGINT."""
     log.info("Loading %s (dtype %s, device %s, speculate %s)", options.model_dir, options.dtype, options.device,
@@ -188,6 +198,8 @@ def serve_forever(options: ServeOptions) -> None:
         "SPACE k=%d, block size %d, %d KV slots; mask rows use no cache slots (no scratch space)",
         info.speculate, info.block_size, shard.ctx.num_slots,
     )
+    if options.metrics_port is not None:
+        serve_metrics(shard.engine, options.metrics_host, options.metrics_port)
     runner = EngineRunner()
     server = create_server(shard, options, runner=runner)
     log.info("Server started at unix://%s", options.socket_path)
