@@ -129,12 +129,27 @@ def test_space_sampling_matches_ar_on_the_model(sampling_llm, params):
     assert two_sample_pvalue(ar, space) > 1e-3
 
 
-def test_seeded_requests_are_reproducible(sampling_llm):
-    params = SamplingParams(max_new_tokens=12, do_sample=True, temperature=1.3, seed=42)
+@pytest.mark.parametrize("warpers", [{"temperature": 1.3}, {"temperature": 0.9, "top_p": 0.8, "top_k": 50}])
+def test_seeded_requests_are_reproducible(sampling_llm, warpers):
+    """Alone or beside others with the same settings (their rows then warped in one call, `_warp_together`)."""
+    params = SamplingParams(max_new_tokens=12, do_sample=True, seed=42, **warpers)
     for mode in ("none", "space"):
         a = sampling_llm.generate([[1, 5, 6]] * 3, params, speculate=mode)
         b = sampling_llm.generate([[1, 5, 6]], params, speculate=mode)
         assert a[0].token_ids == a[1].token_ids == a[2].token_ids == b[0].token_ids
+
+
+@pytest.mark.parametrize("warpers", [{"top_p": 0.9}, {"temperature": 0.7, "top_k": 40, "top_p": 0.95},
+                                     {"temperature": 1.2, "typical_p": 0.9}])
+def test_warping_rows_together_gives_each_row_the_bits_it_gets_alone(warpers):
+    """The engine warps the rows of sequences with equal settings in one call: each row must come out exactly as
+    when warped alone, so a seeded request's tokens do not depend on its neighbours."""
+    g = torch.Generator().manual_seed(11)
+    rows = torch.randn(37, 8192, generator=g) * 4
+    params = SamplingParams(do_sample=True, **warpers)
+    together = sampling.apply_warpers(rows, params)
+    alone = torch.cat([sampling.apply_warpers(rows[r : r + 1], params) for r in range(len(rows))])
+    assert torch.equal(together, alone)
 
 
 def test_sample_draws_each_token_at_its_weight_and_never_a_zero_weight_one():

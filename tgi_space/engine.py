@@ -29,6 +29,7 @@ from tgi_space.sampling import (
     FINISH_STOP,
     SamplingParams,
     accept_greedy,
+    apply_warpers,
     draft,
     process,
     verify_greedy,
@@ -379,13 +380,14 @@ class Engine:
         offsets = layout.logit_offsets
         # every row's best tokens and logsumexp, at once (no rows: every sequence sent a prefill chunk)
         stats = logit_stats(logits, self.model.ctx.kernels) if len(logits) else None
+        warped = _warp_together(planned, logits, offsets)
         for i, (seq, plan) in enumerate(planned):
             if plan.partial:  # a prefill chunk: its K/V are written, the rest of the prompt comes next step
                 seq.num_cached += len(plan.chain)
                 results.append((seq, []))
                 continue
             seq_logits = logits[offsets[i] : offsets[i + 1]]
-            results.append((seq, self._advance_alone(seq, plan, seq_logits, slots, stats.of(offsets[i]))))
+            results.append((seq, self._advance_alone(seq, plan, seq_logits, slots, stats.of(offsets[i]), warped.get(i))))
         self._move_accepted_kv()
         seconds = time.perf_counter() - start
         if self.planned:
@@ -448,14 +450,16 @@ class Engine:
             cache.index_copy_(1, dst, cache.index_select(1, src))
 
     def _advance_alone(
-        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource, stats: LogitStats
+        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource, stats: LogitStats,
+        target: torch.Tensor | None = None,
     ) -> list[TokenInfo]:
         """`_advance`, but a failure ends this request only (finish reason "error", `seq.error` set).
-        `stats`: the step's logit statistics, from the sequence's first logit row on."""
+        `stats`: the step's logit statistics, from the sequence's first logit row on; `target`: its processed
+        verify rows when they were processed with other sequences' (`_warp_together`)."""
         try:
             if plan.is_tree:
-                return self._advance_tree(seq, plan, logits, slots, stats)
-            return self._advance(seq, plan, logits, stats)
+                return self._advance_tree(seq, plan, logits, slots, stats, target)
+            return self._advance(seq, plan, logits, stats, target)
         except Exception as err:  # one request's failure must not fail the others in the step
             log.warning("request %d failed in step %d: %s", seq.seq_id, self.num_steps, err)
             seq.error = f"{type(err).__name__}: {err}"
@@ -511,11 +515,13 @@ class Engine:
         self.last_step = (layout, hidden) if keep_hidden else None  # prompt logprobs (TGI prefill_logprobs)
         return self.model.compute_logits(hidden[layout.logit_rows.to(device)])
 
-    def _advance(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, stats: LogitStats) -> list[TokenInfo]:
+    def _advance(self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, stats: LogitStats,
+                 target: torch.Tensor | None = None) -> list[TokenInfo]:
         """Verify seq's candidates, emit tokens until a stop, keep accepted K/V, draft the next ones."""
         verify_logits, groups = split_logits(plan, logits)  # [n + 1, V], [G, g, V]
         candidates = plan.chain[len(plan.chain) - plan.num_candidates :]
-        target = None if reads_stats(seq.params) else process(verify_logits, seq.params, seq.tokens, candidates)
+        if target is None and not reads_stats(seq.params):
+            target = process(verify_logits, seq.params, seq.tokens, candidates)
         if target is None:  # raw greedy: the rows' argmax, from the step's statistics
             accepted, bonus = accept_greedy(stats.argmax(0, plan.num_candidates + 1), candidates)
         elif seq.params.is_greedy:
@@ -532,11 +538,12 @@ class Engine:
         return emitted
 
     def _advance_tree(
-        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource, stats: LogitStats
+        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, slots: SlotSource, stats: LogitStats,
+        target: torch.Tensor | None = None,
     ) -> list[TokenInfo]:
         """Walk seq's candidate tree, emit, move the accepted path's K/V out of scratch, draft the next tree."""
         verify_logits, groups = split_logits(plan, logits)  # [n + 1, V], [G, g, V]
-        path, bonus, target = self.speculator.verify(seq, plan, verify_logits, stats)
+        path, bonus, target = self.speculator.verify(seq, plan, verify_logits, stats, target)
         seq.num_cached += plan.num_uncached
         if path:
             scratch = self._scratch_of(plan, seq, path)
@@ -615,6 +622,32 @@ class Engine:
         group = groups[j, accepted - plan.anchors[j] :]  # [g', V]
         if group.shape[0]:
             seq.candidates, seq.draft_probs = draft(group, seq.params, seq.generator)
+
+
+def _warp_together(planned: list[tuple[Sequence, SeqPlan]], logits: torch.Tensor, offsets: list[int]) -> dict:
+    """{index in planned: processed verify rows [n + 1, V]} of the step's sampling sequences whose processing
+    reads no history (no penalty, no watermark), warped in one call per set of warper settings: one call's
+    overhead and one sort per row, not a call per sequence. `apply_warpers` works row by row (each row's
+    softmax, sort and cumulative sum are its own), so a row gets the bits it would get alone, whichever
+    sequences share the step. Should a shared call fail, its sequences process their own rows (`_advance`)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (seq, plan) in enumerate(planned):
+        p = seq.params
+        if not plan.partial and not p.is_greedy and not p.has_penalties and p.watermark is None:
+            groups.setdefault((p.temperature, p.top_k, p.top_p, p.typical_p), []).append(i)
+    out = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        sizes = [planned[i][1].num_candidates + 1 for i in members]
+        rows = torch.cat([logits[offsets[i] : offsets[i] + n] for i, n in zip(members, sizes)])
+        try:
+            warped = apply_warpers(rows.float(), planned[members[0]][0].params)
+        except Exception as err:  # noqa: BLE001  (each sequence then fails or succeeds alone)
+            log.warning("warping %d sequences together failed (%s); each processes its own rows", len(members), err)
+            continue
+        out.update(zip(members, warped.split(sizes)))
+    return out
 
 
 def _sdsat_kind(planned: list[tuple[Sequence, SeqPlan]]) -> str | None:

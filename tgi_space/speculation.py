@@ -642,14 +642,15 @@ class Speculator:
     # ---- verification --------------------------------------------------------------------
 
     def verify(
-        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, stats: LogitStats
+        self, seq: Sequence, plan: SeqPlan, logits: torch.Tensor, stats: LogitStats, target: torch.Tensor | None = None
     ) -> tuple[list[int], int, torch.Tensor | None]:
         """(accepted node indices, bonus token, processed target rows [len(path) + 1, V] of the emitted
         tokens, or None when `stats`, the step's logit statistics from the sequence's first row, hold
-        everything: raw greedy, `reads_stats`)."""
+        everything: raw greedy, `reads_stats`). `target`: the rows processed already, when they were."""
         start = time.perf_counter()
         tree, params = plan.tree, seq.params
-        target = None if reads_stats(params) else _process_rows(logits, seq, tree)  # [n + 1, V]
+        if target is None and not reads_stats(params):
+            target = _process_rows(logits, seq, tree)  # [n + 1, V]
         if params.is_raw_greedy:  # the argmax of the raw rows, taken for the whole step at once
             path, bonus = verify_tree_greedy(stats.argmax(0, len(tree) + 1), tree)
         elif params.is_greedy:
