@@ -74,17 +74,18 @@ def test_the_shared_preamble_is_fixed_and_prepends_every_prompt():
     assert not shard_bench.parse_args(["--model", MODEL]).shared_prefix
 
 
-def test_the_plot_draws_every_setting_from_a_saved_report(tmp_path):
+@pytest.mark.parametrize("name", ["shard_bench_483cc43.json", "shard_bench_e2bb1f8.json"])  # without / with rows
+def test_the_plot_draws_every_setting_from_a_saved_report(tmp_path, name):
     pytest.importorskip("matplotlib")
     import json
 
-    report = json.loads((ROOT / "benchmarks" / "zen3" / "shard_bench_483cc43.json").read_text())
+    report = json.loads((ROOT / "benchmarks" / "zen3" / name).read_text())
     path = tmp_path / "bench.png"
     shard_bench.plot(report, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image  # noqa: PLC0415  (matplotlib's own dependency)
 
-    assert Image.open(path).size == (1320, 495)  # 12 x 4.5 inches at 110 dpi
+    assert Image.open(path).size == (1870, 495)  # 17 x 4.5 inches at 110 dpi
 
 
 def test_decode_figures_are_the_differences_of_two_scrapes_and_the_ceiling_is_the_issues_formula():
