@@ -447,3 +447,17 @@ def test_internal_error_is_internal_and_only_fails_that_call(shard, llm, monkeyp
     (ok,) = emu.run([request])
     assert ok.token_ids == offline(llm, emu, [request])[0].token_ids
     emu.close()
+
+
+def test_a_metrics_port_in_use_is_refused_naming_the_variable():
+    import socket  # noqa: PLC0415
+
+    from tgi_space.server.options import UnsupportedOption  # noqa: PLC0415
+    from tgi_space.server.service import serve_metrics  # noqa: PLC0415
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UnsupportedOption, match=f"TGI_SPACE_METRICS_PORT={port}"):
+            serve_metrics(None, "127.0.0.1", port)  # the engine is read only when scraped

@@ -86,7 +86,11 @@ def serve(
     except (UnsupportedOption, ModelNotFound, ValueError) as err:
         log.error("%s", err)
         raise typer.Exit(1) from None
-    run_server(options)
+    try:
+        run_server(options)
+    except UnsupportedOption as err:  # found while starting: a checkpoint that cannot do what was asked, a port in use
+        log.error("%s", err)
+        raise typer.Exit(1) from None
 
 
 @app.command("download-weights", context_settings=LENIENT)

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from tgi_space.engine import Engine
 from tgi_space.http.metrics import EngineCollector
 from tgi_space.server.interceptor import ExceptionInterceptor
-from tgi_space.server.options import ServeOptions
+from tgi_space.server.options import ServeOptions, UnsupportedOption
 from tgi_space.server.protogen import load_pb
 from tgi_space.server.shard import Shard, StepResult
 
@@ -182,9 +182,12 @@ def create_server(
 
 def serve_metrics(engine: Engine, host: str, port: int) -> None:
     """Prometheus metrics of `engine` on http://host:port/metrics, from a daemon thread (TGI_SPACE_METRICS_PORT)."""
-    registry = CollectorRegistry(auto_describe=True)
+    registry = CollectorRegistry()  # no auto_describe: the engine is read at each scrape, not at registration
     registry.register(EngineCollector(engine, drafters=True))
-    start_http_server(port, addr=host, registry=registry)
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as err:  # in use, or an address this machine does not have
+        raise UnsupportedOption(f"TGI_SPACE_METRICS_PORT={port} (TGI_SPACE_METRICS_HOST={host}): cannot listen: {err}") from err
     log.info("Metrics at http://%s:%d/metrics", host, port)
 
 
