@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: tests.router_emulation must import
     sys.path.insert(0, str(ROOT))
 
+from tests.http_server import free_port  # noqa: E402
 from tests.router_emulation import TGI_ADMISSION, EmuRequest, ShardProcess  # noqa: E402
 from tgi_space.bench import humaneval_prompts  # noqa: E402
 
@@ -153,13 +153,6 @@ def start_shards(args: argparse.Namespace, socket_dir: Path) -> dict[str, ShardP
     for shard in shards.values():
         shard.wait_ready()
     return shards
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (the shard binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[str, float]:
