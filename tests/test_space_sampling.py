@@ -165,6 +165,10 @@ def test_sample_draws_each_token_at_its_weight_and_never_a_zero_weight_one():
     assert stats.chisquare(observed, [20000 * w for w in (0.30, 0.05, 0.25, 0.40)]).pvalue > 1e-3
     shifted = [0.33, 0.05, 0.22, 0.40]
     assert stats.chisquare(observed, [20000 * w for w in shifted]).pvalue < 1e-6
+    many = Counter(sampling.sample_many(weights, 20000, g))  # one call, i.i.d. draws
+    assert set(many) == {1, 3, 4, 5}
+    assert stats.chisquare([many[k] for k in keys], [20000 * w for w in (0.30, 0.05, 0.25, 0.40)]).pvalue > 1e-3
+    assert stats.chisquare([many[k] for k in keys], [20000 * w for w in shifted]).pvalue < 1e-6
     with pytest.raises(ValueError, match="weights sum to"):
         sampling.sample(torch.zeros(5), g)
     with pytest.raises(ValueError, match="weights sum to"):
